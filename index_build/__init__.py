@@ -1,0 +1,1 @@
+"""Embed a dataset into a FAISS index with metadata, and search it."""

@@ -1,0 +1,176 @@
+"""Load an LGFFEM model (default, local folder or Hub id) and embed images with it.
+
+This is the single place where the project turns a ``--model`` argument into a ready
+:class:`Embedder`; ``train``, ``index_build`` and ``app`` all go through it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from modeling_lgffem import LgffemConfig, LgffemImageProcessor, LgffemModel
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+DEFAULT_SEED = 0
+# Config keys that change the embedding; bookkeeping keys (versions, weight sources) do not.
+_ARCH_KEYS = (
+    "backbone",
+    "out_indices",
+    "neck_channels",
+    "neck_layers",
+    "gem_p",
+    "gem_eps",
+    "head_dropout",
+    "image_size",
+    "image_mean",
+    "image_std",
+    "normalize_embeddings",
+)
+
+ImageLike = Union[Image.Image, np.ndarray]
+
+
+def default_model(seed: int = DEFAULT_SEED) -> LgffemModel:
+    """The offline default model: EfficientNet-Lite0 ImageNet backbone, neck and head seeded.
+
+    The neck and head are untrained but deterministic (seeded), so an index built in one
+    process matches queries embedded in another.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LgffemModel(LgffemConfig())
+
+
+def config_hash(config: LgffemConfig) -> str:
+    """SHA-256 (first 16 hex digits) of the config keys that define the embedding."""
+    keys = {k: getattr(config, k) for k in _ARCH_KEYS}
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_device(device: Optional[str] = None) -> torch.device:
+    """``device`` if given, else CUDA when available, else CPU."""
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class Embedder:
+    """An LGFFEM model with its image processor, on one device, ready to embed images.
+
+    Attributes:
+        model: the model, in eval mode.
+        processor: the matching image processor.
+        model_id: ``"default"``, a local directory or a Hub repo id.
+        revision: Hub revision (commit hash when known), ``None`` for local models.
+        device: where the model runs.
+    """
+
+    model: LgffemModel
+    processor: LgffemImageProcessor
+    model_id: str = DEFAULT_MODEL
+    revision: Optional[str] = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def config(self) -> LgffemConfig:
+        return self.model.config
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension (``4 * neck_channels``)."""
+        return 4 * self.config.neck_channels
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self.config)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """SHA-256 (first 16 hex digits) over all weights and buffers, in state-dict order."""
+        digest = hashlib.sha256()
+        for name, tensor in self.model.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def preprocess(self, images: Sequence[ImageLike]) -> torch.Tensor:
+        """Images -> N x 3 x S x S float32 tensor on the CPU."""
+        return self.processor(list(images), return_tensors="pt")["pixel_values"]
+
+    @torch.inference_mode()
+    def embed_pixels(self, pixel_values: torch.Tensor) -> np.ndarray:
+        """Preprocessed batch -> N x D float32 L2-normalised embeddings (C-contiguous)."""
+        pixel_values = pixel_values.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = self.model(pixel_values, normalize=True).embeddings
+        else:
+            out = self.model(pixel_values, normalize=True).embeddings
+        return np.ascontiguousarray(out.float().cpu().numpy(), dtype=np.float32)
+
+    def embed_images(self, images: Sequence[ImageLike], batch_size: int = 32) -> np.ndarray:
+        """Images (PIL or arrays, any mode) -> N x D float32 L2-normalised embeddings."""
+        if len(images) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        chunks = [
+            self.embed_pixels(self.preprocess(images[i : i + batch_size])) for i in range(0, len(images), batch_size)
+        ]
+        return np.concatenate(chunks, axis=0)
+
+    def describe(self) -> dict:
+        """What an index manifest records about the model."""
+        return {
+            "model": self.model_id,
+            "revision": self.revision,
+            "config_hash": self.config_hash,
+            "weights_fingerprint": self.fingerprint,
+            "embedding_dim": self.dim,
+            "config": {k: getattr(self.config, k) for k in _ARCH_KEYS},
+        }
+
+
+def load_model(model: Optional[str] = None, device: Optional[str] = None, revision: Optional[str] = None) -> Embedder:
+    """Turn a ``--model`` argument into an :class:`Embedder`.
+
+    Args:
+        model: ``None`` or ``"default"`` (offline default model), a local directory written by
+            ``save_pretrained``, or a Hugging Face Hub repo id (needs network unless cached).
+        device: ``"cpu"``, ``"cuda"``, ... ; default CUDA when available.
+        revision: Hub branch, tag or commit.
+
+    Raises:
+        FileNotFoundError: ``model`` looks like a path but does not exist.
+        OSError: the Hub cannot be reached and the model is not cached.
+    """
+    dev = resolve_device(device)
+    if model in (None, "", DEFAULT_MODEL):
+        net = default_model()
+        processor = LgffemImageProcessor.from_config(net.config)
+        model_id, resolved_revision = DEFAULT_MODEL, None
+    else:
+        from transformers import AutoImageProcessor, AutoModel
+
+        path = os.path.expanduser(model)
+        # A Hub id is "name" or "org/name"; anything else that is not a folder is a bad path.
+        if not os.path.isdir(path) and (model.startswith(("/", ".", "~")) or model.count("/") > 1):
+            raise FileNotFoundError(f"model directory not found: {model}")
+        net = AutoModel.from_pretrained(path, trust_remote_code=True, revision=revision)
+        processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=True, revision=revision)
+        model_id = os.path.abspath(path) if os.path.isdir(path) else model
+        resolved_revision = getattr(net.config, "_commit_hash", None) or revision
+    net.to(dev).eval()
+    logger.info("loaded model %s on %s", model_id, dev)
+    return Embedder(model=net, processor=processor, model_id=model_id, revision=resolved_revision, device=dev)
