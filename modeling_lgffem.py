@@ -554,9 +554,14 @@ class LgffemModel(LgffemPreTrainedModel):
         super().__init__(config)
         loading = _FROM_PRETRAINED.get()
         pretrained_timm = config.backbone_weights == "timm" and not loading
-        self.backbone = timm.create_model(
-            config.backbone, pretrained=pretrained_timm, features_only=True, out_indices=tuple(config.out_indices)
-        )
+        if ":" not in config.backbone and not timm.is_model(config.backbone.split(".")[0]):
+            raise ValueError(f"backbone {config.backbone!r} is not a timm model name")
+        try:
+            self.backbone = timm.create_model(
+                config.backbone, pretrained=pretrained_timm, features_only=True, out_indices=tuple(config.out_indices)
+            )
+        except IndexError as err:  # timm's message for an out-of-range level is a bare IndexError
+            raise ValueError(f"out_indices {config.out_indices} out of range for {config.backbone}") from err
         reductions = self.backbone.feature_info.reduction()
         if list(reductions) != [4, 8, 16, 32]:
             raise ValueError(
