@@ -1,0 +1,199 @@
+"""Reader side of the pipeline: any image collection -> a ``datasets.Dataset`` of (image, label, source).
+
+Three kinds of source are accepted:
+
+- a local image folder laid out as ``class_name/*.png|jpg|jpeg|tif|tiff`` (Kimia Path24C: ``s0..s23``),
+  read with ``datasets``' ``imagefolder`` builder;
+- a ``.parquet`` file, or a folder holding only parquet files;
+- a Hugging Face Hub dataset id (e.g. PanNuke with its tissue-type column as the label), which
+  needs network access unless the dataset is already in the local cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import datasets
+import pyarrow.compute as pc
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+DEFAULT_LOCAL_SPLIT = "train"  # the split name imagefolder / parquet give a folder without split subfolders
+
+__all__ = ["IMAGE_EXTENSIONS", "load_image_dataset", "parse_shard", "source_kind"]
+
+
+def source_kind(source: str) -> str:
+    """``"imagefolder"``, ``"parquet"`` or ``"hub"`` for a ``--dataset`` argument.
+
+    Raises:
+        FileNotFoundError: ``source`` looks like a local path (starts with ``/``, ``.``, ``~``, or
+            names a ``.parquet`` file) but does not exist.
+        ValueError: a local folder holds neither images nor parquet files.
+    """
+    path = Path(os.path.expanduser(source))
+    if path.is_file():
+        if path.suffix.lower() == ".parquet":
+            return "parquet"
+        raise ValueError(f"{source} is a file but not a .parquet file; give an image folder, parquet or Hub id")
+    if path.is_dir():
+        has_images = has_parquet = False
+        for _, _, files in os.walk(path):
+            for name in files:
+                suffix = os.path.splitext(name)[1].lower()
+                has_images |= suffix in IMAGE_EXTENSIONS
+                has_parquet |= suffix == ".parquet"
+            if has_images:
+                break
+        if has_images:
+            return "imagefolder"
+        if has_parquet:
+            return "parquet"
+        raise ValueError(f"{source} holds no image files ({', '.join(IMAGE_EXTENSIONS)}) and no .parquet files")
+    if source.startswith(("/", ".", "~")) or source.lower().endswith(".parquet") or source.count("/") > 1:
+        raise FileNotFoundError(f"dataset path not found: {source}")
+    return "hub"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError as err:
+        raise ValueError(f"shard must look like 'i/n' (e.g. 0/4), got {text!r}") from err
+    _check_shard((index, count))
+    return index, count
+
+
+def _check_shard(shard: tuple[int, int]) -> None:
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard (index, count) needs 0 <= index < count, got {shard}")
+
+
+def _pick_split(loaded: datasets.Dataset | datasets.DatasetDict, source: str) -> tuple[datasets.Dataset, str]:
+    if isinstance(loaded, datasets.Dataset):
+        return loaded, str(loaded.split) if loaded.split is not None else DEFAULT_LOCAL_SPLIT
+    names = list(loaded.keys())
+    if len(names) != 1:
+        raise ValueError(f"{source} has several splits {names}; choose one with split=")
+    return loaded[names[0]], names[0]
+
+
+def _load_raw(source: str, kind: str, split: Optional[str], revision: Optional[str]) -> tuple[datasets.Dataset, str]:
+    if kind == "imagefolder":
+        loaded = datasets.load_dataset("imagefolder", data_dir=os.path.expanduser(source), split=split)
+    elif kind == "parquet":
+        path = Path(os.path.expanduser(source))
+        files = [str(path)] if path.is_file() else sorted(str(p) for p in path.rglob("*.parquet"))
+        loaded = datasets.load_dataset("parquet", data_files={split or DEFAULT_LOCAL_SPLIT: files}, split=split)
+    else:
+        loaded = datasets.load_dataset(source, split=split, revision=revision)
+    if split is not None:
+        return loaded, split
+    return _pick_split(loaded, source)
+
+
+def _image_column(ds: datasets.Dataset, image_column: Optional[str]) -> str:
+    columns = list(ds.column_names)
+    if image_column is not None:
+        if image_column not in columns:
+            raise ValueError(f"image column {image_column!r} not found; available columns: {columns}")
+        return image_column
+    if "image" in columns:
+        return "image"
+    image_columns = [c for c in columns if isinstance(ds.features[c], datasets.Image)]
+    if len(image_columns) != 1:
+        raise ValueError(f"cannot tell which column holds the images; pass image_column= (available: {columns})")
+    return image_columns[0]
+
+
+def _labels(ds: datasets.Dataset, label_column: Optional[str], source: str) -> list[str]:
+    columns = list(ds.column_names)
+    if label_column is None:
+        if "label" not in columns:
+            raise ValueError(f"{source} has no 'label' column; pass label_column= (available: {columns})")
+        label_column = "label"
+    elif label_column not in columns:
+        raise ValueError(f"label column {label_column!r} not found; available columns: {columns}")
+    feature = ds.features[label_column]
+    values = ds.data.column(label_column).to_pylist()
+    if ds._indices is not None:  # noqa: SLF001 - a selected/shuffled dataset: map rows through its indices
+        values = [values[i] for i in ds._indices.column(0).to_pylist()]  # noqa: SLF001
+    if isinstance(feature, datasets.ClassLabel):
+        bad = [i for i, v in enumerate(values) if v is None or v < 0]
+        if bad:
+            raise ValueError(f"label column {label_column!r} has no label in rows {bad[:10]}")
+        return [feature.int2str(int(v)) for v in values]
+    if not isinstance(feature, datasets.Value):
+        raise ValueError(f"label column {label_column!r} must hold class names or ids, got feature {feature}")
+    bad = [i for i, v in enumerate(values) if v is None]
+    if bad:
+        raise ValueError(f"label column {label_column!r} is empty in rows {bad[:10]}")
+    return [str(v) for v in values]
+
+
+def _sources(ds: datasets.Dataset, image_column: str, kind: str, source: str, split: str) -> list[str]:
+    if kind == "hub":
+        return [f"{source}:{split}:{row}" for row in range(len(ds))]
+    column = ds.data.column(image_column)
+    paths: list[Optional[str]]
+    if kind == "imagefolder" and ds._indices is None:  # noqa: SLF001
+        paths = pc.struct_field(column, "path").to_pylist() if column.type.num_fields else [None] * len(ds)
+        if any(p is None for p in paths):
+            raise ValueError(f"imagefolder {source} returned rows without a file path")
+        return paths
+    return [f"{source}:{row}" for row in range(len(ds))]
+
+
+def load_image_dataset(
+    source: str,
+    split: Optional[str] = None,
+    image_column: Optional[str] = None,
+    label_column: Optional[str] = None,
+    revision: Optional[str] = None,
+    shard: Optional[tuple[int, int]] = None,
+) -> datasets.Dataset:
+    """Load an image collection as a Dataset with columns ``image``, ``label`` and ``source``.
+
+    Args:
+        source: a Hub dataset id, a local image folder (``class_name/*.png|jpg|jpeg|tif|tiff``,
+            read with ``datasets``' imagefolder loader) or a ``.parquet`` file / folder of them.
+        split: which split; may be omitted when the source has a single split.
+        image_column: column holding the images; default ``"image"`` (or the only Image column).
+        label_column: column holding the class; default ``"label"``. Class-label ids become
+            their names; other values are converted with ``str``.
+        revision: Hub dataset revision (branch, tag or commit).
+        shard: ``(index, count)``: keep only the ``index``-th of ``count`` contiguous shards.
+
+    Returns:
+        A Dataset whose ``image`` column decodes to PIL images, ``label`` holds class names
+        (str) and ``source`` the file path (image folders) or ``"{hub_id}:{split}:{row}"``
+        (Hub datasets; ``"{file}:{row}"`` for parquet).
+
+    Raises:
+        ValueError: a column is missing (the message names the available ones), the split is
+            ambiguous, or ``shard`` is invalid.
+        FileNotFoundError: a local path does not exist.
+    """
+    if shard is not None:
+        _check_shard(shard)
+    kind = source_kind(source)
+    raw, split_name = _load_raw(source, kind, split, revision)
+    image_col = _image_column(raw, image_column)
+    labels = _labels(raw, label_column, source)
+    sources = _sources(raw, image_col, kind, source, split_name)
+    ds = raw.select_columns([image_col])
+    if image_col != "image":
+        ds = ds.rename_column(image_col, "image")
+    if not isinstance(ds.features["image"], datasets.Image) or not ds.features["image"].decode:
+        ds = ds.cast_column("image", datasets.Image())
+    ds = ds.add_column("label", labels).add_column("source", sources)
+    if shard is not None:
+        ds = ds.shard(num_shards=shard[1], index=shard[0], contiguous=True)
+    logger.info("loaded %s (%s, split %s): %d images, %d classes", source, kind, split_name, len(ds), len(set(labels)))
+    return ds
