@@ -1,0 +1,543 @@
+"""The Gradio app's handlers, called directly: good input, every kind of bad input, tiling,
+personal gallery persisted across restarts, start-up errors. Tiny model, CPU only."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import sys
+import types
+import warnings
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import app
+from app import InputError, SearchApp, StartupError
+
+torch.set_num_threads(2)
+
+
+# --------------------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------------------
+
+
+def make_embedder(config, seed: int = 0):
+    from index_build.models import Embedder
+    from modeling_lgffem import LgffemImageProcessor, LgffemModel
+
+    torch.manual_seed(seed)
+    model = LgffemModel(config).eval()
+    return Embedder(model=model, processor=LgffemImageProcessor.from_config(config), model_id=f"tiny-{seed}")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_config):
+    """A tiny random LGFFEM (64 px input, 64-d embeddings)."""
+    return make_embedder(tiny_config)
+
+
+@pytest.fixture(scope="module")
+def starter_subset():
+    """All 5 background tiles of the starter gallery plus every 6th other tile (35 tiles)."""
+    images, labels, sources = app.starter_tiles()
+    keep = sorted({i for i, lab in enumerate(labels) if lab == "background"} | set(range(0, len(images), 6)))
+    return [images[i] for i in keep], [labels[i] for i in keep], [sources[i] for i in keep]
+
+
+@pytest.fixture(scope="module")
+def base_index_dir(tmp_path_factory, tiny, starter_subset):
+    from index_build.index import build_index
+
+    path = tmp_path_factory.mktemp("base") / "index"
+    build_index(app.images_dataset(*starter_subset), path, tiny, num_workers=0, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def search_app(tmp_path_factory, tiny, base_index_dir):
+    return SearchApp.create(index=str(base_index_dir), data_dir=tmp_path_factory.mktemp("data"), embedder=tiny)
+
+
+def save(image: Image.Image, path: Path, **kwargs) -> str:
+    image.save(path, **kwargs)
+    return str(path)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` (1-bit) with almost no pixel data."""
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def tissue(size: int = 224) -> Image.Image:
+    """A real tissue crop (scikit-image's IHC image), resized to ``size``."""
+    from skimage import data
+
+    return Image.fromarray(data.immunohistochemistry()[:256, :256]).resize((size, size))
+
+
+# --------------------------------------------------------------------------------------
+# Tiling rule (hand-computed)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "length, tile, expected",
+    [
+        (224, 224, [0]),
+        (100, 224, [0]),
+        (448, 224, [0, 224]),
+        (500, 224, [0, 138, 276]),  # ceil(500/224) = 3 windows, step (500-224)/2 = 138
+        (1000, 224, [0, 194, 388, 582, 776]),  # 5 windows, step 776/4 = 194
+    ],
+)
+def test_axis_starts(length, tile, expected):
+    assert app.axis_starts(length, tile) == expected
+
+
+@pytest.mark.parametrize(
+    "size, tile_large, scale, count, last_box",
+    [
+        ((224, 224), True, 1.0, 1, (0, 0, 224, 224)),
+        ((336, 300), True, 1.0, 1, (0, 0, 336, 300)),  # up to 1.5x the input: whole
+        ((337, 300), True, 1.0, 4, (113, 76, 337, 300)),  # 2 x 2 tiles of 224
+        ((1000, 1000), True, 1.0, 25, (776, 776, 1000, 1000)),
+        ((1000, 1000), False, 1.0, 1, (0, 0, 1000, 1000)),
+        ((3000, 2000), True, 0.448, 24, (1120, 672, 1344, 896)),  # shrunk to 1344 x 896: 6 x 4 tiles
+        ((1000, 100), True, 1.0, 10, (900, 0, 1000, 100)),  # thin strip: 100 px tiles, one row
+    ],
+)
+def test_plan_tiles(size, tile_large, scale, count, last_box):
+    got_scale, tiles = app.plan_tiles(*size, 224, tile_large)
+    assert got_scale == pytest.approx(scale)
+    assert len(tiles) == count
+    assert tiles[-1].box == last_box
+    assert [t.number for t in tiles] == list(range(1, count + 1))
+
+
+def test_merge_tiles_rule():
+    thumb = Image.new("RGB", (4, 4))
+
+    def hit(i, score, label, tile):
+        return app.Hit("index", i, score, label, f"src{i}", thumb, tile)
+
+    tile1 = [hit(0, 0.90, "x", 1), hit(1, 0.80, "y", 1)]  # tie x/y -> x (ranked first)
+    tile2 = [hit(1, 0.95, "y", 2), hit(2, 0.50, "y", 2)]  # y
+    hits, votes, unit = app.merge_tiles([tile1, tile2], k=2)
+    assert [(h.id, h.score, h.tile) for h in hits] == [(1, 0.95, 2), (0, 0.90, 1)]
+    assert votes == [("y", 1), ("x", 1)]  # tie between tiles: tile 2 has the higher top-1 score
+    assert unit == "tiles"
+    hits, votes, unit = app.merge_tiles([tile1], k=8)
+    assert [h.id for h in hits] == [0, 1] and votes == [("x", 1), ("y", 1)] and unit == "results"
+
+
+# --------------------------------------------------------------------------------------
+# Decoding: accepted formats
+# --------------------------------------------------------------------------------------
+
+
+def test_decode_accepts_modes(tmp_path):
+    import tifffile
+
+    rgb = np.zeros((40, 50, 3), np.uint8)
+    rgb[..., 0] = 200
+    assert np.array_equal(np.asarray(app.decode_image(save(Image.fromarray(rgb), tmp_path / "a.png"))), rgb)
+    gray = Image.fromarray(np.full((40, 50), 77, np.uint8))
+    out = app.decode_image(save(gray, tmp_path / "g.jpg", quality=100))
+    assert out.mode == "RGB" and out.size == (50, 40) and abs(int(np.asarray(out)[5, 5, 0]) - 77) <= 1
+    rgba = np.zeros((40, 50, 4), np.uint8)  # fully transparent -> white glass
+    out = app.decode_image(save(Image.fromarray(rgba), tmp_path / "t.png"))
+    assert np.asarray(out).min() == 255
+    g16 = np.full((40, 50), 25700, np.uint16)  # 25700 / 257 = 100
+    out = app.decode_image(save(Image.fromarray(g16), tmp_path / "g16.png"))
+    assert np.asarray(out)[0, 0].tolist() == [100, 100, 100]
+    rgb16 = np.zeros((40, 50, 3), np.uint16)
+    rgb16[..., 1] = 0xC800  # high byte 200
+    tifffile.imwrite(tmp_path / "rgb16.tif", rgb16)
+    assert np.asarray(app.decode_image(tmp_path / "rgb16.tif"))[0, 0].tolist() == [0, 200, 0]
+    frames = [Image.fromarray(np.full((40, 50, 3), v, np.uint8)) for v in (10, 250)]
+    frames[0].save(tmp_path / "multi.tif", save_all=True, append_images=frames[1:])
+    assert np.asarray(app.decode_image(tmp_path / "multi.tif"))[0, 0].tolist() == [10, 10, 10]  # first page
+
+
+def test_decode_zip_member_from_memory():
+    buffer = io.BytesIO()
+    tissue(64).save(buffer, format="PNG")
+    buffer.seek(0)
+    assert app.decode_image(buffer, name="z.zip/a.png").size == (64, 64)
+
+
+# --------------------------------------------------------------------------------------
+# Bad input: a clear message, never an exception out of the handler
+# --------------------------------------------------------------------------------------
+
+
+def _bad_files(tmp_path: Path) -> dict[str, tuple[str, str]]:
+    """name -> (path, part of the expected message)."""
+    files = {}
+    (tmp_path / "notes.txt").write_text("not an image at all\n")
+    files["text"] = (str(tmp_path / "notes.txt"), "not an image file")
+    (tmp_path / "empty.png").write_bytes(b"")
+    files["empty"] = (str(tmp_path / "empty.png"), "the file is empty")
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), np.uint8)).save(buffer, "JPEG")
+    (tmp_path / "cut.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    files["truncated"] = (str(tmp_path / "cut.jpg"), "corrupt or truncated")
+    buffer = io.BytesIO()
+    tissue(100).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    data[200:260] = bytes(60)
+    (tmp_path / "broken.png").write_bytes(bytes(data))
+    files["corrupt"] = (str(tmp_path / "broken.png"), "corrupt or truncated")
+    (tmp_path / "bomb.png").write_bytes(png_header_only(20_000, 20_000))  # 400 MP: Pillow's bomb error
+    files["bomb"] = (str(tmp_path / "bomb.png"), "decompression-bomb guard")
+    (tmp_path / "bomb2.png").write_bytes(png_header_only(10_000, 10_000))  # 100 MP: Pillow's bomb warning
+    files["bomb warning"] = (str(tmp_path / "bomb2.png"), "decompression-bomb guard")
+    (tmp_path / "huge.png").write_bytes(png_header_only(7_000, 6_000))  # 42 MP: above the app's 40 MP
+    files["too many pixels"] = (str(tmp_path / "huge.png"), "7000×6000 = 42.0 MP")
+    files["tiny"] = (save(tissue(20), tmp_path / "tiny.png"), "image too small (20×20 px); at least 32 px")
+    files["thin"] = (save(tissue(200).crop((0, 0, 200, 31)), tmp_path / "thin.png"), "image too small (200×31 px)")
+    files["missing"] = (str(tmp_path / "nope.png"), "file not found")
+    return files
+
+
+def test_decode_rejects_bad_files(tmp_path):
+    for name, (path, message) in _bad_files(tmp_path).items():
+        with pytest.raises(InputError) as info:
+            app.decode_image(path)
+        assert message in str(info.value), name
+
+
+def test_decode_rejects_large_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(app, "MAX_UPLOAD_BYTES", 1000)
+    path = save(Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), np.uint8)), tmp_path / "b.png")
+    with pytest.raises(InputError, match="the limit is 0 MB"):
+        app.decode_image(path)
+
+
+def test_configured_pillow_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
+    app.configure_pillow()
+    assert Image.MAX_IMAGE_PIXELS == app.MAX_PIXELS == 40_000_000
+    (tmp_path / "b.png").write_bytes(png_header_only(9_000, 9_000))  # 81 MP > 2 x 40 MP: Pillow's own error
+    with pytest.raises(InputError, match="decompression-bomb guard"):
+        app.decode_image(tmp_path / "b.png")
+
+
+def test_search_handler_bad_inputs_keep_serving(search_app, tmp_path):
+    for name, (path, message) in _bad_files(tmp_path).items():
+        with pytest.warns(UserWarning, match="."):
+            out = search_app.search(path, 8, None)
+        assert out.summary.startswith("⚠️") and message in out.summary, name
+        assert out.gallery == [] and out.votes is None and out.tiles == [] and out.table == []
+    for args, message in [
+        ((None, 8, None), "No image yet"),
+        ((str(tmp_path / "ok.png"), 0, None), "k must be a whole number from 1 to 50"),
+        ((str(tmp_path / "ok.png"), 51, None), "k must be a whole number from 1 to 50"),
+        ((str(tmp_path / "ok.png"), 2.5, None), "k must be a whole number"),
+        ((str(tmp_path / "ok.png"), 8, "lung_aca"), "label 'lung_aca' is not in the gallery"),
+        ((str(tmp_path / "ok.png"), 8, None, "zoom"), "tiling must be one of"),
+    ]:
+        save(tissue(64), tmp_path / "ok.png")
+        with pytest.warns(UserWarning):
+            out = search_app.search(*args)
+        assert message in out.summary
+    out = search_app.search(str(tmp_path / "ok.png"), 8, None)  # still serving
+    assert len(out.gallery) == 8
+
+
+# --------------------------------------------------------------------------------------
+# Good searches
+# --------------------------------------------------------------------------------------
+
+
+def test_search_finds_itself(search_app, starter_subset, tmp_path):
+    images, labels, sources = starter_subset
+    path = save(images[3], tmp_path / "q.png")  # 64 x 64 = the tiny model's input: searched whole
+    out = search_app.search(path, 8, app.ANY_LABEL)
+    assert len(out.gallery) == 8 and len(out.table) == 8
+    top = out.table[0]
+    assert top[1] == labels[3] and top[5] == sources[3] and top[2] == pytest.approx(1.0, abs=1e-4)
+    assert [row[0] for row in out.table] == list(range(1, 9))
+    scores = [row[2] for row in out.table]
+    assert scores == sorted(scores, reverse=True)
+    caption = out.gallery[0][1]
+    assert caption.startswith(f"{labels[3]} · sim 1.000 · ") and "immunohistochemistry" in caption
+    assert sum(out.votes.values()) == pytest.approx(1.0)
+    counts = {lab: round(share * 8) for lab, share in out.votes.items()}
+    expected = app.majority_votes([row[1] for row in out.table])
+    assert list(counts.items()) == expected
+    assert f"Suggestion: **{expected[0][0]}** ({expected[0][1]} of 8 results)" in out.summary
+    assert len(out.tiles) == 1 and out.tiles[0][0].size == (64, 64)
+    assert out.tiles[0][1] == "query as the model saw it (64×64)"
+    assert np.abs(np.asarray(out.tiles[0][0], int) - np.asarray(images[3], int)).max() <= 1  # undone normalisation
+
+
+def test_label_filter(search_app, tmp_path):
+    path = save(tissue(64), tmp_path / "q.png")
+    out = search_app.search(path, 8, "background")
+    assert [row[1] for row in out.table] == ["background"] * 5  # the subset holds exactly 5 background tiles
+    assert out.votes == {"background": 1.0}
+
+
+def test_large_query_is_tiled(search_app, tmp_path):
+    path = save(tissue(1000), tmp_path / "big.png")  # tiny model: 64 px input, so 1000 px -> 384 px, 6 x 6 tiles
+    out = search_app.search(path, 8, None)
+    assert len(out.tiles) == 36
+    assert out.tiles[7][1].startswith("tile 8 (row 2, col 2) → ")
+    assert out.overview.size == (384, 384)
+    assert all(1 <= row[3] <= 36 for row in out.table)
+    assert all(f" · tile {row[3]} · " in caption for row, (_, caption) in zip(out.table, out.gallery))
+    assert "of 36 tiles" in out.summary and "shrunk to 384×384 px" in out.summary
+    assert sum(out.votes.values()) == pytest.approx(1.0)
+    whole = search_app.search(path, 8, None, "whole image")
+    assert len(whole.tiles) == 1 and "of 8 results" in whole.summary
+
+
+# --------------------------------------------------------------------------------------
+# Add your own images: persisted, searchable after a restart
+# --------------------------------------------------------------------------------------
+
+
+def test_add_images_persist_across_restart(tmp_path, tiny, base_index_dir):
+    data_dir = tmp_path / "data"
+    first = SearchApp.create(index=str(base_index_dir), data_dir=data_dir, embedder=tiny)
+    rng = np.random.default_rng(5)
+    mine = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), np.uint8)) for _ in range(4)]
+    paths = [save(mine[0], tmp_path / "a.png"), save(mine[1], tmp_path / "b.tif")]
+    with zipfile.ZipFile(tmp_path / "more.zip", "w") as archive:
+        for i in (2, 3):
+            buffer = io.BytesIO()
+            mine[i].save(buffer, "PNG")
+            archive.writestr(f"case/img{i}.png", buffer.getvalue())
+        archive.writestr("case/readme.txt", "hello")
+        archive.writestr("__MACOSX/._img2.png", "junk")
+    (tmp_path / "notes.txt").write_text("x")
+    out = first.add_images([*paths, str(tmp_path / "more.zip"), str(tmp_path / "notes.txt")], "  my_case  ")
+    assert out.status.startswith("✅ Added 4 patches labelled **my_case**")
+    assert "(4 in all" in out.status
+    assert "Skipped: more.zip/case/readme.txt: not an image file" in out.status and "notes.txt: not an image" in out.status
+    assert "my_case" in out.label_filter["choices"]
+    assert (data_dir / "personal" / app.model_key(tiny) / "manifest.json").is_file()
+
+    restarted = SearchApp.create(index=str(base_index_dir), data_dir=data_dir, embedder=tiny)
+    assert restarted.personal is not None and len(restarted.personal) == 4
+    assert "my_case" in restarted.label_choices()
+    query = save(mine[2], tmp_path / "q.png")
+    res = restarted.search(query, 8, None)
+    assert res.table[0][1:5] == ["my_case", pytest.approx(1.0, abs=1e-4), 1, "your images"]
+    assert res.table[0][5] == "upload:more.zip/case/img2.png"
+    assert res.gallery[0][1].startswith("my_case · sim 1.000")
+    only = restarted.search(query, 8, "my_case")
+    assert [row[1] for row in only.table] == ["my_case"] * 4
+    more = restarted.add_images([save(tissue(64), tmp_path / "c.png")], "my_case")
+    assert "(5 in all" in more.status
+    assert len(SearchApp.create(index=str(base_index_dir), data_dir=data_dir, embedder=tiny).personal) == 5
+
+
+def test_add_images_large_image_is_tiled(tmp_path, tiny, base_index_dir):
+    fresh = SearchApp.create(index=str(base_index_dir), data_dir=tmp_path, embedder=tiny)
+    out = fresh.add_images([save(tissue(128), tmp_path / "region.png")], "region")  # 128 > 96: 2 x 2 tiles of 64
+    assert out.status.startswith("✅ Added 4 patches")
+    assert fresh.personal.sources == [f"upload:region.png#tile{i}" for i in (1, 2, 3, 4)]
+
+
+@pytest.mark.parametrize(
+    "files, label, message",
+    [
+        (None, "ok", "no files"),
+        ([], "ok", "no files"),
+        (["PLACEHOLDER"], "", "give a label of 1-64 characters"),
+        (["PLACEHOLDER"], "a/b", "give a label"),
+        (["PLACEHOLDER"], "x" * 65, "give a label"),
+        (["PLACEHOLDER"], app.ANY_LABEL, "give a label"),
+        (["TEXT"], "ok", "none of the files could be added. Skipped: notes.txt: not an image file"),
+        (["BADZIP"], "ok", "none of the files could be added. Skipped: bad.zip/x.png: corrupt or truncated"),
+    ],
+)
+def test_add_images_bad_input(tmp_path, search_app, files, label, message):
+    (tmp_path / "notes.txt").write_text("x")
+    with zipfile.ZipFile(tmp_path / "bad.zip", "w") as archive:
+        buffer = io.BytesIO()
+        tissue(64).save(buffer, "PNG")
+        archive.writestr("x.png", buffer.getvalue()[:300])  # truncated
+    mapping = {"PLACEHOLDER": save(tissue(64), tmp_path / "ok.png"), "TEXT": str(tmp_path / "notes.txt"),
+               "BADZIP": str(tmp_path / "bad.zip")}
+    files = None if files is None else [mapping[f] for f in files]
+    before = None if search_app.personal is None else len(search_app.personal)
+    with pytest.warns(UserWarning):
+        out = search_app.add_images(files, label)
+    assert out.status.startswith("⚠️") and message in out.status
+    assert (None if search_app.personal is None else len(search_app.personal)) == before
+
+
+# --------------------------------------------------------------------------------------
+# Start-up: starter gallery, Hub index, mismatch, CLI
+# --------------------------------------------------------------------------------------
+
+
+def test_starter_tiles_rule():
+    images, labels, sources = app.starter_tiles()
+    assert len(images) == 180 and {im.size for im in images} == {(64, 64)}
+    assert {lab: labels.count(lab) for lab in set(labels)} == {
+        "DAB-positive": 121, "haematoxylin-dominant": 54, "background": 5,
+    }
+    assert sources[0] == "skimage.data.immunohistochemistry()[0:64, 0:64]"
+
+
+def test_starter_gallery_built_once_and_cached(tmp_path, tiny, starter_subset, monkeypatch):
+    monkeypatch.delenv("LGFFEM_INDEX", raising=False)
+    monkeypatch.setattr(app, "starter_tiles", lambda: tuple(list(x[:12]) for x in starter_subset))
+    first = SearchApp.create(data_dir=tmp_path, embedder=tiny)
+    assert len(first.index) == 12
+    assert first.index.path == tmp_path / "starter" / app.model_key(tiny)
+    assert "built-in starter gallery" in first.index_info and "skimage.data.immunohistochemistry()" in first.index_info
+    assert "`index_build`" in first.index_info and "--index DIR" in first.index_info
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the starter gallery was rebuilt")
+
+    monkeypatch.setattr("index_build.index.build_index", no_rebuild)
+    again = SearchApp.create(data_dir=tmp_path, embedder=tiny)
+    assert len(again.index) == 12
+
+
+def test_index_from_env_and_hub(tmp_path, tiny, base_index_dir, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setenv("LGFFEM_INDEX", str(base_index_dir))
+    assert SearchApp.create(data_dir=tmp_path, embedder=tiny).index.path == base_index_dir
+    monkeypatch.delenv("LGFFEM_INDEX")
+    calls = []
+
+    def fake_snapshot(**kwargs):
+        calls.append(kwargs)
+        return str(base_index_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    hub = SearchApp.create(index="org/lgffem-index", index_revision="v1", data_dir=tmp_path, embedder=tiny)
+    assert calls == [{"repo_id": "org/lgffem-index", "repo_type": "dataset", "revision": "v1"}]
+    assert len(hub.index) == len(SearchApp.create(index=str(base_index_dir), data_dir=tmp_path, embedder=tiny).index)
+    assert "from `org/lgffem-index`" in hub.index_info
+
+    def offline(**kwargs):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("offline and not cached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(StartupError, match="could not get the index 'org/lgffem-index' from the Hugging Face Hub"):
+        SearchApp.create(index="org/lgffem-index", data_dir=tmp_path, embedder=tiny)
+
+
+def test_index_model_mismatch(tmp_path, tiny_config, base_index_dir):
+    other = make_embedder(tiny_config, seed=1)  # same architecture, other weights
+    with pytest.raises(StartupError, match="cannot be used with this model.*weights_fingerprint"):
+        SearchApp.create(index=str(base_index_dir), data_dir=tmp_path, embedder=other)
+    with pytest.raises(StartupError, match="index directory not found: /no/such/index"):
+        SearchApp.create(index="/no/such/index", data_dir=tmp_path, embedder=other)
+
+
+def test_main_exits_cleanly_on_mismatch(tmp_path, tiny_config, base_index_dir, capsys):
+    from modeling_lgffem import LgffemConfig, LgffemModel
+
+    config = LgffemConfig(**{**tiny_config.to_dict(), "neck_channels": 8})  # 32-d: dimension mismatch
+    LgffemModel(config).save_pretrained(tmp_path / "model")
+    status = app.main(["--model", str(tmp_path / "model"), "--index", str(base_index_dir), "--data-dir",
+                       str(tmp_path / "data"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "error: the index" in err and "embedding_dim 64 != 32" in err and "Traceback" not in err
+    assert app.main(["--index", "./missing-index", "--data-dir", str(tmp_path)]) == 2
+    assert "error: index directory not found: ./missing-index" in capsys.readouterr().err
+
+
+def test_parse_args(monkeypatch):
+    monkeypatch.setenv("LGFFEM_INDEX", "org/idx")
+    monkeypatch.setenv("LGFFEM_DATA_DIR", "/tmp/d")
+    args = app.parse_args([])
+    assert (args.model, args.index, args.data_dir, args.port, args.concurrency) == ("default", "org/idx", "/tmp/d",
+                                                                                  7860, 2)
+    args = app.parse_args(["--port", "9000", "--host", "0.0.0.0", "--model", "m", "--index", "d"])
+    assert (args.port, args.host, args.model, args.index) == (9000, "0.0.0.0", "m", "d")
+    with pytest.raises(SystemExit):
+        app.parse_args(["--bogus"])
+    with pytest.raises(SystemExit):
+        app.parse_args(["--concurrency", "0"])
+
+
+# --------------------------------------------------------------------------------------
+# GPU wrapping, Gradio wiring
+# --------------------------------------------------------------------------------------
+
+
+def test_spaces_gpu_decorates_inference(monkeypatch, tmp_path, tiny, base_index_dir):
+    wrapped = []
+
+    def fake_gpu(fn):
+        def run(*args, **kwargs):
+            wrapped.append(fn.__name__)
+            return fn(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=fake_gpu))
+    gpu_app = SearchApp.create(index=str(base_index_dir), data_dir=tmp_path, embedder=tiny)
+    out = gpu_app.search(save(tissue(64), tmp_path / "q.png"), 3, None)
+    assert len(out.gallery) == 3 and wrapped == ["_embed_pixels"]
+    gpu_app.add_images([save(tissue(64), tmp_path / "a.png")], "mine")
+    assert wrapped == ["_embed_pixels", "_add_patches"]
+    monkeypatch.setitem(sys.modules, "spaces", None)  # not importable -> undecorated
+    assert app.gpu(len) is len
+
+
+def test_build_demo_wiring(search_app):
+    import gradio as gr
+
+    demo = app.build_demo(search_app)
+    assert isinstance(demo, gr.Blocks)
+    api = {fn.api_name: fn for fn in demo.fns.values()}
+    assert {"search", "add_images"} <= set(api)
+    assert [type(c).__name__ for c in api["search"].inputs] == ["UploadedImage", "Slider", "Dropdown", "Radio"]
+    assert [type(c).__name__ for c in api["search"].outputs] == [
+        "Gallery", "Label", "Markdown", "Image", "Gallery", "Dataframe",
+    ]
+    query = api["search"].inputs[0]
+    assert query.get_block_name() == "image"  # rendered by gr.Image's front end
+    assert api["search"].inputs[1].value == 8
+
+
+def test_uploaded_image_preprocess(tmp_path):
+    from gradio.data_classes import ImageData
+
+    component = app.UploadedImage(type="filepath", render=False)
+    (tmp_path / "x.bin").write_bytes(b"anything")
+    assert component.preprocess(ImageData(path=str(tmp_path / "x.bin"))) == str(tmp_path / "x.bin")  # not decoded
+    assert component.preprocess(None) is None
+    buffer = io.BytesIO()
+    tissue(40).save(buffer, "PNG")
+    import base64
+
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    path = component.preprocess(ImageData(url=url))
+    assert Path(path).read_bytes() == buffer.getvalue()
+    os.remove(path)
+
+
+def test_import_is_light():
+    import subprocess
+
+    code = "import sys, app; print('torch' in sys.modules, 'index_build.index' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(app.__file__).parent,
+                         check=True)
+    assert out.stdout.split() == ["False", "False"]
