@@ -300,7 +300,7 @@ class SearchResult:
     scores: list[float]
     labels: list[str]
     sources: list[str]
-    thumbnails: list[Image.Image] = field(repr=False)
+    thumbnails: list[Optional[Image.Image]] = field(repr=False)
     votes: list[tuple[str, int]]
 
     @property
@@ -448,9 +448,10 @@ class PatchIndex:
     def index_type(self) -> str:
         return self.manifest["index"]["type"]
 
-    def thumbnail(self, i: int) -> Image.Image:
-        """The thumbnail of id ``i``."""
-        return decode_thumbnail(self._thumbnails[int(i)].as_py())
+    def thumbnail(self, i: int) -> Optional[Image.Image]:
+        """The thumbnail of id ``i``; ``None`` for rows stored without one (empty bytes)."""
+        data = self._thumbnails[int(i)].as_py()
+        return decode_thumbnail(data) if data else None
 
     def reconstruct_all(self) -> np.ndarray:
         """All stored vectors (``N x D``); exact only for the flat and HNSW types."""
@@ -710,6 +711,7 @@ class ImageRowDataset(torch.utils.data.Dataset):
     """Rows ``start..`` of a dataset -> ``(pixel_values, label, source, thumbnail JPEG)``.
 
     Runs in DataLoader workers: decoding, preprocessing and thumbnailing happen there.
+    ``thumbnail_size <= 0`` skips the thumbnail (empty bytes).
     """
 
     def __init__(self, dataset, processor: Any, start: int = 0, thumbnail_size: int = THUMBNAIL_SIZE) -> None:
@@ -727,7 +729,7 @@ class ImageRowDataset(torch.utils.data.Dataset):
             item = self.dataset[row]
             image = item["image"]
             pixels = torch.from_numpy(self.processor.to_array(image))
-            thumbnail = make_thumbnail(image, self.thumbnail_size)
+            thumbnail = make_thumbnail(image, self.thumbnail_size) if self.thumbnail_size > 0 else b""
         except (OSError, ValueError, SyntaxError) as err:
             source = self.dataset.select([row]).select_columns(["source"])[0]["source"]
             raise ValueError(f"cannot read image at row {row} ({source}): {err}") from err

@@ -1,0 +1,323 @@
+"""The retrieval evaluation of the paper: query a gallery, report Recall@k, mMV@k, mAP@k and Kimia's eta.
+
+Run ``python -m index_build.evaluate --model M --gallery G --queries Q`` (or ``--leave-one-out``
+instead of ``--queries``). ``G`` / ``Q`` are image folders, parquet files or Hub ids (see
+:func:`index_build.data.load_image_dataset`); ``G`` may also be an index directory built by
+``python -m index_build`` with the same model. ``--baseline gap|gem`` evaluates the bare
+backbone's pooled last-stage features instead of LGFFEM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from index_build.index import MANIFEST_FILE, ImageRowDataset, PatchIndex, default_num_workers
+from index_build.metrics import kimia_eta, majority_vote_at_k, map_at_k, per_class_mean, recall_at_k, relevance_matrix
+
+logger = logging.getLogger(__name__)
+
+BASELINES = ("gap", "gem")
+BASELINE_GEM_P = 3.0
+
+__all__ = ["BASELINES", "BackboneEmbedder", "embed_rows", "evaluate", "format_table", "main"]
+
+
+class BackboneEmbedder:
+    """Single-scale baseline: the model's frozen backbone, last stage pooled, L2-normalised.
+
+    Same backbone weights and preprocessing as the wrapped LGFFEM embedder, without the neck
+    and head. ``pooling="gap"`` is global average pooling; ``"gem"`` is GeM with a fixed
+    ``p = 3`` (Radenović et al.'s usual value), so neither has trained parameters.
+    """
+
+    def __init__(self, embedder: Any, pooling: str = "gap", gem_p: float = BASELINE_GEM_P) -> None:
+        if pooling not in BASELINES:
+            raise ValueError(f"baseline pooling must be one of {BASELINES}, got {pooling!r}")
+        self.embedder = embedder
+        self.pooling = pooling
+        self.gem_p = float(gem_p)
+        self.backbone = embedder.model.backbone
+        self.processor = embedder.processor
+        self.device = embedder.device
+
+    @property
+    def dim(self) -> int:
+        """Channels of the backbone's last feature stage."""
+        return int(self.backbone.feature_info.channels()[-1])
+
+    @torch.inference_mode()
+    def embed_pixels(self, pixel_values: torch.Tensor) -> np.ndarray:
+        """Preprocessed batch -> N x C float32 L2-normalised pooled last-stage features."""
+        x = self.backbone(pixel_values.to(self.device, non_blocking=True))[-1].float()
+        if self.pooling == "gap":
+            pooled = x.mean(dim=(-2, -1))
+        else:
+            pooled = x.clamp(min=1e-6).pow(self.gem_p).mean(dim=(-2, -1)).pow(1.0 / self.gem_p)
+        return np.ascontiguousarray(F.normalize(pooled, dim=-1).cpu().numpy(), dtype=np.float32)
+
+    def embed_images(self, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
+        """Images -> N x C float32 L2-normalised embeddings."""
+        if len(images) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        chunks = [
+            self.embed_pixels(self.embedder.preprocess(images[i : i + batch_size]))
+            for i in range(0, len(images), batch_size)
+        ]
+        return np.concatenate(chunks)
+
+    def describe(self) -> dict:
+        """Manifest entry: the base model with the baseline's pooling and its own hashes."""
+        base = self.embedder.describe()
+        digest = hashlib.sha256()
+        for name, tensor in self.backbone.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        tag = f"baseline-{self.pooling}" + (f"-p{self.gem_p:g}" if self.pooling == "gem" else "")
+        return {
+            "model": f"{base['model']}#{tag}",
+            "revision": base.get("revision"),
+            "config_hash": hashlib.sha256(f"{base['config_hash']}:{tag}".encode()).hexdigest()[:16],
+            "weights_fingerprint": digest.hexdigest()[:16],
+            "embedding_dim": self.dim,
+            "config": {"baseline": tag, **base.get("config", {})},
+        }
+
+
+def embed_rows(
+    dataset, embedder: Any, batch_size: int = 32, num_workers: Optional[int] = None, progress: bool = True
+) -> tuple[np.ndarray, list[str], float]:
+    """Embed every row of a dataset (no thumbnails, nothing on disk).
+
+    Returns:
+        ``(xb, labels, seconds)``: embeddings, labels and the wall time of the whole pass
+        (decoding, preprocessing and the forward passes).
+    """
+    from tqdm.auto import tqdm
+
+    workers = default_num_workers() if num_workers is None else num_workers
+    loader = torch.utils.data.DataLoader(
+        ImageRowDataset(dataset, embedder.processor, thumbnail_size=0),
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=torch.device(embedder.device).type == "cuda",
+    )
+    chunks: list[np.ndarray] = []
+    labels: list[str] = []
+    start = time.perf_counter()
+    with tqdm(total=len(dataset), unit="img", desc="embedding", disable=not progress) as bar:
+        for pixels, batch_labels, _sources, _thumbs in loader:
+            chunks.append(embedder.embed_pixels(pixels))
+            labels.extend(batch_labels)
+            bar.update(len(batch_labels))
+    return np.concatenate(chunks), labels, time.perf_counter() - start
+
+
+def _exact_search(xb: np.ndarray, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    index = faiss.IndexFlatIP(xb.shape[1])
+    index.add(np.ascontiguousarray(xb, dtype=np.float32))
+    return index.search(np.ascontiguousarray(xq, dtype=np.float32), k)
+
+
+def _drop_self(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Leave-one-out: remove query ``i``'s own id from row ``i`` (else its last column)."""
+    out_ids = np.empty((len(ids), k), dtype=np.int64)
+    out_scores = np.empty((len(ids), k), dtype=np.float32)
+    for i, (row_ids, row_scores) in enumerate(zip(ids, scores)):
+        keep = np.flatnonzero(row_ids != i)[:k]
+        out_ids[i], out_scores[i] = row_ids[keep], row_scores[keep]
+    return out_ids, out_scores
+
+
+def retrieval_metrics(query_labels: Sequence[Any], retrieved_labels: np.ndarray, k: int = 5) -> dict[str, Any]:
+    """Recall@1, Recall@k, mMV@k, mAP@k, Kimia's eta and per-class Recall@1 from ranked labels."""
+    hits1 = relevance_matrix(query_labels, retrieved_labels, 1)[:, 0]
+    metrics: dict[str, Any] = {
+        "recall@1": recall_at_k(query_labels, retrieved_labels, 1),
+        f"recall@{k}": recall_at_k(query_labels, retrieved_labels, k),
+        f"mmv@{k}": majority_vote_at_k(query_labels, retrieved_labels, k),
+        f"map@{k}": map_at_k(query_labels, retrieved_labels, k),
+    }
+    metrics.update(kimia_eta(query_labels, retrieved_labels[:, 0]))
+    metrics["per_class_recall@1"] = {str(c): v for c, v in per_class_mean(query_labels, hits1).items()}
+    return metrics
+
+
+def evaluate(
+    embedder: Any,
+    gallery: Any,
+    queries: Any = None,
+    k: int = 5,
+    leave_one_out: bool = False,
+    batch_size: int = 32,
+    num_workers: Optional[int] = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Query a gallery and compute the paper's retrieval metrics (exact cosine search).
+
+    Args:
+        embedder: ``index_build.models.Embedder`` or :class:`BackboneEmbedder`.
+        gallery: a Dataset from :func:`index_build.data.load_image_dataset`, or a loaded
+            :class:`PatchIndex` (searched as built, e.g. approximate).
+        queries: a Dataset of queries; ``None`` with ``leave_one_out``.
+        k: depth of Recall@k, mMV@k and mAP@k (Recall@1 is always reported).
+        leave_one_out: query the gallery with itself, excluding each query from its own results.
+        batch_size: images per forward pass.
+        num_workers: DataLoader workers.
+        progress: show progress bars.
+
+    Returns:
+        ``{"recall@1", "recall@k", "mmv@k", "map@k", "eta_p", "eta_w", "eta_total",
+        "queries_per_s", "n_gallery", "n_queries", "per_class_recall@1", "k", "leave_one_out"}``.
+        ``queries_per_s`` = queries / (time to read + embed them + time to search); in
+        leave-one-out mode the gallery pass is the query pass.
+    """
+    if (queries is None) == (not leave_one_out):
+        raise ValueError("give queries, or leave_one_out=True without queries (not both)")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    depth = k + 1 if leave_one_out else k
+    if isinstance(gallery, PatchIndex):
+        gallery_labels = gallery.row_labels
+        if leave_one_out:
+            start = time.perf_counter()
+            xq, query_labels, embed_seconds = gallery.reconstruct_all(), gallery_labels, 0.0
+        else:
+            xq, query_labels, embed_seconds = embed_rows(queries, embedder, batch_size, num_workers, progress)
+        start = time.perf_counter()
+        scores, ids = gallery.search_embeddings(xq, depth)
+        search_seconds = time.perf_counter() - start
+        n_gallery = len(gallery)
+    else:
+        xb, gallery_labels, gallery_seconds = embed_rows(gallery, embedder, batch_size, num_workers, progress)
+        if leave_one_out:
+            xq, query_labels, embed_seconds = xb, gallery_labels, gallery_seconds
+        else:
+            xq, query_labels, embed_seconds = embed_rows(queries, embedder, batch_size, num_workers, progress)
+        start = time.perf_counter()
+        scores, ids = _exact_search(xb, xq, min(depth, len(xb)))
+        search_seconds = time.perf_counter() - start
+        n_gallery = len(xb)
+    if leave_one_out:
+        ids, scores = _drop_self(ids, scores, min(k, ids.shape[1] - 1))
+    if ids.shape[1] < k:
+        raise ValueError(f"the gallery has too few images ({n_gallery}) for k={k}")
+    labels = np.asarray(gallery_labels, dtype=object)
+    retrieved = np.where(ids >= 0, labels[np.clip(ids, 0, None)], None)
+    metrics = retrieval_metrics(query_labels, retrieved, k)
+    metrics.update(
+        queries_per_s=len(query_labels) / max(embed_seconds + search_seconds, 1e-9),
+        n_gallery=int(n_gallery),
+        n_queries=len(query_labels),
+        k=k,
+        leave_one_out=leave_one_out,
+    )
+    return metrics
+
+
+def format_table(rows: Sequence[tuple[str, dict]], k: int = 5) -> str:
+    """A Markdown table, one row per ``(name, metrics)``."""
+    header = ["model", "n_gallery", "n_queries", "Recall@1", f"Recall@{k}", f"mMV@{k}", f"mAP@{k}"]
+    header += ["η_p", "η_W", "η_total", "queries/s"]
+    keys = ["recall@1", f"recall@{k}", f"mmv@{k}", f"map@{k}", "eta_p", "eta_w", "eta_total"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, m in rows:
+        cells = [name, str(m["n_gallery"]), str(m["n_queries"])] + [f"{m[key]:.4f}" for key in keys]
+        cells.append(f"{m['queries_per_s']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_per_class(name: str, metrics: dict) -> str:
+    """A Markdown table of per-class Recall@1."""
+    per_class = metrics["per_class_recall@1"]
+    lines = [f"| {name}: class | Recall@1 |", "|---|---|"]
+    lines += [f"| {label} | {value:.4f} |" for label, value in per_class.items()]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m index_build.evaluate",
+        description="Retrieval evaluation: Recall@1, Recall@k, mMV@k, mAP@k, Kimia eta, queries/s.",
+    )
+    parser.add_argument("--model", default="default", help="model: 'default', a local folder or a Hub id")
+    parser.add_argument("--model-revision", default=None, help="Hub revision of the model")
+    parser.add_argument("--gallery", required=True, help="gallery: image folder, parquet, Hub id or index directory")
+    parser.add_argument("--queries", default=None, help="queries: image folder, parquet or Hub id")
+    parser.add_argument("--leave-one-out", action="store_true", help="query the gallery with itself, minus the query")
+    parser.add_argument("--split", default=None, help="split of the gallery (and of the queries unless --query-split)")
+    parser.add_argument("--query-split", default=None, help="split of the queries")
+    parser.add_argument("--image-column", default=None, help="image column (default 'image')")
+    parser.add_argument("--label-column", default=None, help="label column (default 'label')")
+    parser.add_argument("--revision", default=None, help="Hub revision of the dataset(s)")
+    parser.add_argument("--baseline", choices=BASELINES, default=None, help="evaluate the bare backbone, pooled")
+    parser.add_argument("-k", "--k", type=int, default=5, help="depth of Recall@k, mMV@k, mAP@k (default 5)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: cores - 1)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
+    parser.add_argument("--per-class", action="store_true", help="also print per-class Recall@1")
+    parser.add_argument("--json", dest="json_path", default=None, help="write the metrics as JSON to this file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    """CLI entry point; returns the metrics."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.queries is None and not args.leave_one_out:
+        raise SystemExit("error: give --queries, or --leave-one-out")
+    if args.queries is not None and args.leave_one_out:
+        raise SystemExit("error: --queries and --leave-one-out exclude each other")
+    from index_build.data import load_image_dataset
+    from index_build.models import load_model
+
+    embedder: Any = load_model(args.model, device=args.device, revision=args.model_revision)
+    name = embedder.model_id
+    if args.baseline:
+        embedder = BackboneEmbedder(embedder, args.baseline)
+        name = embedder.describe()["model"]
+    columns = {"image_column": args.image_column, "label_column": args.label_column, "revision": args.revision}
+    if (Path(args.gallery) / MANIFEST_FILE).is_file():
+        gallery: Any = PatchIndex.load(args.gallery, embedder)
+    else:
+        gallery = load_image_dataset(args.gallery, split=args.split, **columns)
+    queries = None
+    if args.queries is not None:
+        queries = load_image_dataset(args.queries, split=args.query_split or args.split, **columns)
+    metrics = evaluate(
+        embedder,
+        gallery,
+        queries,
+        k=args.k,
+        leave_one_out=args.leave_one_out,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+    )
+    metrics.update(model=name, gallery=args.gallery, queries=args.queries, baseline=args.baseline)
+    print(format_table([(name, metrics)], k=args.k))
+    if args.per_class:
+        print()
+        print(format_per_class(name, metrics))
+    if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps(metrics, indent=2) + "\n")
+        logger.info("wrote %s", args.json_path)
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

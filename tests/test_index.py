@@ -1,0 +1,387 @@
+"""PatchIndex: build, round trip, resume, append, atomic writes, manifest checks, approximate types."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from index_build import index as index_module
+from index_build.__main__ import main as build_main
+from index_build.data import load_image_dataset
+from index_build.index import (
+    INDEX_FILE,
+    MANIFEST_FILE,
+    METADATA_FILE,
+    IndexLoadError,
+    PatchIndex,
+    build_index,
+    decode_thumbnail,
+    make_faiss_index,
+)
+from index_build.models import Embedder
+from modeling_lgffem import LgffemConfig, LgffemImageProcessor, LgffemModel
+
+COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
+
+
+def make_embedder(neck_channels: int = 16, seed: int = 0) -> Embedder:
+    config = LgffemConfig(neck_channels=neck_channels, neck_layers=1, image_size=64, backbone_weights=None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LgffemModel(config).eval()
+    return Embedder(model=model, processor=LgffemImageProcessor.from_config(config), model_id=f"tiny-{seed}")
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Embedder:
+    torch.set_num_threads(2)
+    return make_embedder()
+
+
+def write_folder(root: Path, per_class: int = 4, size: int = 48) -> Path:
+    """Class-coloured noisy patches: class_name/i.png (one class as JPEG)."""
+    rng = np.random.default_rng(0)
+    for label, colour in COLOURS.items():
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            noise = rng.integers(-30, 30, (size, size, 3))
+            array = np.clip(np.asarray(colour) + noise, 0, 255).astype(np.uint8)
+            ext = "jpg" if label == "blue" else "png"
+            Image.fromarray(array).save(root / label / f"{label}_{i}.{ext}")
+    return root
+
+
+@pytest.fixture()
+def folder(tmp_path) -> Path:
+    return write_folder(tmp_path / "patches")
+
+
+@pytest.fixture()
+def dataset(folder):
+    return load_image_dataset(str(folder))
+
+
+def _build(dataset, out, embedder, **kwargs) -> PatchIndex:
+    kwargs.setdefault("num_workers", 0)
+    kwargs.setdefault("progress", False)
+    kwargs.setdefault("batch_size", 4)
+    return build_index(dataset, out, embedder, **kwargs)
+
+
+def test_round_trip(dataset, embedder, tmp_path):
+    out = tmp_path / "idx"
+    built = _build(dataset, out, embedder)
+    assert sorted(os.listdir(out)) == [INDEX_FILE, MANIFEST_FILE, METADATA_FILE]  # no temp files, no .partial
+    index = PatchIndex.load(out, embedder)
+    assert len(index) == 12
+    assert index.labels == ["blue", "green", "red"]
+    manifest = index.manifest
+    assert manifest["count"] == 12 and manifest["embedding_dim"] == 64
+    assert manifest["model"]["config_hash"] == embedder.config_hash
+    assert manifest["model"]["weights_fingerprint"] == embedder.fingerprint
+    assert manifest["index"]["type"] == "flat" and manifest["index"]["class"] == "IndexFlatIP"
+    assert manifest["labels"] == {"blue": 4, "green": 4, "red": 4}
+    assert manifest["preprocessing"]["image_size"] == 64
+    assert manifest["packages"]["faiss-cpu"] == faiss.__version__ or manifest["packages"]["faiss-cpu"]
+    # stored vectors equal a fresh embedding of the same images
+    images = [row["image"] for row in dataset]
+    expected = embedder.embed_images(images)
+    np.testing.assert_allclose(index.reconstruct_all(), expected, atol=1e-5)
+    np.testing.assert_allclose(built.reconstruct_all(), index.reconstruct_all(), atol=0)
+    # each image finds itself first
+    results = index.search(images, k=4)
+    assert [r.ids[0] for r in results] == list(range(12))
+    assert all(r.scores[0] == pytest.approx(1.0, abs=1e-4) for r in results)
+    first = results[0]
+    assert first.labels[0] == dataset[0]["label"] and first.sources[0] == dataset[0]["source"]
+    assert first.scores == sorted(first.scores, reverse=True)
+    assert first.votes[0][1] == max(c for _, c in first.votes)
+    assert first.majority_label == first.votes[0][0]
+    assert isinstance(first.thumbnails[0], Image.Image) and max(first.thumbnails[0].size) == 48
+    # embeddings as queries give the same result as images
+    again = index.search(expected[:2], k=4)
+    assert [r.ids for r in again] == [r.ids for r in results[:2]]
+
+
+def test_label_filter(dataset, embedder, tmp_path):
+    index = _build(dataset, tmp_path / "idx", embedder)
+    results = index.search([dataset[0]["image"]], k=10, label="green")
+    assert results[0].labels == ["green"] * 4  # only 4 green patches exist; -1 padding dropped
+    with pytest.raises(ValueError, match="not in the index"):
+        index.search([dataset[0]["image"]], k=3, label="purple")
+
+
+def test_thumbnails_are_small_jpegs(dataset, embedder, tmp_path):
+    big = Image.new("RGB", (400, 300), (10, 20, 30))
+    index = _build(dataset, tmp_path / "idx", embedder)
+    index.add([big], ["grey"], ["big.png"])
+    raw = index._thumbnails[12].as_py()
+    assert raw[:2] == b"\xff\xd8"  # JPEG
+    assert decode_thumbnail(raw).size == (128, 96)
+
+
+def test_resume_after_interruption(dataset, embedder, tmp_path, monkeypatch):
+    reference = _build(dataset, tmp_path / "ref", embedder).reconstruct_all()
+    out = tmp_path / "idx"
+    calls = {"n": 0}
+    original = Embedder.embed_pixels
+
+    def failing(self, pixels):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("simulated crash")
+        return original(self, pixels)
+
+    monkeypatch.setattr(Embedder, "embed_pixels", failing)
+    # batches of 2, chunks of 4 rows: batches 1+2 -> chunk 0 on disk, batch 3 pending, batch 4 crashes
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _build(dataset, out, embedder, batch_size=2, chunk_size=4)
+    assert not (out / MANIFEST_FILE).exists() and not (out / INDEX_FILE).exists()
+    assert sorted(p.name for p in (out / ".partial").glob("chunk-*")) == ["chunk-000000.npy", "chunk-000000.parquet"]
+    with pytest.raises(IndexLoadError, match="missing"):
+        PatchIndex.load(out)
+
+    calls["n"] = -100  # no more crashes; count the batches of the resumed run
+    resumed = _build(dataset, out, embedder, batch_size=2, chunk_size=4)
+    assert calls["n"] == -100 + 4  # rows 4..11 only: 8 rows in batches of 2
+    assert not (out / ".partial").exists()
+    np.testing.assert_allclose(resumed.reconstruct_all(), reference, atol=1e-6)
+    assert resumed.sources == list(dataset["source"])
+
+
+def test_resume_discards_partial_build_of_other_model(dataset, embedder, tmp_path, monkeypatch):
+    out = tmp_path / "idx"
+    other = make_embedder(seed=1)
+    original = Embedder.embed_pixels
+
+    def failing(self, pixels):
+        if self is other and failing.n >= 2:
+            raise RuntimeError("crash")
+        failing.n += self is other
+        return original(self, pixels)
+
+    failing.n = 0
+    monkeypatch.setattr(Embedder, "embed_pixels", failing)
+    with pytest.raises(RuntimeError):
+        _build(dataset, out, other, batch_size=2, chunk_size=2)
+    index = _build(dataset, out, embedder, batch_size=2, chunk_size=2)
+    np.testing.assert_allclose(index.reconstruct_all(), embedder.embed_images([r["image"] for r in dataset]), atol=1e-5)
+
+
+def test_existing_index_needs_append_or_overwrite(dataset, embedder, tmp_path):
+    out = tmp_path / "idx"
+    _build(dataset, out, embedder)
+    with pytest.raises(ValueError, match="already exists"):
+        _build(dataset, out, embedder)
+    assert len(_build(dataset, out, embedder, overwrite=True)) == 12
+
+
+def test_append(dataset, embedder, tmp_path):
+    out = tmp_path / "idx"
+    _build(dataset, out, embedder)
+    extra_root = write_folder(tmp_path / "extra", per_class=1)
+    extra = load_image_dataset(str(extra_root))
+    appended = _build(extra, out, embedder, append=True)
+    assert len(appended) == 15
+    loaded = PatchIndex.load(out, embedder)
+    assert len(loaded) == 15 and loaded.manifest["count"] == 15
+    assert loaded.sources[12:] == list(extra["source"])
+    assert loaded.manifest["labels"] == {"blue": 5, "green": 5, "red": 5}
+    # the API used by the app: add images with a label, searchable after reload
+    odd = Image.new("RGB", (48, 48), (250, 250, 0))
+    ids = loaded.add([odd], ["yellow"], ["upload.png"])
+    assert ids.tolist() == [15]
+    reloaded = PatchIndex.load(out, embedder)
+    hit = reloaded.search([odd], k=1)[0]
+    assert hit.ids == [15] and hit.labels == ["yellow"] and hit.sources == ["upload.png"]
+    assert "yellow" in reloaded.labels
+    with pytest.raises(ValueError, match="one label"):
+        reloaded.add([odd, odd], ["x"])
+
+
+def test_append_with_other_model_is_refused(dataset, embedder, tmp_path):
+    out = tmp_path / "idx"
+    _build(dataset, out, embedder)
+    with pytest.raises(IndexLoadError, match="weights_fingerprint"):
+        _build(dataset, out, make_embedder(seed=1), append=True)
+
+
+def test_manifest_mismatch(dataset, embedder, tmp_path):
+    out = tmp_path / "idx"
+    _build(dataset, out, embedder)
+    with pytest.raises(IndexLoadError, match=r"embedding_dim 64 != 32.*config_hash"):
+        PatchIndex.load(out, make_embedder(neck_channels=8))
+    with pytest.raises(IndexLoadError, match=r"weights_fingerprint") as err:
+        PatchIndex.load(out, make_embedder(seed=1))
+    assert "config_hash" not in str(err.value).split(":")[-1]
+    assert "rebuild the index" in str(err.value)
+    assert len(PatchIndex.load(out)) == 12  # without a model: embeddings-only search
+    with pytest.raises(ValueError, match="without a model"):
+        PatchIndex.load(out).search([dataset[0]["image"]])
+
+
+def test_missing_and_corrupt_files(dataset, embedder, tmp_path):
+    out = tmp_path / "idx"
+    _build(dataset, out, embedder)
+    good = {name: (out / name).read_bytes() for name in (INDEX_FILE, METADATA_FILE, MANIFEST_FILE)}
+
+    def restore():
+        for name, content in good.items():
+            (out / name).write_bytes(content)
+
+    with pytest.raises(IndexLoadError, match="not found"):
+        PatchIndex.load(tmp_path / "nothing")
+    for name in good:
+        (out / name).unlink()
+        with pytest.raises(IndexLoadError, match=f"missing {name}"):
+            PatchIndex.load(out)
+        restore()
+    (out / MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(IndexLoadError, match="corrupt manifest.json"):
+        PatchIndex.load(out)
+    restore()
+    (out / INDEX_FILE).write_bytes(good[INDEX_FILE][:-10])  # truncated
+    with pytest.raises(IndexLoadError, match=r"corrupt index.faiss.*bytes"):
+        PatchIndex.load(out)
+    flipped = bytearray(good[METADATA_FILE])
+    flipped[len(flipped) // 2] ^= 0xFF  # same size, different content
+    (out / INDEX_FILE).write_bytes(good[INDEX_FILE])
+    (out / METADATA_FILE).write_bytes(bytes(flipped))
+    with pytest.raises(IndexLoadError, match=r"corrupt metadata.parquet in .*: SHA-256"):
+        PatchIndex.load(out)
+    restore()
+    (out / INDEX_FILE).write_bytes(b"\0" * len(good[INDEX_FILE]))  # garbage, checksum not verified
+    with pytest.raises(IndexLoadError, match="corrupt index.faiss"):
+        PatchIndex.load(out, verify=False)
+    restore()
+    assert len(PatchIndex.load(out, embedder)) == 12
+
+
+def test_interrupted_commit_rolls_forward(dataset, embedder, tmp_path, monkeypatch):
+    out = tmp_path / "idx"
+    index = _build(dataset, out, embedder)
+    real_replace = os.replace
+    state = {"renames": 0}
+
+    def crash_after_first_rename(src, dst):
+        if Path(dst).name in (INDEX_FILE, METADATA_FILE, MANIFEST_FILE):
+            state["renames"] += 1
+            if state["renames"] == 2:
+                raise OSError("power cut")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(index_module.os, "replace", crash_after_first_rename)
+    with pytest.raises(OSError, match="power cut"):
+        index.add([Image.new("RGB", (48, 48), (0, 0, 0))], ["black"], ["x.png"])
+    monkeypatch.setattr(index_module.os, "replace", real_replace)
+    # index.faiss is new, metadata and manifest old: the journal completes the write on open
+    assert (out / ".commit.json").exists()
+    loaded = PatchIndex.load(out, embedder)
+    assert len(loaded) == 13 and loaded.row_labels[-1] == "black"
+    assert not (out / ".commit.json").exists()
+
+
+def test_failed_write_keeps_old_index(dataset, embedder, tmp_path, monkeypatch):
+    out = tmp_path / "idx"
+    index = _build(dataset, out, embedder)
+
+    def broken_write(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(index_module.pq, "write_table", broken_write)
+    with pytest.raises(RuntimeError, match="disk full"):
+        index.add([Image.new("RGB", (48, 48), (0, 0, 0))], ["black"], ["x.png"])
+    monkeypatch.undo()
+    assert len(PatchIndex.load(out, embedder)) == 12
+
+
+def _clustered(n: int, d: int = 32, clusters: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, d))
+    assign = rng.integers(0, clusters, n)
+    x = (centres[assign] + 0.35 * rng.normal(size=(n, d))).astype(np.float32)
+    faiss.normalize_L2(x)
+    return x, assign
+
+
+@pytest.mark.parametrize(
+    "index_type, params, min_recall",
+    [("hnsw", None, 0.95), ("ivfpq", {"m": 32, "nbits": 6}, 0.9), ("factory:IVF32,Flat", {"nprobe": 8}, 0.9)],
+)
+def test_approximate_index_agrees_with_exact(index_type, params, min_recall):
+    xb, assign = _clustered(3000)
+    xq, q_assign = _clustered(100, seed=1)
+    exact, _ = make_faiss_index(xb, "flat")
+    _, truth = exact.search(xq, 10)
+    approx, used = make_faiss_index(xb, index_type, params)
+    _, found = approx.search(xq, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, found)])
+    assert recall >= min_recall
+    # class-level retrieval (what the metrics measure) is the same
+    assert (assign[found[:, 0]] == assign[truth[:, 0]]).mean() >= 0.95
+
+
+def test_default_ivfpq_parameters():
+    xb, _ = _clustered(3000)
+    index, used = make_faiss_index(xb, "ivfpq")
+    assert used == {"nlist": 76, "m": 8, "nbits": 6, "nprobe": 16, "train_size": 3000}
+    assert faiss.extract_index_ivf(index).nprobe == 16
+    with pytest.raises(ValueError, match="unknown parameters"):
+        make_faiss_index(xb, "ivfpq", {"nprobes": 3})
+    with pytest.raises(ValueError, match="unknown index type"):
+        make_faiss_index(xb, "annoy")
+
+
+def test_ivfpq_directory_round_trip(tmp_path, embedder):
+    """An approximate index written and loaded through the directory format keeps its nprobe."""
+    xb, _ = _clustered(600, d=64)
+    import pyarrow as pa
+
+    metadata = pa.table(
+        {
+            "id": pa.array(np.arange(600, dtype=np.int64)),
+            "label": pa.array([str(i % 3) for i in range(600)]),
+            "source": pa.array([f"s{i}" for i in range(600)]),
+            "thumbnail": pa.array([b""] * 600, pa.binary()),
+        }
+    )
+    index_module.write_index(tmp_path / "ivf", xb, metadata, embedder, "ivfpq", {"nprobe": 4})
+    loaded = PatchIndex.load(tmp_path / "ivf", embedder)
+    assert loaded.index_type == "ivfpq" and faiss.extract_index_ivf(loaded.index).nprobe == 4
+    scores, ids = loaded.search_embeddings(xb[:5], 3)
+    assert ids.shape == (5, 3) and (ids >= 0).all()
+    filtered = loaded.search(xb[:2], k=5, label="1")
+    assert all(set(r.labels) == {"1"} for r in filtered)
+    assert filtered[0].thumbnails == [None] * 5  # stored without thumbnails
+
+
+def test_cli_build_and_append(folder, tmp_path, monkeypatch, embedder):
+    import index_build.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda model=None, device=None, revision=None: embedder)
+    out = tmp_path / "cli-idx"
+    index = build_main(
+        [str(folder), "--out", str(out), "--batch-size", "5", "--num-workers", "0", "--no-progress",
+         "--index-type", "hnsw", "--index-param", "ef_search=32"]
+    )
+    assert len(index) == 12 and index.manifest["index"]["params"]["ef_search"] == 32
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["dataset"]["source"] == str(folder) and manifest["index"]["class"] == "IndexHNSWFlat"
+    index = build_main([str(folder), "--out", str(out), "--append", "--num-workers", "0", "--no-progress"])
+    assert len(index) == 24
+    with pytest.raises(SystemExit):
+        build_main([str(folder), "--out", str(out), "--bogus"])
+
+
+def test_worker_processes(dataset, embedder, tmp_path):
+    """Preprocessing in DataLoader workers gives the same vectors as in the main process."""
+    a = _build(dataset, tmp_path / "a", embedder, num_workers=1).reconstruct_all()
+    b = _build(dataset, tmp_path / "b", embedder, num_workers=0).reconstruct_all()
+    np.testing.assert_allclose(a, b, atol=1e-6)
