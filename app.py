@@ -602,7 +602,11 @@ class SearchApp:
             table.append([rank, hit.label, round(hit.score, 4), hit.tile, where, hit.source])
         total = sum(n for _, n in votes)
         vote_text = ", ".join(f"{lab}: {n}" for lab, n in votes)
-        rule = tiling_rule(self.input_size) if several else SINGLE_RULE
+        rule = (
+            "Tiles merged: each gallery patch keeps its best similarity over the tiles; the suggestion is the "
+            "vote of the tiles' own majority labels (see *How large images are searched* below)."
+            if several else SINGLE_RULE
+        )
         size_text = f"{query.width}×{query.height} px"
         if several and work.size != query.size:
             size_text += f", shrunk to {work.width}×{work.height} px"
@@ -850,11 +854,17 @@ def build_demo(app: SearchApp) -> gr.Blocks:
                     button = gr.Button("Search", variant="primary", elem_id="search-button")
                 with gr.Column(scale=2):
                     summary = gr.Markdown(elem_id="summary")
-                    results = gr.Gallery(label="Most similar patches", columns=4, height="auto", elem_id="results")
+                    results = gr.Gallery(
+                        label="Most similar patches", columns=4, height="auto", fit_columns=False, elem_id="results"
+                    )
                     votes = gr.Label(label="Majority vote (share of votes)", num_top_classes=10, elem_id="votes")
             with gr.Row():
-                overview = gr.Image(label="Query with its tiles", type="pil", interactive=False, elem_id="overview")
-                seen = gr.Gallery(label="What the model saw (per tile)", columns=4, height="auto", elem_id="seen")
+                overview = gr.Image(
+                    label="Query with its tiles", type="pil", interactive=False, height=420, elem_id="overview"
+                )
+                seen = gr.Gallery(
+                    label="What the model saw (per tile)", columns=6, height=420, fit_columns=False, elem_id="seen"
+                )
             with gr.Accordion("Result details", open=False):
                 table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, elem_id="table")
             gr.Markdown(f"**How large images are searched.** {tiling_rule(size)}")

@@ -1,0 +1,143 @@
+"""End to end in a real browser: the app on a free local port (tiny model, tiny index), Debian's
+Chromium driven by Playwright uploads a real patch, and the page shows k captioned results.
+Also the same search through Gradio's API with gradio_client."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import app
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+K = 8
+SHARED_SCREENSHOT = Path("/tmp/lgffem-screenshot.png")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _real_patches(shared: Path | None) -> tuple[list[Image.Image], list[str], list[str], Path | None]:
+    """A small gallery (10 per class of LC25000 lung when ../shared/data is there, else IHC tiles) and a query."""
+    if shared is not None:
+        root = shared / "lc25000_lung"
+        images, labels, sources = [], [], []
+        for label in ("lung_aca", "lung_n", "lung_scc"):
+            for path in sorted((root / "gallery" / label).glob("*.jpg"))[:10]:
+                images.append(Image.open(path).convert("RGB"))
+                labels.append(label)
+                sources.append(str(path.relative_to(root)))
+        return images, labels, sources, sorted((root / "query" / "lung_scc").glob("*.jpg"))[0]
+    images, labels, sources = app.starter_tiles()
+    return images[::6], labels[::6], sources[::6], None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_config):
+    """The app, launched in this process on a free port; yields ``(url, query_path, labels)``."""
+    from index_build.index import build_index
+    from index_build.models import Embedder
+    from modeling_lgffem import LgffemConfig, LgffemImageProcessor, LgffemModel
+
+    torch.set_num_threads(2)
+    from conftest import SHARED_DATA
+
+    shared = SHARED_DATA if (SHARED_DATA / "lc25000_lung").is_dir() else None
+    config = LgffemConfig(**{**tiny_config.to_dict(), "image_size": 224})  # real patches are searched whole
+    torch.manual_seed(0)
+    embedder = Embedder(LgffemModel(config).eval(), LgffemImageProcessor.from_config(config), model_id="tiny")
+    images, labels, sources, query = _real_patches(shared)
+    tmp = tmp_path_factory.mktemp("browser")
+    build_index(app.images_dataset(images, labels, sources), tmp / "index", embedder, num_workers=0, progress=False)
+    if query is None:  # no real data: a generated patch
+        query = tmp / "query.png"
+        Image.fromarray(np.asarray(images[1].resize((224, 224)))).save(query)
+    search_app = app.SearchApp.create(index=str(tmp / "index"), data_dir=tmp / "data", embedder=embedder)
+    demo = app.build_demo(search_app)
+    demo.queue(default_concurrency_limit=2)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, css=app.CSS)
+    try:
+        yield f"http://127.0.0.1:{port}/", Path(query), sorted(set(labels))
+    finally:
+        demo.close()
+
+
+@pytest.mark.browser
+def test_upload_and_search_in_chromium(server, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip("/usr/bin/chromium is not installed (make chromium)")
+    from playwright.sync_api import sync_playwright
+
+    url, query, labels = server
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(query.read_bytes()[: query.stat().st_size // 2])
+    caption = re.compile(rf"^({'|'.join(map(re.escape, labels))}) · sim -?[01]\.\d{{3}} · \S")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.wait_for_selector("#search-button", timeout=60_000)
+            assert "Gallery:" in page.locator("#gallery-info").inner_text()
+
+            # A broken upload: a clear warning, and the page keeps working.
+            page.locator("#query input[type=file]").set_input_files(str(truncated))
+            page.locator("#query img").first.wait_for(timeout=30_000)
+            page.click("#search-button")
+            page.get_by_text("corrupt or truncated").first.wait_for(timeout=60_000)
+            assert page.locator("#results .thumbnail-item").count() == 0
+
+            page.locator("#query button[aria-label='Remove Image']").first.click()
+            page.locator("#query input[type=file]").set_input_files(str(query))
+            page.locator("#query img").first.wait_for(timeout=30_000)
+            page.click("#search-button")
+            page.wait_for_function(
+                f"document.querySelectorAll('#results .thumbnail-item').length === {K}", timeout=120_000
+            )
+            captions = page.locator("#results .caption-label").all_inner_texts()
+            assert len(captions) == K
+            assert all(caption.match(text.strip()) for text in captions), captions
+            summary = page.locator("#summary").inner_text()
+            assert re.search(rf"Suggestion: ({'|'.join(labels)}) \(\d of {K} results\)", summary), summary
+            assert page.locator("#votes").inner_text().strip() != ""
+            page.locator("#seen .thumbnail-item").first.wait_for(timeout=30_000)
+            page.screenshot(path=str(tmp_path / "screenshot.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "screenshot.png").stat().st_size > 10_000
+    shutil.copyfile(tmp_path / "screenshot.png", SHARED_SCREENSHOT)
+
+
+def test_search_through_gradio_client(server):
+    from gradio_client import Client, handle_file
+
+    url, query, labels = server
+    client = Client(url, verbose=False, download_files=False)
+    gallery, votes, summary, _overview, seen, table = client.predict(
+        handle_file(str(query)), 5, app.ANY_LABEL, app.TILE_MODES[0], api_name="/search"
+    )
+    assert len(gallery) == 5 and all(item["caption"].split(" · ")[0] in labels for item in gallery)
+    assert [row[0] for row in table["data"]] == [1, 2, 3, 4, 5]
+    assert summary.startswith("### Suggestion: **") and "of 5 results" in summary
+    assert votes["label"] in labels and len(seen) == 1
+    bad = client.predict(handle_file(__file__), 5, app.ANY_LABEL, app.TILE_MODES[0], api_name="/search")
+    assert bad[2].startswith("⚠️ test_browser.py: not an image file")
