@@ -907,7 +907,10 @@ def build_demo(app: SearchApp) -> gr.Blocks:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The app's command line (unknown options are an error)."""
     parser = argparse.ArgumentParser(description="LGFFEM Search: similar tissue patch search in the browser.")
-    parser.add_argument("--model", default="default", help="'default' (offline), a local model folder or Hub id")
+    parser.add_argument(
+        "--model", default=os.environ.get("LGFFEM_MODEL", "default"),
+        help="'default' (offline model), a local model folder or a Hub model id (env LGFFEM_MODEL)",
+    )
     parser.add_argument(
         "--index", default=os.environ.get("LGFFEM_INDEX"),
         help="index folder written by index_build, or a Hub dataset repo id holding one (env LGFFEM_INDEX); "

@@ -465,9 +465,13 @@ def test_main_exits_cleanly_on_mismatch(tmp_path, tiny_config, base_index_dir, c
 def test_parse_args(monkeypatch):
     monkeypatch.setenv("LGFFEM_INDEX", "org/idx")
     monkeypatch.setenv("LGFFEM_DATA_DIR", "/tmp/d")
+    monkeypatch.delenv("LGFFEM_MODEL", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
     args = app.parse_args([])
     assert (args.model, args.index, args.data_dir, args.port, args.concurrency) == ("default", "org/idx", "/tmp/d",
                                                                                   7860, 2)
+    monkeypatch.setenv("LGFFEM_MODEL", "org/model")
+    assert app.parse_args([]).model == "org/model"
     args = app.parse_args(["--port", "9000", "--host", "0.0.0.0", "--model", "m", "--index", "d"])
     assert (args.port, args.host, args.model, args.index) == (9000, "0.0.0.0", "m", "d")
     with pytest.raises(SystemExit):

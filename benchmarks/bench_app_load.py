@@ -1,0 +1,172 @@
+"""Load test of the app: N concurrent ``gradio_client`` searches against a running ``app.py``.
+
+The app runs as a real server process (``python app.py --index ...``) on a free local port, with an
+index of ``../shared/data/lc25000_lung/gallery`` built with ``index_build`` and the chosen model
+(cached under ``--cache``, built on first use). N clients, one per query image taken round-robin
+from the LC25000 query split, fire their search at the same moment; the script prints failures and
+the latency distribution (queueing included), then stops the server.
+
+    python benchmarks/bench_app_load.py [--requests 20] [--concurrency 2] [--model default]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+logger = logging.getLogger(__name__)
+
+SHARED = Path(os.environ.get("LGFFEM_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gallery", default=str(SHARED / "lc25000_lung" / "gallery"))
+    parser.add_argument("--queries", default=str(SHARED / "lc25000_lung" / "query"))
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--cache", default="/tmp/lgffem-bench", help="where the gallery index is built and kept")
+    parser.add_argument("--requests", type=int, default=20, help="concurrent searches")
+    parser.add_argument("--concurrency", type=int, default=2, help="the app's queue workers (--concurrency)")
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--startup-timeout", type=float, default=600.0)
+    return parser.parse_args(argv)
+
+
+def ensure_index(args: argparse.Namespace) -> Path:
+    """Build (once) the gallery index with the chosen model; returns its directory."""
+    from index_build.data import load_image_dataset
+    from index_build.index import IndexLoadError, PatchIndex, build_index
+    from index_build.models import load_model
+
+    embedder = load_model(args.model, device="cpu")
+    out = Path(args.cache) / f"lc25000_gallery-{embedder.config_hash}-{embedder.fingerprint}"
+    try:
+        index = PatchIndex.load(out, embedder)
+        print(f"index: {out} ({len(index)} patches, cached)")
+        return out
+    except IndexLoadError:
+        pass
+    started = time.perf_counter()
+    dataset = load_image_dataset(args.gallery)
+    index = build_index(dataset, out, embedder, progress=True)
+    print(f"index: {out} ({len(index)} patches, built in {time.perf_counter() - started:.0f} s)")
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def query_images(folder: Path, n: int) -> list[tuple[Path, str]]:
+    """``n`` query images, classes interleaved (round-robin over the class folders)."""
+    per_class = {d.name: sorted(d.glob("*.jpg")) for d in sorted(folder.iterdir()) if d.is_dir()}
+    picks = []
+    for i in range(n):
+        label = sorted(per_class)[i % len(per_class)]
+        picks.append((per_class[label][i // len(per_class)], label))
+    return picks
+
+
+def wait_ready(url: str, server: subprocess.Popen, timeout: float):
+    from gradio_client import Client
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the app exited with status {server.returncode} before it was ready")
+        try:
+            return Client(url, verbose=False, download_files=False)
+        except Exception:  # noqa: BLE001 - not up yet (connection refused, 502, ...)
+            time.sleep(1.0)
+    raise TimeoutError(f"the app did not answer at {url} within {timeout:.0f} s")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if not Path(args.gallery).is_dir():
+        print(f"gallery not found: {args.gallery}", file=sys.stderr)
+        return 2
+    from gradio_client import Client, handle_file
+
+    import app
+
+    index_dir = ensure_index(args)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    command = [
+        sys.executable, str(ROOT / "app.py"), "--index", str(index_dir), "--model", args.model, "--port", str(port),
+        "--data-dir", str(Path(args.cache) / "app-data"), "--concurrency", str(args.concurrency), "--device", "cpu",
+    ]
+    log_path = Path(args.cache) / "app.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        started = time.perf_counter()
+        first = wait_ready(url, server, args.startup_timeout)
+        print(f"app ready after {time.perf_counter() - started:.1f} s (log: {log_path})")
+        queries = query_images(Path(args.queries), args.requests)
+        first.predict(handle_file(str(queries[0][0])), args.k, app.ANY_LABEL, app.TILE_MODES[0], api_name="/search")
+        clients = [Client(url, verbose=False, download_files=False) for _ in range(args.requests)]
+        barrier = threading.Barrier(args.requests)
+
+        def one(i: int) -> tuple[float, str | None, str]:
+            path, label = queries[i]
+            barrier.wait()
+            t0 = time.perf_counter()
+            try:
+                out = clients[i].predict(
+                    handle_file(str(path)), args.k, app.ANY_LABEL, app.TILE_MODES[0], api_name="/search"
+                )
+            except Exception as err:  # noqa: BLE001 - a failed request is what we count
+                return time.perf_counter() - t0, f"{type(err).__name__}: {err}", label
+            elapsed = time.perf_counter() - t0
+            gallery, _votes, summary = out[0], out[1], out[2]
+            if summary.startswith("⚠️") or len(gallery) != args.k:
+                return elapsed, f"bad answer: {summary[:120]!r}, {len(gallery)} results", label
+            suggestion = summary.split("**")[1]
+            return elapsed, None, "ok" if suggestion == label else "wrong"
+
+        wall0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=args.requests) as pool:
+            results = list(pool.map(one, range(args.requests)))
+        wall = time.perf_counter() - wall0
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    latencies = np.array([r[0] for r in results])
+    failures = [r[1] for r in results if r[1]]
+    correct = sum(r[2] == "ok" for r in results)
+    print(f"\n{args.requests} concurrent searches, k={args.k}, app --concurrency {args.concurrency}, model "
+          f"{args.model}, CPU ({os.cpu_count()} cores)")
+    print("| requests | failures | p50 (s) | p95 (s) | max (s) | wall (s) | searches/s | suggestion = query class |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {args.requests} | {len(failures)} | {np.percentile(latencies, 50):.2f} | "
+          f"{np.percentile(latencies, 95):.2f} | {latencies.max():.2f} | {wall:.2f} | {args.requests / wall:.2f} | "
+          f"{correct}/{args.requests - len(failures)} |")
+    for failure in failures:
+        print("failure:", failure)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
