@@ -1,0 +1,340 @@
+"""python -m train: recipe defaults, augmentations, data order, a tiny end-to-end run, exact resume, export."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from train.config import TrainConfig, parse_args
+from train.data import AugmentConfig, EpochSampler, TrainDataset, augment, label_names, seeded_subset
+from train.trainer import build_loss, list_checkpoints, train
+
+TINY = dict(neck_channels=16, neck_layers=1, image_size=64, backbone_weights="none")
+COLORS = {"red": (200, 60, 60), "green": (60, 200, 60), "blue": (60, 60, 200)}
+
+
+def synthetic_dataset(per_class: int = 8, size: int = 64, seed: int = 0) -> datasets.Dataset:
+    """Noisy images whose class is their colour: survives flips, rotations and blur."""
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for name, rgb in COLORS.items():
+        for _ in range(per_class):
+            noise = rng.normal(0, 40, (size, size, 3))
+            images.append(Image.fromarray(np.clip(np.asarray(rgb) + noise, 0, 255).astype(np.uint8)))
+            labels.append(name)
+    rows = {"image": images, "label": labels, "source": [f"synthetic:{i}" for i in range(len(images))]}
+    return datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+
+
+def tiny_cfg(out, **kw) -> TrainConfig:
+    args = dict(
+        dataset="synthetic",
+        output_dir=str(out),
+        epochs=2,
+        batch_size=8,
+        num_workers=0,
+        progress=False,
+        cpu=True,
+        **TINY,
+    )
+    args.update(kw)
+    return TrainConfig(**args)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run: 4 epochs, evaluated (leave-one-out) before training and after every epoch."""
+    ds = synthetic_dataset()
+    out = tmp_path_factory.mktemp("train") / "model"
+    cfg = tiny_cfg(
+        out,
+        epochs=4,
+        eval_before=True,
+        eval_gallery="synthetic-colours",
+        model_name="org/lgffem-tiny",
+        card_datasets=["org/colours"],
+    )
+    return train(cfg, ds, eval_gallery=ds), ds
+
+
+# --------------------------------------------------------------------------------------
+# Recipe and command line
+# --------------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_papers_recipe():
+    cfg = parse_args(["--dataset", "d", "--output-dir", "o"])
+    assert (cfg.margin, cfg.scale, cfg.sub_centers) == (17.5, 64.0, 6)
+    assert (cfg.lr, cfg.weight_decay, cfg.loss_lr) == (1e-2, 1e-5, 1e-4)
+    assert (cfg.t0, cfg.t_mult, cfg.eta_min, cfg.grad_clip) == (3, 1, 1e-4, 1.0)
+    assert (cfg.hflip_p, cfg.vflip_p, cfg.rot90_p) == (0.5, 0.5, 0.5)
+    assert cfg.gaussian_blur_p > 0 and cfg.median_blur_p > 0 and cfg.augment
+    assert cfg.model == "default" and cfg.model_overrides() == {}
+    assert cfg.checkpoints.endswith("o/checkpoints")
+
+
+def test_loss_margin_is_in_degrees():
+    loss = build_loss(TrainConfig(dataset="d", output_dir="o"), num_classes=3, embedding_size=32)
+    assert loss.margin == pytest.approx(math.radians(17.5))
+    assert loss.scale == 64
+    assert tuple(loss.W.shape) == (32, 3 * 6)  # 6 sub-centres per class
+
+
+def test_cli_overrides_and_rejections(capsys):
+    cfg = parse_args(
+        ["--dataset", "d", "--output-dir", "o", "--backbone", "convnextv2_base.fcmae", "--out-indices", "0", "1", "2", "3"]
+        + ["--neck-channels", "512", "--backbone-weights", "timm", "--image-mean", "0.485", "0.456", "0.406"]
+    )
+    assert cfg.model_overrides() == {
+        "backbone": "convnextv2_base.fcmae",
+        "out_indices": [0, 1, 2, 3],
+        "neck_channels": 512,
+        "image_mean": [0.485, 0.456, 0.406],
+        "backbone_weights": "timm",
+    }
+    assert parse_args(["--dataset", "d", "--output-dir", "o", "--backbone-weights", "none"]).model_overrides() == {
+        "backbone_weights": None
+    }
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset", "d", "--output-dir", "o", "--no-such-option", "1"])
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset", "d", "--output-dir", "o", "--model", "some/dir", "--neck-channels", "64"])
+    assert "fresh model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset", "d", "--output-dir", "o", "--batch-size", "1"])
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("margin", 95.0, "margin"),
+        ("hflip_p", 1.5, "hflip_p"),
+        ("median_sizes", [4], "median_sizes"),
+        ("mixed_precision", "fp8", "mixed_precision"),
+        ("epochs", 0, "epochs"),
+        ("eval_queries", "q", "eval_gallery"),
+    ],
+)
+def test_config_validation(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(dataset="d", output_dir="o", **{field: value})
+
+
+# --------------------------------------------------------------------------------------
+# Augmentations and data order
+# --------------------------------------------------------------------------------------
+
+
+def _image() -> Image.Image:
+    return Image.fromarray(np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3))
+
+
+@pytest.mark.parametrize(
+    "cfg, expected",
+    [
+        (AugmentConfig(1.0, 0.0, 0.0, 0.0, (0.1, 2.0), 0.0, (3,)), lambda a: a[:, ::-1]),
+        (AugmentConfig(0.0, 1.0, 0.0, 0.0, (0.1, 2.0), 0.0, (3,)), lambda a: a[::-1]),
+        (AugmentConfig(1.0, 1.0, 0.0, 0.0, (0.1, 2.0), 0.0, (3,)), lambda a: a[::-1, ::-1]),
+        (AugmentConfig.off(), lambda a: a),
+    ],
+)
+def test_flips(cfg, expected):
+    src = np.asarray(_image())
+    out = np.asarray(augment(_image(), np.random.default_rng(0), cfg))
+    np.testing.assert_array_equal(out, expected(src))
+
+
+def test_rotation_is_a_multiple_of_90_degrees():
+    cfg = AugmentConfig(0.0, 0.0, 1.0, 0.0, (0.1, 2.0), 0.0, (3,))
+    src = np.asarray(_image())
+    rotations = [np.rot90(src, k) for k in (1, 2, 3)]
+    seen = set()
+    for seed in range(20):
+        out = np.asarray(augment(_image(), np.random.default_rng(seed), cfg))
+        seen.add(next(k for k, r in zip((1, 2, 3), rotations) if np.array_equal(out, r)))
+    assert seen == {1, 2, 3}
+
+
+def test_median_blur_removes_an_isolated_pixel_and_gaussian_blur_spreads_it():
+    spot = np.zeros((9, 9, 3), np.uint8)
+    spot[4, 4] = 255
+    median = AugmentConfig(0.0, 0.0, 0.0, 0.0, (0.1, 2.0), 1.0, (3,))
+    assert np.asarray(augment(Image.fromarray(spot), np.random.default_rng(0), median)).max() == 0
+    gauss = AugmentConfig(0.0, 0.0, 0.0, 1.0, (1.0, 1.0), 0.0, (3,))
+    out = np.asarray(augment(Image.fromarray(spot), np.random.default_rng(0), gauss)).astype(int)
+    assert 0 < out[4, 4, 0] < 255 and out[4, 5, 0] > 0 and out[0, 0, 0] == 0
+
+
+def test_epoch_sampler_is_a_seeded_permutation_per_epoch():
+    sampler = EpochSampler(10, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(10)) and list(sampler) == first
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert sorted(second) == list(range(10)) and second != first
+    sampler.set_epoch(0)
+    assert list(sampler) == first
+
+
+def test_train_dataset_labels_and_per_epoch_augmentation():
+    from modeling_lgffem import LgffemImageProcessor
+
+    ds = synthetic_dataset(per_class=2)
+    classes = label_names(ds)
+    assert classes == ["blue", "green", "red"]
+    train_ds = TrainDataset(ds, classes, LgffemImageProcessor(image_size=32), AugmentConfig(), seed=0)
+    assert train_ds.targets.tolist() == [2, 2, 1, 1, 0, 0]
+    x0, y0 = train_ds[1]
+    assert tuple(x0.shape) == (3, 32, 32) and x0.dtype == torch.float32 and int(y0) == 2
+    torch.testing.assert_close(train_ds[1][0], x0, rtol=0, atol=0)  # same epoch: same draws
+    changed = False
+    for epoch in range(1, 6):
+        train_ds.set_epoch(epoch)
+        changed |= not torch.equal(train_ds[1][0], x0)
+    assert changed
+    with pytest.raises(ValueError, match="not among the classes"):
+        TrainDataset(ds, ["red"], LgffemImageProcessor(image_size=32), None, seed=0)
+
+
+def test_seeded_subset():
+    ds = synthetic_dataset(per_class=4)
+    sub = seeded_subset(ds, 5, seed=1)
+    assert len(sub) == 5 and sub["source"] == seeded_subset(ds, 5, seed=1)["source"]
+    assert seeded_subset(ds, None, seed=1) is ds and seeded_subset(ds, 100, seed=1) is ds
+
+
+# --------------------------------------------------------------------------------------
+# Training end to end, resume, export
+# --------------------------------------------------------------------------------------
+
+
+def test_tiny_training_run_learns(trained):
+    result, _ = trained
+    history = result.history
+    assert [row["epoch"] for row in history] == [0, 1, 2, 3, 4]
+    losses = [row["loss"] for row in history[1:]]
+    assert losses[-1] < losses[0] * 0.5, losses
+    assert all(row["images"] == 24 and row["images_per_s"] > 0 for row in history[1:])
+    assert history[-1]["recall@1"] == 1.0 and history[-1]["mmv@5"] == 1.0
+    assert result.classes == ["blue", "green", "red"]
+    with open(result.output_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["0", "1", "2", "3", "4"]
+    assert rows[0]["loss"] == "" and float(rows[4]["loss"]) == pytest.approx(losses[-1])
+    # the backbone never moved, the neck did
+    from modeling_lgffem import LgffemConfig, LgffemModel
+
+    torch.manual_seed(0)
+    start = LgffemModel(LgffemConfig(**{**TINY, "backbone_weights": None}))
+    for name, tensor in start.backbone.state_dict().items():
+        torch.testing.assert_close(result.model.backbone.state_dict()[name], tensor, rtol=0, atol=0)
+    assert not torch.equal(start.neck.proj[0][0].weight, result.model.neck.proj[0][0].weight)
+
+
+def test_checkpoints_are_kept_per_epoch(trained):
+    result, _ = trained
+    found = list_checkpoints(result.output_dir / "checkpoints")
+    assert [p.name for p in found] == ["checkpoint-epoch-003", "checkpoint-epoch-004"]  # keep_checkpoints=2
+    names = sorted(p.name for p in found[-1].iterdir())
+    assert names == [
+        "loss.safetensors",
+        "loss_optimizer.pt",
+        "model.safetensors",
+        "optimizer.pt",
+        "rng_state_0.pt",
+        "scheduler.pt",
+        "trainer_state.json",
+    ]
+    state = json.loads((found[-1] / "trainer_state.json").read_text())
+    assert (state["epoch"], state["global_step"], state["classes"]) == (4, 12, ["blue", "green", "red"])
+
+
+def test_exported_folder_loads_with_automodel(trained):
+    from transformers import AutoImageProcessor, AutoModel
+
+    result, ds = trained
+    out = result.output_dir
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "modeling_lgffem.py", "README.md"):
+        assert (out / name).is_file(), name
+    assert "AutoModel" in json.loads((out / "config.json").read_text())["auto_map"]
+    model = AutoModel.from_pretrained(str(out), trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(str(out), trust_remote_code=True)
+    pixels = processor([ds[i]["image"] for i in (0, 9, 20)], return_tensors="pt")["pixel_values"]
+    with torch.inference_mode():
+        expected = result.model(pixels).embeddings
+        got = model(pixels).embeddings
+    assert got.shape == (3, 64)
+    assert (got - expected).abs().max().item() < 1e-6
+
+
+def test_model_card_metadata_and_table(trained):
+    from huggingface_hub import ModelCard
+
+    result, _ = trained
+    card = ModelCard.load(result.output_dir / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "transformers"
+    assert data["pipeline_tag"] == "image-feature-extraction"
+    assert data["license"] == "apache-2.0" and data["datasets"] == ["org/colours"]
+    assert {"lgffem", "histopathology", "image-retrieval"} <= set(data["tags"])
+    results = data["model-index"][0]["results"][0]
+    assert results["dataset"]["name"] == "synthetic-colours"
+    metrics = {m["type"]: m["value"] for m in results["metrics"]}
+    assert metrics == {"recall_at_1": 1.0, "mmv_at_5": 1.0}
+    text = card.text
+    assert 'AutoModel.from_pretrained("org/lgffem-tiny", trust_remote_code=True)' in text
+    assert "| 0 (before training) |" in text and "| 4 | 1.0000 | 1.0000 | 1.0000 | 1.0000 |" in text
+    assert "margin 17.5°, scale 64.0, 6 sub-centres" in text
+
+
+def _run(out, epochs, **kw):
+    return train(tiny_cfg(out, epochs=epochs, **kw), synthetic_dataset(per_class=4))
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    full = _run(tmp_path / "full", epochs=3)
+    _run(tmp_path / "part", epochs=1)
+    resumed = _run(tmp_path / "part", epochs=3, resume="latest")
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+    torch.testing.assert_close(resumed.loss_state["W"], full.loss_state["W"], rtol=0, atol=0)
+    # a changed trajectory setting is refused
+    with pytest.raises(ValueError, match="lr"):
+        _run(tmp_path / "part", epochs=4, resume="latest", lr=0.5)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        _run(tmp_path / "none", epochs=1, resume="latest")
+
+
+def test_cli_end_to_end_on_an_image_folder(tmp_path):
+    from train.__main__ import main
+
+    folder = tmp_path / "images"
+    ds = synthetic_dataset(per_class=3)
+    for i, row in enumerate(ds):
+        (folder / row["label"]).mkdir(parents=True, exist_ok=True)
+        row["image"].save(folder / row["label"] / f"{i}.png")
+    out = tmp_path / "model"
+    argv = ["--dataset", str(folder), "--output-dir", str(out), "--epochs", "1", "--batch-size", "4"]
+    argv += ["--neck-channels", "16", "--neck-layers", "1", "--image-size", "64", "--backbone-weights", "none"]
+    argv += ["--num-workers", "0", "--no-progress", "--cpu", "--eval-gallery", str(folder), "--eval-k", "3"]
+    assert main(argv) == 0
+    args = json.loads((out / "training_args.json").read_text())
+    assert args["classes"] == ["blue", "green", "red"] and args["num_train_images"] == 9
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == [
+        "epoch", "step", "loss", "lr", "loss_lr", "images", "seconds", "images_per_s",
+        "recall@1", "recall@3", "mmv@3", "map@3",
+    ]  # fmt: skip
+    assert rows[0]["step"] == "2" and rows[0]["images"] == "8" and rows[0]["recall@1"] != ""
