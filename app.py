@@ -370,6 +370,27 @@ def ensure_starter_index(embedder: "Embedder", data_dir: Path) -> "PatchIndex":
     return build_index(images_dataset(images, labels, sources), path, embedder, num_workers=0)
 
 
+def write_starter_examples(folder: Path) -> list[str]:
+    """Example queries cut from the starter image (written once): a DAB-rich crop, a stroma crop and
+    the whole 512 px image (which is tiled). Returns their paths."""
+    from skimage import data
+
+    ihc = data.immunohistochemistry()
+    crops = {
+        "ihc_dab_epithelium_224.png": ihc[0:224, 0:224],
+        "ihc_stroma_224.png": ihc[180:404, 288:512],
+        "ihc_whole_512.png": ihc,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, array in crops.items():
+        path = folder / name
+        if not path.is_file():
+            Image.fromarray(array).save(path)
+        paths.append(str(path))
+    return paths
+
+
 def resolve_index_dir(spec: str, revision: Optional[str] = None) -> Path:
     """A local index directory for ``--index``: the folder itself, or a Hub dataset repo snapshot.
 
@@ -442,6 +463,7 @@ class SearchApp:
         self.data_dir = Path(data_dir)
         self.index_info = index_info
         self.personal = personal
+        self.examples: list[str] = []  # example query files shown under the upload box
         self._personal_lock = threading.RLock()
         self._embed = gpu(self._embed_pixels)
         self._add = gpu(self._add_patches)
@@ -505,7 +527,10 @@ class SearchApp:
                     f"your personal gallery at {personal_dir} is unreadable ({err}); move it away to start a new one"
                 ) from err
             logger.info("personal gallery: %d patches from %s", len(personal), personal_dir)
-        return cls(embedder, gallery, data_dir, info, personal)
+        app = cls(embedder, gallery, data_dir, info, personal)
+        if index_dir is None:
+            app.examples = write_starter_examples(data_dir / "examples")
+        return app
 
     @property
     def personal_dir(self) -> Path:
@@ -846,6 +871,11 @@ def build_demo(app: SearchApp) -> gr.Blocks:
                         height=300,
                         elem_id="query",
                     )
+                    if app.examples:
+                        gr.Examples(
+                            [[path] for path in app.examples], inputs=[query], cache_examples=False,
+                            label="Examples (from the starter image)",
+                        )
                     k = gr.Slider(1, MAX_K, value=DEFAULT_K, step=1, label="k (number of results)")
                     label = gr.Dropdown(app.label_choices(), value=ANY_LABEL, label="Only results with label")
                     tiling = gr.Radio(
@@ -863,7 +893,7 @@ def build_demo(app: SearchApp) -> gr.Blocks:
                     label="Query with its tiles", type="pil", interactive=False, height=420, elem_id="overview"
                 )
                 seen = gr.Gallery(
-                    label="What the model saw (per tile)", columns=6, height=420, fit_columns=False, elem_id="seen"
+                    label="What the model saw (per tile)", columns=4, height=420, fit_columns=False, elem_id="seen"
                 )
             with gr.Accordion("Result details", open=False):
                 table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, elem_id="table")

@@ -405,6 +405,8 @@ def test_starter_gallery_built_once_and_cached(tmp_path, tiny, starter_subset, m
     assert first.index.path == tmp_path / "starter" / app.model_key(tiny)
     assert "built-in starter gallery" in first.index_info and "skimage.data.immunohistochemistry()" in first.index_info
     assert "`index_build`" in first.index_info and "--index DIR" in first.index_info
+    assert [Image.open(p).size for p in first.examples] == [(224, 224), (224, 224), (512, 512)]
+    assert all(Path(p).parent == tmp_path / "examples" for p in first.examples)
 
     def no_rebuild(*args, **kwargs):
         raise AssertionError("the starter gallery was rebuilt")
@@ -519,6 +521,7 @@ def test_build_demo_wiring(search_app):
     query = api["search"].inputs[0]
     assert query.get_block_name() == "image"  # rendered by gr.Image's front end
     assert api["search"].inputs[1].value == 8
+    assert search_app.examples == []  # examples only with the starter gallery
 
 
 def test_uploaded_image_preprocess(tmp_path):
