@@ -460,6 +460,7 @@ class SearchApp:
     ) -> None:
         self.embedder = embedder
         self.index = index
+        self._index_labels = frozenset(index.labels)  # the main gallery does not change while serving
         self.data_dir = Path(data_dir)
         self.index_info = index_info
         self.personal = personal
@@ -543,7 +544,7 @@ class SearchApp:
 
     def label_choices(self) -> list[str]:
         """The label filter's choices: "(any label)" then every label of both galleries."""
-        labels = set(self.index.labels)
+        labels = set(self._index_labels)
         with self._personal_lock:
             if self.personal is not None:
                 labels |= set(self.personal.labels)
@@ -554,8 +555,10 @@ class SearchApp:
     def _embed_pixels(self, pixel_values: "torch.Tensor") -> np.ndarray:
         return self.embedder.embed_pixels(pixel_values)
 
-    def _search_gallery(self, name: str, gallery: "PatchIndex", xq: np.ndarray, k: int, label: Optional[str]):
-        if label is not None and label not in gallery.labels:
+    def _search_gallery(
+        self, name: str, gallery: "PatchIndex", labels: frozenset, xq: np.ndarray, k: int, label: Optional[str]
+    ) -> list[list[Hit]]:
+        if label is not None and label not in labels:
             return [[] for _ in range(len(xq))]
         results: list[SearchResult] = gallery.search(xq, k=min(k, len(gallery)), label=label)
         return [
@@ -608,10 +611,12 @@ class SearchApp:
         work, tiles, crops = cut_tiles(query, self.input_size, tile_large=tiling == TILE_MODES[0])
         pixel_values = self.embedder.preprocess(crops)
         xq = self._embed(pixel_values)
-        per_tile = self._search_gallery("index", self.index, xq, k_int, label)
+        per_tile = self._search_gallery("index", self.index, self._index_labels, xq, k_int, label)
         with self._personal_lock:
             if self.personal is not None:
-                mine = self._search_gallery("personal", self.personal, xq, k_int, label)
+                mine = self._search_gallery(
+                    "personal", self.personal, frozenset(self.personal.row_labels), xq, k_int, label
+                )
                 per_tile = [sorted(a + b, key=lambda h: -h.score)[:k_int] for a, b in zip(per_tile, mine)]
         hits, votes, unit = merge_tiles(per_tile, k_int)
         if not hits:
