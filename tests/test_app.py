@@ -306,6 +306,14 @@ def test_large_query_is_tiled(search_app, tmp_path):
     assert len(whole.tiles) == 1 and "of 8 results" in whole.summary
 
 
+def test_huge_image_is_shrunk_then_tiled(search_app, tmp_path):
+    path = save(tissue(512).resize((6000, 4000), Image.Resampling.NEAREST), tmp_path / "huge.jpg", quality=80)
+    out = search_app.search(path, 8, None)  # 24 MP: accepted; 384 / 6000 -> 384 x 256 px -> 6 x 4 tiles of 64
+    assert "Query: 6000×4000 px, shrunk to 384×256 px, searched as 24 tiles" in out.summary
+    assert len(out.tiles) == 24 and out.tiles[-1][1].startswith("tile 24 (row 4, col 6)")
+    assert len(out.gallery) == 8
+
+
 # --------------------------------------------------------------------------------------
 # Add your own images: persisted, searchable after a restart
 # --------------------------------------------------------------------------------------
