@@ -68,8 +68,8 @@ def server(tmp_path_factory, tiny_config):
     tmp = tmp_path_factory.mktemp("browser")
     build_index(app.images_dataset(images, labels, sources), tmp / "index", embedder, num_workers=0, progress=False)
     if query is None:  # no real data: a generated patch
-        query = tmp / "query.png"
-        Image.fromarray(np.asarray(images[1].resize((224, 224)))).save(query)
+        query = tmp / "query.jpg"
+        Image.fromarray(np.asarray(images[1].resize((224, 224)))).save(query, quality=90)
     search_app = app.SearchApp.create(index=str(tmp / "index"), data_dir=tmp / "data", embedder=embedder)
     demo = app.build_demo(search_app)
     demo.queue(default_concurrency_limit=2)
