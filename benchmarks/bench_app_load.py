@@ -41,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=20, help="concurrent searches")
     parser.add_argument("--concurrency", type=int, default=2, help="the app's queue workers (--concurrency)")
     parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--sequential", type=int, default=5, help="single searches timed one after another first")
+    parser.add_argument("--tiled-query", default=str(SHARED / "slides" / "target_image.png"),
+                        help="a large image timed once (tiled: 1000 x 1000 px -> 25 tiles of 224 px)")
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     return parser.parse_args(argv)
 
@@ -123,6 +126,17 @@ def main(argv=None) -> int:
         print(f"app ready after {time.perf_counter() - started:.1f} s (log: {log_path})")
         queries = query_images(Path(args.queries), args.requests)
         first.predict(handle_file(str(queries[0][0])), args.k, app.ANY_LABEL, app.TILE_MODES[0], api_name="/search")
+        sequential = []
+        for path, _ in queries[: args.sequential]:
+            t0 = time.perf_counter()
+            first.predict(handle_file(str(path)), args.k, app.ANY_LABEL, app.TILE_MODES[0], api_name="/search")
+            sequential.append(time.perf_counter() - t0)
+        tiled = None
+        if args.tiled_query and Path(args.tiled_query).is_file():
+            t0 = time.perf_counter()
+            out = first.predict(handle_file(args.tiled_query), args.k, app.ANY_LABEL, app.TILE_MODES[0],
+                                api_name="/search")
+            tiled = (time.perf_counter() - t0, len(out[4]))
         clients = [Client(url, verbose=False, download_files=False) for _ in range(args.requests)]
         barrier = threading.Barrier(args.requests)
 
@@ -163,6 +177,11 @@ def main(argv=None) -> int:
     print(f"| {args.requests} | {len(failures)} | {np.percentile(latencies, 50):.2f} | "
           f"{np.percentile(latencies, 95):.2f} | {latencies.max():.2f} | {wall:.2f} | {args.requests / wall:.2f} | "
           f"{correct}/{args.requests - len(failures)} |")
+    if sequential:
+        print(f"\none search at a time (no load), {len(sequential)} queries of 224 px: p50 "
+              f"{np.percentile(sequential, 50):.2f} s, max {max(sequential):.2f} s")
+    if tiled:
+        print(f"one tiled search ({Path(args.tiled_query).name}, {tiled[1]} tiles): {tiled[0]:.2f} s")
     for failure in failures:
         print("failure:", failure)
     return 1 if failures else 0
