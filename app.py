@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 import warnings
 import zipfile
 from collections import Counter
@@ -828,31 +829,36 @@ def index_info(spec: str, index: "PatchIndex") -> str:
 # --------------------------------------------------------------------------------------
 
 
-class UploadedImage(gr.Image):
-    """``gr.Image`` (same front end: drop, paste, browse) whose upload reaches the handler undecoded.
-
-    Gradio's own ``gr.Image`` opens the file with Pillow before the handler runs, so a corrupt file or a
-    decompression bomb would fail inside Gradio; here the handler gets the path and decodes it itself.
-    """
-
-    is_template = True  # use gr.Image's front end
-
-    def preprocess(self, payload: Any) -> Optional[str]:
-        if payload is None:
-            return None
-        if getattr(payload, "path", None):
-            return str(payload.path)
-        url = getattr(payload, "url", None) or ""
-        if url.startswith("data:"):  # a pasted image sent inline
-            try:
-                data = base64.b64decode(url.split(",", 1)[1], validate=False)
-            except (IndexError, ValueError) as err:
-                raise gr.Error(f"could not read the pasted image: {err}") from err
-            handle, path = tempfile.mkstemp(suffix=".upload", dir=self.GRADIO_CACHE)
-            with os.fdopen(handle, "wb") as out:
-                out.write(data)
-            return path
+def _undecoded_preprocess(component: gr.Image, payload: Any) -> Optional[str]:
+    """``gr.Image.preprocess`` replacement: the upload's path, never opened (pasted data URLs are saved)."""
+    if payload is None:
         return None
+    if getattr(payload, "path", None):
+        return str(payload.path)
+    url = getattr(payload, "url", None) or ""
+    if url.startswith("data:"):  # a pasted image sent inline
+        try:
+            data = base64.b64decode(url.split(",", 1)[1], validate=False)
+        except (IndexError, ValueError) as err:
+            raise gr.Error(f"could not read the pasted image: {err}") from err
+        handle, path = tempfile.mkstemp(suffix=".upload", dir=component.GRADIO_CACHE)
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        return path
+    return None
+
+
+def uploaded_image(**kwargs: Any) -> gr.Image:
+    """A ``gr.Image`` (drop, paste, browse) whose upload reaches the handler as an undecoded file path.
+
+    Gradio's own preprocessing opens the file with Pillow before the handler runs, so a corrupt file or a
+    decompression bomb would fail inside Gradio; here the handler gets the path and decodes it itself.
+    (An instance override, not a subclass: Gradio writes a ``.pyi`` stub next to any module that
+    subclasses a component.)
+    """
+    component = gr.Image(type="filepath", **kwargs)
+    component.preprocess = types.MethodType(_undecoded_preprocess, component)
+    return component
 
 
 CSS = """
@@ -869,9 +875,8 @@ def build_demo(app: SearchApp) -> gr.Blocks:
         with gr.Tab("Search"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=300):
-                    query = UploadedImage(
+                    query = uploaded_image(
                         label="Tissue image: drop, paste or browse (PNG, JPEG, TIFF)",
-                        type="filepath",
                         sources=["upload", "clipboard"],
                         height=300,
                         elem_id="query",

@@ -522,12 +522,12 @@ def test_build_demo_wiring(search_app):
     assert isinstance(demo, gr.Blocks)
     api = {fn.api_name: fn for fn in demo.fns.values()}
     assert {"search", "add_images"} <= set(api)
-    assert [type(c).__name__ for c in api["search"].inputs] == ["UploadedImage", "Slider", "Dropdown", "Radio"]
+    assert [type(c).__name__ for c in api["search"].inputs] == ["Image", "Slider", "Dropdown", "Radio"]
     assert [type(c).__name__ for c in api["search"].outputs] == [
         "Gallery", "Label", "Markdown", "Image", "Gallery", "Dataframe",
     ]
     query = api["search"].inputs[0]
-    assert query.get_block_name() == "image"  # rendered by gr.Image's front end
+    assert query.type == "filepath" and query.preprocess.__func__ is app._undecoded_preprocess
     assert api["search"].inputs[1].value == 8
     assert search_app.examples == []  # examples only with the starter gallery
 
@@ -535,7 +535,7 @@ def test_build_demo_wiring(search_app):
 def test_uploaded_image_preprocess(tmp_path):
     from gradio.data_classes import ImageData
 
-    component = app.UploadedImage(type="filepath", render=False)
+    component = app.uploaded_image(render=False)
     (tmp_path / "x.bin").write_bytes(b"anything")
     assert component.preprocess(ImageData(path=str(tmp_path / "x.bin"))) == str(tmp_path / "x.bin")  # not decoded
     assert component.preprocess(None) is None
@@ -556,3 +556,4 @@ def test_import_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(app.__file__).parent,
                          check=True)
     assert out.stdout.split() == ["False", "False"]
+    assert not Path(app.__file__).with_suffix(".pyi").exists()  # no Gradio stub written next to app.py
