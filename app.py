@@ -641,8 +641,10 @@ class SearchApp:
         size_text = f"{query.width}×{query.height} px"
         if several and work.size != query.size:
             size_text += f", shrunk to {work.width}×{work.height} px"
+        tied = [lab for lab, n in votes[1:] if n == votes[0][1]]
+        tie_text = f", tied with {', '.join(tied)} (tie broken by the rule below)" if tied else ""
         summary = (
-            f"### Suggestion: **{votes[0][0]}** ({votes[0][1]} of {total} {unit})\n"
+            f"### Suggestion: **{votes[0][0]}** ({votes[0][1]} of {total} {unit}){tie_text}\n"
             f"Votes: {vote_text}.  \n"
             f"Query: {size_text}, searched as {len(tiles)} tile{'s' if several else ''}"
             f"{' (' + str(self.input_size) + ' px)' if several else ''}; "

@@ -280,6 +280,8 @@ def test_search_finds_itself(search_app, starter_subset, tmp_path):
     expected = app.majority_votes([row[1] for row in out.table])
     assert list(counts.items()) == expected
     assert f"Suggestion: **{expected[0][0]}** ({expected[0][1]} of 8 results)" in out.summary
+    tied = [lab for lab, n in expected[1:] if n == expected[0][1]]
+    assert ("tied with" in out.summary) == bool(tied)
     assert len(out.tiles) == 1 and out.tiles[0][0].size == (64, 64)
     assert out.tiles[0][1] == "query as the model saw it (64×64)"
     assert np.abs(np.asarray(out.tiles[0][0], int) - np.asarray(images[3], int)).max() <= 1  # undone normalisation
