@@ -983,6 +983,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Start the app; returns the exit status (2 when the model or index cannot be used)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("faiss.loader", "httpx"):  # CPU-feature probing and per-request lines, not app events
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     configure_pillow()
     try:
         app = SearchApp.create(
