@@ -16,7 +16,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
 
 import faiss
 import numpy as np
@@ -191,7 +191,6 @@ def evaluate(
     if isinstance(gallery, PatchIndex):
         gallery_labels = gallery.row_labels
         if leave_one_out:
-            start = time.perf_counter()
             xq, query_labels, embed_seconds = gallery.reconstruct_all(), gallery_labels, 0.0
         else:
             xq, query_labels, embed_seconds = embed_rows(queries, embedder, batch_size, num_workers, progress)

@@ -800,6 +800,7 @@ def _write_chunk(work: Path, chunk: int, xb: np.ndarray, labels: list, sources: 
         schema=METADATA_SCHEMA,
     )
     _write_atomic(meta, lambda p: pq.write_table(table, p))
+
     # The vectors go last: a chunk counts as done only when both files exist.
     def save_vectors(tmp: Path) -> None:
         with open(tmp, "wb") as fh:

@@ -141,7 +141,8 @@ def test_backbone_baseline(tiny_embedder, pooling):
     expected = torch.nn.functional.normalize(pooled, dim=-1).numpy()
     np.testing.assert_allclose(baseline.embed_pixels(pixels), expected, atol=1e-5)
     desc = baseline.describe()
-    assert desc["embedding_dim"] == 320 and desc["model"] == f"tiny#baseline-{pooling}" + ("-p3" if pooling == "gem" else "")
+    assert desc["embedding_dim"] == 320
+    assert desc["model"] == f"tiny#baseline-{pooling}" + ("-p3" if pooling == "gem" else "")
     assert desc["config_hash"] != tiny_embedder.config_hash
     with pytest.raises(ValueError, match="pooling"):
         BackboneEmbedder(tiny_embedder, "max")
@@ -153,14 +154,29 @@ def test_cli_json_and_baseline(gallery, queries, tmp_path, monkeypatch, capsys, 
     monkeypatch.setattr(models, "load_model", lambda model=None, device=None, revision=None: tiny_embedder)
     g, q = str(tmp_path / "gallery"), str(tmp_path / "queries")
     out = tmp_path / "m.json"
-    m = evaluate_main(["--gallery", g, "--queries", q, "--k", "3", "--num-workers", "0", "--no-progress",
-                       "--json", str(out), "--per-class"])
+    m = evaluate_main(
+        [
+            "--gallery",
+            g,
+            "--queries",
+            q,
+            "--k",
+            "3",
+            "--num-workers",
+            "0",
+            "--no-progress",
+            "--json",
+            str(out),
+            "--per-class",
+        ]
+    )
     printed = capsys.readouterr().out
     assert "| tiny | 4 | 3 |" in printed and "| A | " in printed
     saved = json.loads(out.read_text())
     assert saved["recall@1"] == m["recall@1"] and saved["n_queries"] == 3 and saved["baseline"] is None
-    m = evaluate_main(["--gallery", g, "--leave-one-out", "--k", "2", "--baseline", "gap", "--num-workers", "0",
-                       "--no-progress"])
+    m = evaluate_main(
+        ["--gallery", g, "--leave-one-out", "--k", "2", "--baseline", "gap", "--num-workers", "0", "--no-progress"]
+    )
     assert m["model"] == "tiny#baseline-gap" and m["n_queries"] == 4
     for bad in (["--gallery", g], ["--gallery", g, "--queries", q, "--leave-one-out"], ["--gallery", g, "--x"]):
         with pytest.raises(SystemExit):

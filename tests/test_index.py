@@ -368,8 +368,20 @@ def test_cli_build_and_append(folder, tmp_path, monkeypatch, embedder):
     monkeypatch.setattr(models, "load_model", lambda model=None, device=None, revision=None: embedder)
     out = tmp_path / "cli-idx"
     index = build_main(
-        [str(folder), "--out", str(out), "--batch-size", "5", "--num-workers", "0", "--no-progress",
-         "--index-type", "hnsw", "--index-param", "ef_search=32"]
+        [
+            str(folder),
+            "--out",
+            str(out),
+            "--batch-size",
+            "5",
+            "--num-workers",
+            "0",
+            "--no-progress",
+            "--index-type",
+            "hnsw",
+            "--index-param",
+            "ef_search=32",
+        ]
     )
     assert len(index) == 12 and index.manifest["index"]["params"]["ef_search"] == 32
     manifest = json.loads((out / MANIFEST_FILE).read_text())
