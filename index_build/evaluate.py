@@ -181,7 +181,8 @@ def evaluate(
         ``{"recall@1", "recall@k", "mmv@k", "map@k", "eta_p", "eta_w", "eta_total",
         "queries_per_s", "n_gallery", "n_queries", "per_class_recall@1", "k", "leave_one_out"}``.
         ``queries_per_s`` = queries / (time to read + embed them + time to search); in
-        leave-one-out mode the gallery pass is the query pass.
+        leave-one-out mode the gallery pass is the query pass, and with a :class:`PatchIndex`
+        gallery in leave-one-out mode the stored vectors are the queries (search time only).
     """
     if (queries is None) == (not leave_one_out):
         raise ValueError("give queries, or leave_one_out=True without queries (not both)")
