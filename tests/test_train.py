@@ -236,6 +236,9 @@ def test_tiny_training_run_learns(trained):
     for name, tensor in start.backbone.state_dict().items():
         torch.testing.assert_close(result.model.backbone.state_dict()[name], tensor, rtol=0, atol=0)
     assert not torch.equal(start.neck.proj[0][0].weight, result.model.neck.proj[0][0].weight)
+    # the frozen backbone never took part in autograd: no gradients, nothing to step
+    assert all(p.grad is None and not p.requires_grad for p in result.model.backbone.parameters())
+    assert all(p.grad is not None for p in result.model.neck.parameters())
 
 
 def test_checkpoints_are_kept_per_epoch(trained):
@@ -294,16 +297,19 @@ def test_model_card_metadata_and_table(trained):
     assert "margin 17.5°, scale 64.0, 6 sub-centres" in text
 
 
-def _run(out, epochs, **kw):
-    return train(tiny_cfg(out, epochs=epochs, **kw), synthetic_dataset(per_class=4))
+def _run(out, epochs, evaluate=False, **kw):
+    ds = synthetic_dataset(per_class=4)
+    return train(tiny_cfg(out, epochs=epochs, **kw), ds, eval_gallery=ds if evaluate else None)
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
-    full = _run(tmp_path / "full", epochs=3)
+    # the uninterrupted run also evaluates after every epoch: evaluation must not change training
+    full = _run(tmp_path / "full", epochs=3, evaluate=True)
     _run(tmp_path / "part", epochs=1)
     resumed = _run(tmp_path / "part", epochs=3, resume="latest")
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]
+    assert all("recall@1" in r for r in full.history) and not any("recall@1" in r for r in resumed.history)
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys()
     for name in a:

@@ -212,7 +212,7 @@ def save_checkpoint(
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         if accelerator.scaler is not None:
             torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        _write_json_atomic(tmp / "trainer_state.json", state)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if folder.exists():
@@ -379,9 +379,17 @@ def train(cfg: TrainConfig, train_dataset=None, eval_gallery=None, eval_queries=
     def evaluate_now() -> dict:
         if eval_gallery is None or not accelerator.is_main_process:
             return {}
-        return evaluate_model(
-            raw_model, accelerator.device, eval_gallery, eval_queries, cfg.eval_k, cfg.eval_batch_size, cfg.num_workers, cfg.progress
-        )
+        with torch.random.fork_rng(devices=[]):  # the eval DataLoader draws from torch's RNG
+            return evaluate_model(
+                raw_model,
+                accelerator.device,
+                eval_gallery,
+                eval_queries,
+                cfg.eval_k,
+                cfg.eval_batch_size,
+                cfg.num_workers,
+                cfg.progress,
+            )
 
     if cfg.eval_before and start_epoch == 0 and eval_gallery is not None:
         metrics = evaluate_now()
@@ -390,6 +398,9 @@ def train(cfg: TrainConfig, train_dataset=None, eval_gallery=None, eval_queries=
 
     ckpt_root = Path(cfg.checkpoints)
     for epoch in range(start_epoch, cfg.epochs):
+        # accelerate's loader re-sets its sampler's epoch from its own counter, which starts at 0
+        # in a resumed process: give it the true epoch.
+        loader.set_epoch(epoch)
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
         model.train()
@@ -434,18 +445,11 @@ def train(cfg: TrainConfig, train_dataset=None, eval_gallery=None, eval_queries=
             "seconds": round(seconds, 3),
             "images_per_s": round(images / seconds, 3),
         }
-        due = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
-        metrics = evaluate_now() if due else {}
-        row.update(_eval_columns(metrics, cfg.eval_k))
         history.append(row)
-        logger.info(
-            "epoch %d/%d: loss %.4f, %.2f images/s%s",
-            epoch + 1,
-            cfg.epochs,
-            mean_loss,
-            images / seconds,
-            (", " + _fmt_eval(metrics, cfg.eval_k)) if metrics else "",
-        )
+        logger.info("epoch %d/%d: loss %.4f, %.2f images/s", epoch + 1, cfg.epochs, mean_loss, images / seconds)
+        # Checkpoint first, so a failing evaluation never loses the epoch; the evaluation runs
+        # on a forked RNG, so evaluating or not leaves the training trajectory unchanged.
+        folder = ckpt_root / f"checkpoint-epoch-{epoch + 1:03d}"
         state = {
             "epoch": epoch + 1,
             "global_step": global_step,
@@ -456,19 +460,17 @@ def train(cfg: TrainConfig, train_dataset=None, eval_gallery=None, eval_queries=
             "model_config": raw_model.config.to_dict(),
             "history": history,
         }
-        save_checkpoint(
-            ckpt_root / f"checkpoint-epoch-{epoch + 1:03d}",
-            accelerator,
-            raw_model,
-            loss_fn,
-            optimizer,
-            loss_optimizer,
-            scheduler,
-            state,
-        )
+        save_checkpoint(folder, accelerator, raw_model, loss_fn, optimizer, loss_optimizer, scheduler, state)
         if accelerator.is_main_process:
             _prune_checkpoints(cfg.checkpoints, cfg.keep_checkpoints)
             write_metrics_csv(out / "metrics.csv", history, cfg.eval_k)
+        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+            metrics = evaluate_now()
+            if metrics:
+                row.update(_eval_columns(metrics, cfg.eval_k))
+                logger.info("epoch %d/%d: %s", epoch + 1, cfg.epochs, _fmt_eval(metrics, cfg.eval_k))
+                _write_json_atomic(folder / "trainer_state.json", state)
+                write_metrics_csv(out / "metrics.csv", history, cfg.eval_k)
 
     # ---- export
     accelerator.wait_for_everyone()
@@ -488,6 +490,12 @@ def train(cfg: TrainConfig, train_dataset=None, eval_gallery=None, eval_queries=
     return TrainResult(
         output_dir=out, history=history, classes=classes, model=final, loss_state=_state_to_cpu(loss_fn.state_dict())
     )
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
 
 
 def _worker_init(worker_id: int) -> None:
