@@ -212,7 +212,9 @@ def plan_tiles(width: int, height: int, size: int, tile_large: bool = True) -> t
     return scale, tiles
 
 
-def cut_tiles(image: Image.Image, size: int, tile_large: bool = True) -> tuple[Image.Image, list[Tile], list[Image.Image]]:
+def cut_tiles(
+    image: Image.Image, size: int, tile_large: bool = True
+) -> tuple[Image.Image, list[Tile], list[Image.Image]]:
     """Resize ``image`` by the plan of :func:`plan_tiles` and crop its tiles.
 
     Returns:
@@ -518,7 +520,8 @@ class SearchApp:
                 gallery = PatchIndex.load(index_dir, embedder)
                 info = index_info(index, gallery)
         except IndexLoadError as err:
-            raise StartupError(f"the index {index or 'starter gallery'!r} cannot be used with this model: {err}") from err
+            name = index or "starter gallery"
+            raise StartupError(f"the index {name!r} cannot be used with this model: {err}") from err
         personal_dir = data_dir / "personal" / model_key(embedder)
         personal = None
         if (personal_dir / "manifest.json").is_file():
