@@ -14,7 +14,7 @@ import logging
 import sys
 from typing import Any, Optional, Sequence
 
-from index_build.data import load_image_dataset
+from index_build.data import load_image_dataset, parse_shard
 from index_build.index import DEFAULT_CHUNK_SIZE, INDEX_TYPES, PatchIndex, build_index
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-resume", action="store_true", help="discard a partial build instead of resuming it")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="rows per resumable chunk")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="embed only the I-th of N contiguous shards (0-based), for a multi-machine build; merge the shard "
+        "indexes with python -m index_build.shard merge",
+    )
     return parser
 
 
@@ -76,6 +83,10 @@ def main(argv: Optional[Sequence[str]] = None) -> PatchIndex:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from index_build.models import load_model
 
+    try:
+        shard = parse_shard(args.shard) if args.shard is not None else None
+    except ValueError as err:
+        build_parser().error(str(err))
     embedder = load_model(args.model, device=args.device, revision=args.model_revision)
     dataset = load_image_dataset(
         args.source,
@@ -83,6 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> PatchIndex:
         image_column=args.image_column,
         label_column=args.label_column,
         revision=args.revision,
+        shard=shard,
     )
     info = {
         "source": args.source,
@@ -92,6 +104,8 @@ def main(argv: Optional[Sequence[str]] = None) -> PatchIndex:
         "revision": args.revision,
         "rows": len(dataset),
     }
+    if shard is not None:
+        info["shard"] = list(shard)
     index = build_index(
         dataset,
         args.out,

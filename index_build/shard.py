@@ -1,0 +1,207 @@
+"""Index builds beyond one machine: embed shards in parallel, then merge them into one index.
+
+Two steps::
+
+    # 1. on every machine / GPU, one contiguous shard of the dataset -> an exact (flat) shard index
+    python -m index_build SOURCE --shard 0/4 --out shards/shard-0-of-4
+    # or, with one process per GPU and the shard taken from the process rank:
+    accelerate launch -m index_build.shard build SOURCE --out-root shards
+
+    # 2. anywhere: concatenate the shards in order and write the final index of any type
+    python -m index_build.shard merge shards/shard-*-of-4 --out indexes/collection --index-type ivfpq
+
+Shards are contiguous slices of the dataset (``datasets.Dataset.shard(contiguous=True)``), so
+concatenating their vectors and metadata in shard order reproduces the row order of a
+single-machine build, and the merge writes the final index with the same writer, training sample
+and seed (:func:`index_build.index.write_index`): the merged index gives exactly the search
+results of a single-machine build. Shards keep exact vectors (flat), so any final type can be
+chosen at merge time, and an approximate index is trained once, on the whole collection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from index_build.index import INDEX_TYPES, IndexLoadError, PatchIndex, check_manifest_matches, write_index
+
+logger = logging.getLogger(__name__)
+
+SHARD_DIR = "shard-{index}-of-{count}"
+_SHARD_RE = re.compile(r"^shard-(\d+)-of-(\d+)$")
+_EXACT_TYPES = ("flat",)
+
+__all__ = ["load_shards", "merge_shards", "shard_dir_name", "main"]
+
+
+def shard_dir_name(index: int, count: int) -> str:
+    """Directory name of shard ``index`` of ``count`` (``shard-<i>-of-<n>``)."""
+    return SHARD_DIR.format(index=index, count=count)
+
+
+def _shard_of(index: PatchIndex) -> tuple[int, int]:
+    shard = index.manifest.get("dataset", {}).get("shard")
+    if shard is not None:
+        return int(shard[0]), int(shard[1])
+    match = _SHARD_RE.match(index.path.name)
+    if match:
+        return int(match.group(1)), int(match.group(2))
+    raise IndexLoadError(f"{index.path} is not a shard index: its manifest records no dataset shard")
+
+
+def load_shards(paths: Sequence[str | Path]) -> list[PatchIndex]:
+    """Open shard indexes and check that they form one complete, consistent set.
+
+    The shards must all be present (``0..n-1`` of the same ``n``, each once), exact (flat), and
+    built with the same model (dimension, config hash, weights fingerprint); differing source
+    paths only log a warning (machines may mount the same data at different paths).
+
+    Returns:
+        The shards in shard order.
+
+    Raises:
+        IndexLoadError: a shard is missing, repeated, corrupt, approximate, or inconsistent.
+    """
+    if not paths:
+        raise ValueError("no shard directories given")
+    shards = [PatchIndex.load(p) for p in paths]
+    numbered = {}
+    for shard in shards:
+        i, n = _shard_of(shard)
+        if shard.index_type not in _EXACT_TYPES:
+            raise IndexLoadError(
+                f"shard {shard.path} has index type {shard.index_type!r}; shards must be exact ('flat') so that "
+                "the merge can re-add their vectors (build shards without --index-type)"
+            )
+        if (i, n) in numbered:
+            raise IndexLoadError(f"shard {i}/{n} given twice: {numbered[(i, n)].path} and {shard.path}")
+        numbered[(i, n)] = shard
+    counts = {n for _, n in numbered}
+    if len(counts) != 1:
+        raise IndexLoadError(f"shards come from different shardings: counts {sorted(counts)}")
+    count = counts.pop()
+    missing = [i for i in range(count) if (i, count) not in numbered]
+    if missing:
+        raise IndexLoadError(f"missing shard(s) {missing} of {count}")
+    ordered = [numbered[(i, count)] for i in range(count)]
+    first = ordered[0]
+    source = first.manifest.get("dataset", {}).get("source")
+    for shard in ordered[1:]:
+        for key in ("embedding_dim", "config_hash", "weights_fingerprint"):
+            if shard.manifest["model"].get(key) != first.manifest["model"].get(key):
+                raise IndexLoadError(
+                    f"shard {shard.path} was built with another model than {first.path}: {key} "
+                    f"{shard.manifest['model'].get(key)!r} != {first.manifest['model'].get(key)!r}"
+                )
+        other = shard.manifest.get("dataset", {}).get("source")
+        if other != source:  # the same data may be mounted at different paths on different machines
+            logger.warning("shard %s was built from %r, %s from %r", shard.path, other, first.path, source)
+    return ordered
+
+
+def merge_shards(
+    paths: Sequence[str | Path],
+    out_dir: str | Path,
+    embedder,
+    index_type: str = "flat",
+    index_params: Optional[dict] = None,
+) -> PatchIndex:
+    """Concatenate shard indexes (in shard order) into one index directory of any type.
+
+    Args:
+        paths: the shard directories (any order).
+        out_dir: the merged index directory (must not hold an index yet).
+        embedder: the model the shards were built with (recorded in the manifest, checked).
+        index_type: final index type (see :func:`index_build.index.make_faiss_index`).
+        index_params: overrides of the final index's parameters.
+    """
+    out = Path(out_dir)
+    if (out / "manifest.json").exists():
+        raise ValueError(f"an index already exists in {out}; choose another --out")
+    shards = load_shards(paths)
+    for shard in shards:
+        check_manifest_matches(shard.manifest, embedder, shard.path)
+    xb = np.concatenate([shard.reconstruct_all() for shard in shards])
+    metadata = pa.concat_tables([shard._metadata_table() for shard in shards])
+    info = dict(shards[0].manifest.get("dataset", {}))
+    info.pop("shard", None)
+    info["rows"] = int(len(xb))
+    info["merged_from"] = [str(shard.path) for shard in shards]
+    logger.info("merging %d shards, %d vectors, into a %s index at %s", len(shards), len(xb), index_type, out)
+    return write_index(out, xb, metadata, embedder, index_type, index_params, info)
+
+
+def _rank_and_world() -> tuple[int, int, Optional[str]]:
+    """(process index, process count, device) from ``accelerate`` (or torchrun's environment)."""
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        return rank, world, None
+    state = PartialState()
+    return state.process_index, state.num_processes, str(state.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m index_build.shard", description=__doc__.split("\n")[0], allow_abbrev=False
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser(
+        "build",
+        allow_abbrev=False,
+        help="embed this process's shard (rank/world from accelerate, or --shard i/n) into OUT_ROOT/shard-i-of-n",
+    )
+    build.add_argument("source", help="image folder, .parquet file/folder or Hub id (as python -m index_build)")
+    build.add_argument("--out-root", required=True, help="folder that receives one shard-i-of-n directory per shard")
+    build.add_argument("--shard", default=None, help="i/n; default: this process's rank / number of processes")
+    merge = sub.add_parser("merge", help="merge shard directories into one index", allow_abbrev=False)
+    merge.add_argument("shards", nargs="+", help="shard directories (shard-i-of-n), all n of them")
+    merge.add_argument("--out", required=True, help="merged index directory")
+    merge.add_argument("--model", default="default", help="the model the shards were built with")
+    merge.add_argument("--model-revision", default=None)
+    merge.add_argument("--index-type", default="flat", help=f"{', '.join(INDEX_TYPES)} or factory:<string>")
+    merge.add_argument("--index-param", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Optional[PatchIndex]:
+    """CLI entry point. Unknown options of ``build`` are passed on to ``python -m index_build``."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "merge":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        from index_build.__main__ import _parse_param
+        from index_build.models import load_model
+
+        params = dict(_parse_param(p) for p in args.index_param) or None
+        embedder = load_model(args.model, revision=args.model_revision)
+        return merge_shards(args.shards, args.out, embedder, args.index_type, params)
+    from index_build.__main__ import main as build_main
+    from index_build.data import parse_shard
+
+    if args.shard is not None:
+        index, count = parse_shard(args.shard)
+        device = None
+    else:
+        index, count, device = _rank_and_world()
+    if "--out" in rest or any(a.startswith("--out=") for a in rest):
+        parser.error("build takes --out-root; each shard goes to OUT_ROOT/shard-i-of-n")
+    argv = [args.source, "--shard", f"{index}/{count}", "--out", str(Path(args.out_root) / shard_dir_name(index, count))]
+    if device is not None and "--device" not in rest:
+        argv += ["--device", device]
+    return build_main(argv + rest)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,136 @@
+"""Sharded index builds (issue 6, target 5): shards + merge == a single-machine build."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from index_build.__main__ import main as build_main
+from index_build.index import IndexLoadError, PatchIndex
+from index_build.shard import load_shards, main as shard_main, shard_dir_name
+from modeling_lgffem import LgffemConfig, LgffemModel
+
+COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
+COMMON = ["--num-workers", "0", "--no-progress", "--batch-size", "4"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """A tiny random LGFFEM saved as a model folder (what --model takes)."""
+    torch.set_num_threads(2)
+    config = LgffemConfig(neck_channels=16, neck_layers=1, image_size=64, backbone_weights=None)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model")
+    LgffemModel(config).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory) -> str:
+    """13 noisy class-coloured patches in an image folder (13 does not split evenly into 3 shards)."""
+    root = tmp_path_factory.mktemp("patches")
+    rng = np.random.default_rng(0)
+    for c, (label, colour) in enumerate(COLOURS.items()):
+        (root / label).mkdir()
+        for i in range(4 + (c == 0)):
+            array = np.clip(np.asarray(colour) + rng.integers(-60, 60, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(array).save(root / label / f"{label}_{i}.png")
+    return str(root)
+
+
+def build_shards(collection: str, model_dir: str, root: Path, count: int, common: list[str] = COMMON) -> list[str]:
+    dirs = []
+    for i in range(count):
+        out = root / shard_dir_name(i, count)
+        build_main([collection, "--shard", f"{i}/{count}", "--out", str(out), "--model", model_dir, *common])
+        dirs.append(str(out))
+    return dirs
+
+
+def assert_same_search(a: PatchIndex, b: PatchIndex, xq: np.ndarray, k: int) -> None:
+    da, ia = a.search_embeddings(xq, k)
+    db, ib = b.search_embeddings(xq, k)
+    np.testing.assert_array_equal(ia, ib)
+    # Scores agree to float32 rounding: the merge re-normalises vectors read back from the shards.
+    np.testing.assert_allclose(da, db, rtol=0, atol=1e-6)
+    assert a.row_labels == b.row_labels and a.sources == b.sources
+    assert [a.thumbnail(i).size for i in range(len(a))] == [b.thumbnail(i).size for i in range(len(b))]
+
+
+@pytest.mark.parametrize(
+    "index_type,params,batch_size,shards",
+    [("flat", [], "4", 3), ("ivfpq", ["--index-param", "nprobe=2"], "1", 2)],
+)
+def test_sharded_build_equals_single_build(collection, model_dir, tmp_path, index_type, params, batch_size, shards):
+    """Same ids in the same order for every query, scores equal to float32 rounding. Shard
+    boundaries change which images share a batch, which can change the last bit of an
+    embedding (BLAS blocking); the IVF-PQ case embeds one image per batch so that the k-means
+    training input is the same to the bit in both builds."""
+    common = [*COMMON[:-1], batch_size]
+    single = build_main(
+        [collection, "--out", str(tmp_path / "single"), "--model", model_dir, "--index-type", index_type, *params, *common]
+    )
+    dirs = build_shards(collection, model_dir, tmp_path / "shards", shards, common)
+    sizes = [len(PatchIndex.load(d)) for d in dirs]
+    assert sizes == ([5, 4, 4] if shards == 3 else [7, 6])  # contiguous shards of 13 rows
+    assert json.loads((Path(dirs[1]) / "manifest.json").read_text())["dataset"]["shard"] == [1, shards]
+    merged_path = tmp_path / "merged"
+    merged = shard_main(
+        ["merge", *reversed(dirs), "--out", str(merged_path), "--model", model_dir, "--index-type", index_type, *params]
+    )
+    assert len(merged) == len(single) == 13
+    assert merged.manifest["index"] == single.manifest["index"]
+    assert merged.manifest["dataset"]["merged_from"] == dirs
+    rng = np.random.default_rng(1)
+    xq = np.concatenate([single.index.reconstruct_n(0, 5), rng.standard_normal((4, single.dim))]).astype(np.float32)
+    reloaded = PatchIndex.load(merged_path)
+    assert_same_search(reloaded, PatchIndex.load(tmp_path / "single"), xq, k=13)
+
+
+def test_merge_refuses_incomplete_or_repeated_shards(collection, model_dir, tmp_path):
+    dirs = build_shards(collection, model_dir, tmp_path / "shards", 2)
+    with pytest.raises(IndexLoadError, match=r"missing shard\(s\) \[1\] of 2"):
+        load_shards(dirs[:1])
+    with pytest.raises(IndexLoadError, match="given twice"):
+        load_shards([dirs[0], dirs[0], dirs[1]])
+    single = tmp_path / "single"
+    build_main([collection, "--out", str(single), "--model", model_dir, *COMMON])
+    with pytest.raises(IndexLoadError, match="not a shard index"):
+        load_shards([str(single)])
+
+
+def test_merge_refuses_approximate_shards(collection, model_dir, tmp_path):
+    out = tmp_path / shard_dir_name(0, 1)
+    build_main([collection, "--shard", "0/1", "--out", str(out), "--model", model_dir, "--index-type", "hnsw", *COMMON])
+    with pytest.raises(IndexLoadError, match="must be exact"):
+        load_shards([str(out)])
+
+
+@pytest.mark.parametrize("bad", ["3/3", "1", "a/b", "-1/2"])
+def test_bad_shard_flag_is_a_usage_error(collection, tmp_path, bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_main([collection, "--shard", bad, "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2
+    assert "shard" in capsys.readouterr().err
+
+
+def test_shard_build_takes_rank_from_environment(collection, model_dir, tmp_path, monkeypatch):
+    """Without --shard, ``build`` uses this process's rank and world size (as under accelerate launch)."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    import index_build.shard as shard_module
+
+    monkeypatch.setattr(shard_module, "_rank_and_world", lambda: (1, 2, "cpu"))
+    index = shard_main(["build", collection, "--out-root", str(tmp_path), "--model", model_dir, *COMMON])
+    assert index.path == tmp_path / "shard-1-of-2"
+    assert len(index) == 6 and index.manifest["dataset"]["shard"] == [1, 2]
+    with pytest.raises(SystemExit):
+        shard_main(["build", collection, "--out-root", str(tmp_path), "--out", "x"])
+    with pytest.raises(SystemExit):
+        shard_main(["merge", "a", "--out", "b", "--bogus"])
