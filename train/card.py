@@ -27,7 +27,11 @@ def _is_hub_id(source: Optional[str]) -> bool:
 def _dataset_name(source: Optional[str]) -> str:
     if not source:
         return "evaluation set"
-    return source if _is_hub_id(source) else Path(source.rstrip("/")).name or source
+    if _is_hub_id(source):
+        return source
+    path = Path(source.rstrip("/"))
+    # "lc25000_lung/gallery" says more than "gallery"
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name or source
 
 
 def card_metadata(cfg: TrainConfig, history: Sequence[dict[str, Any]]) -> ModelCardData:
