@@ -134,3 +134,9 @@ def test_shard_build_takes_rank_from_environment(collection, model_dir, tmp_path
         shard_main(["build", collection, "--out-root", str(tmp_path), "--out", "x"])
     with pytest.raises(SystemExit):
         shard_main(["merge", "a", "--out", "b", "--bogus"])
+
+
+def test_rank_and_world_single_process():
+    from index_build.shard import _rank_and_world
+
+    assert _rank_and_world() == (0, 1, "cpu")
