@@ -66,6 +66,12 @@ def layer_norm_2d(
     return F.layer_norm(nhwc, (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
 
 
+def _eager_inference() -> bool:
+    """True when in-place and ``out=`` shortcuts are safe: autograd off and not tracing for
+    ``torch.compile`` (which fuses the out-of-place form itself)."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 def upsample2_depthwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """Depthwise ``ConvTranspose2d(C, C, kernel 2, stride 2, groups C)`` as one broadcast product.
 
@@ -88,7 +94,7 @@ def upsample2_depthwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     kernel = weight[:, 0].permute(1, 2, 0)[None, None, :, None, :, :]  # 1, 1, 2(a), 1, 2(b), C
     if bias is None:
         bias = torch.zeros((), dtype=x.dtype, device=x.device)
-    if torch.is_grad_enabled():
+    if not _eager_inference():
         out = torch.addcmul(bias, nhwc, kernel)
     else:
         # Broadcasting would otherwise give the result the input's (strided) layout and force a
@@ -190,6 +196,8 @@ class _Gated(nn.Module):
         """
         if LayerNorm2d.reference:
             return (1.0 - self.alpha) * (x * s) + self.alpha * x
+        if torch.compiler.is_compiling():  # lerp's meta kernel rejects this channels-last broadcast
+            return x * torch.addcmul(s, self.alpha, 1.0 - s)
         one = torch.ones((), dtype=s.dtype, device=s.device)
         if torch.is_grad_enabled():
             return x * torch.lerp(s, one, self.alpha.to(s.dtype))
@@ -197,7 +205,7 @@ class _Gated(nn.Module):
 
     def gate_logits(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """:meth:`gate` applied to ``sigmoid(z)``; the sigmoid runs in place when autograd is off."""
-        if LayerNorm2d.reference or torch.is_grad_enabled():
+        if LayerNorm2d.reference or not _eager_inference():
             return self.gate(x, torch.sigmoid(z))
         return self.gate(x, z.sigmoid_())
 
