@@ -180,3 +180,17 @@ def test_default_config_fast_path_equals_reference_and_trains(reference_switch, 
         grads[reference] = [p.grad.clone() for p in model.neck.parameters()]
     for gf, gr in zip(grads[False], grads[True]):
         torch.testing.assert_close(gf, gr, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_model_equals_reference(reference_switch, tiny_config):
+    """``torch.compile`` traces the fast path's out-of-place forms (slow: compiles)."""
+    torch.manual_seed(0)
+    model = LgffemModel(tiny_config)
+    randomise_special_params(model)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    reference = embed(model, x, reference=True)
+    LayerNorm2d.reference = False
+    with torch.inference_mode():
+        compiled = torch.compile(model)(x, normalize=False).embeddings
+    assert rel_err(compiled, reference) < 1e-4
