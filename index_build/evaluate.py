@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from index_build.index import MANIFEST_FILE, ImageRowDataset, PatchIndex, default_num_workers
 from index_build.metrics import kimia_eta, majority_vote_at_k, map_at_k, per_class_mean, recall_at_k, relevance_matrix
+from index_build.models import embed_in_batches, state_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -67,29 +68,23 @@ class BackboneEmbedder:
             pooled = x.clamp(min=1e-6).pow(self.gem_p).mean(dim=(-2, -1)).pow(1.0 / self.gem_p)
         return np.ascontiguousarray(F.normalize(pooled, dim=-1).cpu().numpy(), dtype=np.float32)
 
+    def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
+        """The wrapped embedder's preprocessing (same processor, same tensors)."""
+        return self.embedder.preprocess(images)
+
     def embed_images(self, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
         """Images -> N x C float32 L2-normalised embeddings."""
-        if len(images) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        chunks = [
-            self.embed_pixels(self.embedder.preprocess(images[i : i + batch_size]))
-            for i in range(0, len(images), batch_size)
-        ]
-        return np.concatenate(chunks)
+        return embed_in_batches(self, images, batch_size)
 
     def describe(self) -> dict:
         """Manifest entry: the base model with the baseline's pooling and its own hashes."""
         base = self.embedder.describe()
-        digest = hashlib.sha256()
-        for name, tensor in self.backbone.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         tag = f"baseline-{self.pooling}" + (f"-p{self.gem_p:g}" if self.pooling == "gem" else "")
         return {
             "model": f"{base['model']}#{tag}",
             "revision": base.get("revision"),
             "config_hash": hashlib.sha256(f"{base['config_hash']}:{tag}".encode()).hexdigest()[:16],
-            "weights_fingerprint": digest.hexdigest()[:16],
+            "weights_fingerprint": state_fingerprint(self.backbone),
             "embedding_dim": self.dim,
             "config": {"baseline": tag, **base.get("config", {})},
         }

@@ -59,6 +59,30 @@ def config_hash(config: LgffemConfig) -> str:
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def state_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 (first 16 hex digits) over a module's weights and buffers, in state-dict order."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def embed_in_batches(embedder, images: Sequence[ImageLike], batch_size: int = 32) -> np.ndarray:
+    """Images -> N x D float32 embeddings through ``embedder.preprocess`` and ``embedder.embed_pixels``.
+
+    ``embedder`` is anything with those two methods and a ``dim`` (an :class:`Embedder`, or the
+    evaluation's single-scale baseline).
+    """
+    if len(images) == 0:
+        return np.zeros((0, embedder.dim), dtype=np.float32)
+    chunks = [
+        embedder.embed_pixels(embedder.preprocess(images[i : i + batch_size]))
+        for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(chunks, axis=0)
+
+
 def resolve_device(device: Optional[str] = None) -> torch.device:
     """``device`` if given, else CUDA when available, else CPU."""
     if device:
@@ -99,12 +123,8 @@ class Embedder:
 
     @cached_property
     def fingerprint(self) -> str:
-        """SHA-256 (first 16 hex digits) over all weights and buffers, in state-dict order."""
-        digest = hashlib.sha256()
-        for name, tensor in self.model.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return digest.hexdigest()[:16]
+        """:func:`state_fingerprint` of the whole model."""
+        return state_fingerprint(self.model)
 
     def preprocess(self, images: Sequence[ImageLike]) -> torch.Tensor:
         """Images -> N x 3 x S x S float32 tensor on the CPU."""
@@ -123,12 +143,7 @@ class Embedder:
 
     def embed_images(self, images: Sequence[ImageLike], batch_size: int = 32) -> np.ndarray:
         """Images (PIL or arrays, any mode) -> N x D float32 L2-normalised embeddings."""
-        if len(images) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        chunks = [
-            self.embed_pixels(self.preprocess(images[i : i + batch_size])) for i in range(0, len(images), batch_size)
-        ]
-        return np.concatenate(chunks, axis=0)
+        return embed_in_batches(self, images, batch_size)
 
     def describe(self) -> dict:
         """What an index manifest records about the model."""
