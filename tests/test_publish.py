@@ -19,6 +19,16 @@ MODEL_FILES = {
     "metrics.csv": b"epoch,loss\n1,2.0\n",
     "training_args.json": b"{}",
 }
+# What publishing a model folder uploads, sorted: everything in MODEL_FILES, nothing in NOT_UPLOADED.
+EXPECTED_UPLOAD = (
+    "README.md",
+    "config.json",
+    "metrics.csv",
+    "model.safetensors",
+    "modeling_lgffem.py",
+    "preprocessor_config.json",
+    "training_args.json",
+)
 NOT_UPLOADED = {
     "checkpoints/checkpoint-epoch-001/model.safetensors": b"x",
     "checkpoints/checkpoint-epoch-001/optimizer.pt": b"x",
@@ -49,15 +59,7 @@ def index_dir(tmp_path):
 
 def test_plan_lists_exactly_the_model_files(model_dir):
     plan = plan_upload(model_dir, "org/lgffem-lung", "model")
-    assert plan.files == (
-        "README.md",
-        "config.json",
-        "metrics.csv",
-        "model.safetensors",
-        "modeling_lgffem.py",
-        "preprocessor_config.json",
-        "training_args.json",
-    )
+    assert plan.files == EXPECTED_UPLOAD
     assert plan.sizes == tuple(len(MODEL_FILES[f]) for f in plan.files)
     assert plan.commit_message == "Upload LGFFEM model from lgffem-lung"
     # upload_folder selects files with these allow_patterns: exactly the planned ones.
@@ -104,15 +106,7 @@ def test_upload_model_calls_create_repo_branch_and_upload_folder(model_dir, caps
         repo_type="model",
         revision="v1",
         commit_message="first model",
-        allow_patterns=[
-            "README.md",
-            "config.json",
-            "metrics.csv",
-            "model.safetensors",
-            "modeling_lgffem.py",
-            "preprocessor_config.json",
-            "training_args.json",
-        ],
+        allow_patterns=list(EXPECTED_UPLOAD),
     )
     assert len(api.mock_calls) == 3
     assert capsys.readouterr().out.splitlines()[-1] == "https://huggingface.co/org/lgffem-lung/commit/abc"
