@@ -112,7 +112,8 @@ def _image_column(ds: datasets.Dataset, image_column: Optional[str]) -> str:
     return image_columns[0]
 
 
-def _labels(ds: datasets.Dataset, label_column: Optional[str], source: str) -> list[str]:
+def label_strings(ds: datasets.Dataset, label_column: Optional[str] = None, source: str = "dataset") -> list[str]:
+    """Every row's label as a class name (``ClassLabel`` ids become their names, values ``str``)."""
     columns = list(ds.column_names)
     if label_column is None:
         if "label" not in columns:
@@ -185,7 +186,7 @@ def load_image_dataset(
     kind = source_kind(source)
     raw, split_name = _load_raw(source, kind, split, revision)
     image_col = _image_column(raw, image_column)
-    labels = _labels(raw, label_column, source)
+    labels = label_strings(raw, label_column, source)
     sources = _sources(raw, image_col, kind, source, split_name)
     ds = raw.select_columns([image_col])
     if image_col != "image":

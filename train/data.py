@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from index_build.data import label_strings
 from modeling_lgffem import LgffemImageProcessor, to_rgb_uint8
 
 logger = logging.getLogger(__name__)
@@ -69,18 +70,7 @@ def augment(image: Image.Image, rng: np.random.Generator, cfg: AugmentConfig) ->
 
 def label_names(dataset) -> list[str]:
     """Sorted distinct class names of a dataset's ``label`` column (ints become their names)."""
-    return sorted(set(_label_strings(dataset)))
-
-
-def _label_strings(dataset) -> list[str]:
-    if "label" not in dataset.column_names:
-        raise ValueError(f"training dataset needs a 'label' column, has {dataset.column_names}")
-    feature = dataset.features["label"]
-    names = getattr(feature, "names", None)
-    values = dataset["label"]
-    if names is not None:
-        return [names[int(v)] for v in values]
-    return [str(v) for v in values]
+    return sorted(set(label_strings(dataset, source="training dataset")))
 
 
 def seeded_subset(dataset, max_samples: Optional[int], seed: int):
@@ -115,7 +105,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.dataset = dataset
         self.classes = list(classes)
         index = {name: i for i, name in enumerate(self.classes)}
-        strings = _label_strings(dataset)
+        strings = label_strings(dataset, source="training dataset")
         unknown = sorted(set(strings) - set(index))
         if unknown:
             raise ValueError(f"labels {unknown[:5]} are not among the classes {self.classes[:10]}")
