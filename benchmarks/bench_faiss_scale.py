@@ -68,7 +68,7 @@ def clustered_vectors(
     mu /= np.linalg.norm(mu, axis=1, keepdims=True)
     # Random Gaussian bases are orthonormal up to O(1/sqrt(d)) in 512 dimensions (no QR needed).
     bases = crng.standard_normal((clusters, d, rank), dtype=np.float32) / np.float32(np.sqrt(d))
-    lam = (np.arange(1, rank + 1, dtype=np.float32) ** -0.5)
+    lam = np.arange(1, rank + 1, dtype=np.float32) ** -0.5
     lam /= np.linalg.norm(lam)
     weights = 1.0 / np.arange(1, clusters + 1)
     weights /= weights.sum()
@@ -147,8 +147,16 @@ def run(args: argparse.Namespace) -> list[dict]:
     flat_batch, flat_single = time_search(flat, xq, args.k, args.single_flat, args.repeats)
     flat_bytes = index_bytes(flat)
     rows.append(
-        dict(index="flat", param="", recall=1.0, nn_recall=1.0, batch_ms=flat_batch, single_ms=flat_single, bytes=flat_bytes,
-             build_s=build_flat)
+        dict(
+            index="flat",
+            param="",
+            recall=1.0,
+            nn_recall=1.0,
+            batch_ms=flat_batch,
+            single_ms=flat_single,
+            bytes=flat_bytes,
+            build_s=build_flat,
+        )
     )
     del flat
 
@@ -168,8 +176,16 @@ def run(args: argparse.Namespace) -> list[dict]:
             batch_ms, single_ms = time_search(index, xq, args.k, args.single, args.repeats)
             desc = spec if spec.startswith("factory:") else f"{spec} {json.dumps(used, sort_keys=True)}"
             rows.append(
-                dict(index=desc, param=f"{name}={value}", recall=recall, nn_recall=nn_recall, batch_ms=batch_ms, single_ms=single_ms,
-                     bytes=size, build_s=build)
+                dict(
+                    index=desc,
+                    param=f"{name}={value}",
+                    recall=recall,
+                    nn_recall=nn_recall,
+                    batch_ms=batch_ms,
+                    single_ms=single_ms,
+                    bytes=size,
+                    build_s=build,
+                )
             )
             logger.info("%s %s=%d recall@%d %.4f", spec, name, value, args.k, recall)
         del index
@@ -206,7 +222,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--spread", type=float, default=0.8)
     parser.add_argument("--noise", type=float, default=0.15)
     parser.add_argument(
-        "--index", nargs="+", default=["ivfpq"],
+        "--index",
+        nargs="+",
+        default=["ivfpq"],
         help="approximate index types as index_build takes them: ivfpq, hnsw, factory:<string>",
     )
     parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32])

@@ -101,7 +101,7 @@ def bench_config(name: str, variants: list[str], batch: int, iters: int, warmup:
     size = model.config.image_size
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
     with reference_path(False):
-        gflop_whole = count_gflop(lambda: model(x[:1])) 
+        gflop_whole = count_gflop(lambda: model(x[:1]))
         gflop_backbone = count_gflop(lambda: model.backbone(x[:1]))
     runs = [Variant(v, model, x) for v in variants]
     times: dict[tuple[str, str], list[float]] = {(v.name, p): [] for v in runs for p in ("backbone", "whole")}
@@ -184,7 +184,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in args.configs:
         rows += bench_config(name, args.variants, args.batch, args.iters, args.warmup)
-    print(f"batch {args.batch}, {args.iters} timed iterations (median), {args.threads} threads, torch {torch.__version__}")
+    print(
+        f"batch {args.batch}, {args.iters} timed iterations (median), {args.threads} threads, torch {torch.__version__}"
+    )
     print(format_table(rows))
     if len(args.configs) > 1:
         for variant in args.variants:

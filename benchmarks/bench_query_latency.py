@@ -125,7 +125,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         index = build_synthetic_index(Path(tmp) / "idx", embedder, args.n, args.index_type, args.patches)
-        logger.info("built a %s index of %d patches in %.1f s", args.index_type, len(index), time.perf_counter() - start)
+        logger.info(
+            "built a %s index of %d patches in %.1f s", args.index_type, len(index), time.perf_counter() - start
+        )
         for _ in range(args.warmup):
             one_query(index, data, args.k)
         runs = [one_query(index, data, args.k) for _ in range(args.repeats)]

@@ -51,8 +51,13 @@ def main() -> None:
     }
     if args.paper:
         configs["paper convnextv2_base C=512 L=3"] = LgffemConfig(
-            backbone="convnextv2_base", out_indices=(0, 1, 2, 3), neck_channels=512, neck_layers=3,
-            backbone_weights=None, image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225),
+            backbone="convnextv2_base",
+            out_indices=(0, 1, 2, 3),
+            neck_channels=512,
+            neck_layers=3,
+            backbone_weights=None,
+            image_mean=(0.485, 0.456, 0.406),
+            image_std=(0.229, 0.224, 0.225),
         )
     models = {name: LgffemModel(cfg) for name, cfg in configs.items()}
     x = torch.randn(args.batch, 3, 224, 224)
@@ -76,8 +81,10 @@ def main() -> None:
                 model(x)
                 rows[name]["times"].append(time.perf_counter() - start)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, 224x224, "
-          f"median of {args.repeats}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, 224x224, "
+        f"median of {args.repeats}"
+    )
     header = f"| model | dim | backbone params | neck params | head params | model.safetensors | GFLOP/img | img/s |"
     print(header)
     print("|" + "---|" * 8)

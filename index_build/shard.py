@@ -197,7 +197,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[PatchIndex]:
         index, count, device = _rank_and_world()
     if "--out" in rest or any(a.startswith("--out=") for a in rest):
         parser.error("build takes --out-root; each shard goes to OUT_ROOT/shard-i-of-n")
-    argv = [args.source, "--shard", f"{index}/{count}", "--out", str(Path(args.out_root) / shard_dir_name(index, count))]
+    argv = [
+        args.source,
+        "--shard",
+        f"{index}/{count}",
+        "--out",
+        str(Path(args.out_root) / shard_dir_name(index, count)),
+    ]
     if device is not None and "--device" not in rest:
         argv += ["--device", device]
     return build_main(argv + rest)

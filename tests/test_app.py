@@ -383,8 +383,11 @@ def test_add_images_bad_input(tmp_path, search_app, files, label, message):
         buffer = io.BytesIO()
         tissue(64).save(buffer, "PNG")
         archive.writestr("x.png", buffer.getvalue()[:300])  # truncated
-    mapping = {"PLACEHOLDER": save(tissue(64), tmp_path / "ok.png"), "TEXT": str(tmp_path / "notes.txt"),
-               "BADZIP": str(tmp_path / "bad.zip")}
+    mapping = {
+        "PLACEHOLDER": save(tissue(64), tmp_path / "ok.png"),
+        "TEXT": str(tmp_path / "notes.txt"),
+        "BADZIP": str(tmp_path / "bad.zip"),
+    }
     files = None if files is None else [mapping[f] for f in files]
     before = None if search_app.personal is None else len(search_app.personal)
     with pytest.warns(UserWarning):
@@ -402,7 +405,9 @@ def test_starter_tiles_rule():
     images, labels, sources = app.starter_tiles()
     assert len(images) == 180 and {im.size for im in images} == {(64, 64)}
     assert {lab: labels.count(lab) for lab in set(labels)} == {
-        "DAB-positive": 121, "haematoxylin-dominant": 54, "background": 5,
+        "DAB-positive": 121,
+        "haematoxylin-dominant": 54,
+        "background": 5,
     }
     assert sources[0] == "skimage.data.immunohistochemistry()[0:64, 0:64]"
 
@@ -465,8 +470,18 @@ def test_main_exits_cleanly_on_mismatch(tmp_path, tiny_config, base_index_dir, c
 
     config = LgffemConfig(**{**tiny_config.to_dict(), "neck_channels": 8})  # 32-d: dimension mismatch
     LgffemModel(config).save_pretrained(tmp_path / "model")
-    status = app.main(["--model", str(tmp_path / "model"), "--index", str(base_index_dir), "--data-dir",
-                       str(tmp_path / "data"), "--device", "cpu"])
+    status = app.main(
+        [
+            "--model",
+            str(tmp_path / "model"),
+            "--index",
+            str(base_index_dir),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err
     assert status == 2
     assert "error: the index" in err and "embedding_dim 64 != 32" in err and "Traceback" not in err
@@ -480,8 +495,13 @@ def test_parse_args(monkeypatch):
     monkeypatch.delenv("LGFFEM_MODEL", raising=False)
     monkeypatch.delenv("GRADIO_SERVER_PORT", raising=False)
     args = app.parse_args([])
-    assert (args.model, args.index, args.data_dir, args.port, args.concurrency) == ("default", "org/idx", "/tmp/d",
-                                                                                  7860, 2)
+    assert (args.model, args.index, args.data_dir, args.port, args.concurrency) == (
+        "default",
+        "org/idx",
+        "/tmp/d",
+        7860,
+        2,
+    )
     monkeypatch.setenv("LGFFEM_MODEL", "org/model")
     assert app.parse_args([]).model == "org/model"
     args = app.parse_args(["--port", "9000", "--host", "0.0.0.0", "--model", "m", "--index", "d"])
@@ -526,7 +546,12 @@ def test_build_demo_wiring(search_app):
     assert {"search", "add_images"} <= set(api)
     assert [type(c).__name__ for c in api["search"].inputs] == ["Image", "Slider", "Dropdown", "Radio"]
     assert [type(c).__name__ for c in api["search"].outputs] == [
-        "Gallery", "Label", "Markdown", "Image", "Gallery", "Dataframe",
+        "Gallery",
+        "Label",
+        "Markdown",
+        "Image",
+        "Gallery",
+        "Dataframe",
     ]
     query = api["search"].inputs[0]
     assert query.type == "filepath" and query.preprocess.__func__ is app._undecoded_preprocess
@@ -555,7 +580,8 @@ def test_import_is_light():
     import subprocess
 
     code = "import sys, app; print('torch' in sys.modules, 'index_build.index' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(app.__file__).parent,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(app.__file__).parent, check=True
+    )
     assert out.stdout.split() == ["False", "False"]
     assert not Path(app.__file__).with_suffix(".pyi").exists()  # no Gradio stub written next to app.py

@@ -104,8 +104,15 @@ def test_grn_and_fuse_fast_forms_equal_formulas(reference_switch):
         torch.testing.assert_close(out, torch.full((2, 2), 7.0))
 
 
-@pytest.mark.parametrize("cls,kwargs", [(LocalAggregator, {}), (LocalAggregator, {"upsample": True}),
-                                        (GlobalAggregator, {}), (GlobalAggregator, {"downsample": True})])
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [
+        (LocalAggregator, {}),
+        (LocalAggregator, {"upsample": True}),
+        (GlobalAggregator, {}),
+        (GlobalAggregator, {"downsample": True}),
+    ],
+)
 def test_aggregator_forward_and_grads_match_reference(reference_switch, cls, kwargs):
     torch.manual_seed(3)
     agg = cls(8, **kwargs)

@@ -73,7 +73,17 @@ def test_sharded_build_equals_single_build(collection, model_dir, tmp_path, inde
     training input is the same to the bit in both builds."""
     common = [*COMMON[:-1], batch_size]
     single = build_main(
-        [collection, "--out", str(tmp_path / "single"), "--model", model_dir, "--index-type", index_type, *params, *common]
+        [
+            collection,
+            "--out",
+            str(tmp_path / "single"),
+            "--model",
+            model_dir,
+            "--index-type",
+            index_type,
+            *params,
+            *common,
+        ]
     )
     dirs = build_shards(collection, model_dir, tmp_path / "shards", shards, common)
     sizes = [len(PatchIndex.load(d)) for d in dirs]

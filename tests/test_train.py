@@ -89,7 +89,19 @@ def test_loss_margin_is_in_degrees():
 
 def test_cli_overrides_and_rejections(capsys):
     cfg = parse_args(
-        ["--dataset", "d", "--output-dir", "o", "--backbone", "convnextv2_base.fcmae", "--out-indices", "0", "1", "2", "3"]
+        [
+            "--dataset",
+            "d",
+            "--output-dir",
+            "o",
+            "--backbone",
+            "convnextv2_base.fcmae",
+            "--out-indices",
+            "0",
+            "1",
+            "2",
+            "3",
+        ]
         + ["--neck-channels", "512", "--backbone-weights", "timm", "--image-mean", "0.485", "0.456", "0.406"]
     )
     assert cfg.model_overrides() == {

@@ -76,14 +76,21 @@ def _evaluation_table(history: Sequence[dict[str, Any]], k: int) -> str:
         return "No retrieval evaluation was run during training (`--eval-gallery`)."
     lines = [f"| epoch | Recall@1 | Recall@{k} | mMV@{k} | mAP@{k} |", "|---|---|---|---|---|"]
     for r in rows:
-        cells = [f"{float(r[c]):.4f}" if r.get(c) not in (None, "") else "" for c in ("recall@1", f"recall@{k}", f"mmv@{k}", f"map@{k}")]
+        cells = [
+            f"{float(r[c]):.4f}" if r.get(c) not in (None, "") else ""
+            for c in ("recall@1", f"recall@{k}", f"mmv@{k}", f"map@{k}")
+        ]
         name = "0 (before training)" if r["epoch"] == 0 else str(r["epoch"])
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def model_card(
-    cfg: TrainConfig, classes: Sequence[str], history: Sequence[dict[str, Any]], model_config: dict, num_train_images: int
+    cfg: TrainConfig,
+    classes: Sequence[str],
+    history: Sequence[dict[str, Any]],
+    model_config: dict,
+    num_train_images: int,
 ) -> str:
     """The full ``README.md`` text (YAML front matter + body)."""
     repo = cfg.model_name if cfg.model_name and "/" in cfg.model_name else "ORG/NAME"
@@ -103,7 +110,10 @@ def model_card(
         ("backbone (frozen)", f"`{model_config['backbone']}`, out_indices {model_config['out_indices']}"),
         ("neck", f"C = {model_config['neck_channels']}, L = {model_config['neck_layers']}"),
         ("descriptor", f"{4 * model_config['neck_channels']} dims, L2-normalised"),
-        ("input", f"{model_config['image_size']} px, mean {model_config['image_mean']}, std {model_config['image_std']}"),
+        (
+            "input",
+            f"{model_config['image_size']} px, mean {model_config['image_mean']}, std {model_config['image_std']}",
+        ),
         ("loss", f"Sub-center ArcFace: margin {cfg.margin}°, scale {cfg.scale}, {cfg.sub_centers} sub-centres"),
         ("optimiser (model)", f"AdamW lr {cfg.lr}, weight decay {cfg.weight_decay}, grad clip {cfg.grad_clip}"),
         ("optimiser (loss)", f"AdamW lr {cfg.loss_lr}, weight decay {cfg.loss_weight_decay}"),
@@ -123,7 +133,8 @@ def model_card(
         ("throughput", speed),
     ]
     meta = card_metadata(cfg, history).to_yaml()
-    body = f"""---
+    body = (
+        f"""---
 {meta}
 ---
 
@@ -132,7 +143,7 @@ def model_card(
 An **LGFFEM** (Local–Global Feature Fusion Embedding Model) image-embedding model for
 content-based retrieval of histopathology patches: a frozen timm backbone, a local–global
 fusion neck over four scales and one GeM head per scale give one
-{4 * model_config['neck_channels']}-dimensional descriptor per image; similar tissue has a high
+{4 * model_config["neck_channels"]}-dimensional descriptor per image; similar tissue has a high
 cosine similarity. Architecture and training recipe: {PAPER}.
 
 ## Usage
@@ -147,7 +158,7 @@ processor = AutoImageProcessor.from_pretrained("{repo}", trust_remote_code=True)
 
 images = [Image.open("patch1.png"), Image.open("patch2.png")]
 with torch.inference_mode():
-    emb = model(**processor(images, return_tensors="pt")).embeddings  # N x {4 * model_config['neck_channels']}, L2-normalised
+    emb = model(**processor(images, return_tensors="pt")).embeddings  # N x {4 * model_config["neck_channels"]}, L2-normalised
 print(emb @ emb.T)  # cosine similarities
 ```
 
@@ -162,7 +173,9 @@ backbone stays frozen in eval mode.
 
 | setting | value |
 |---|---|
-""" + "\n".join(f"| {k} | {v} |" for k, v in hyper) + f"""
+"""
+        + "\n".join(f"| {k} | {v} |" for k, v in hyper)
+        + f"""
 
 Classes ({len(classes)}): {", ".join(f"`{c}`" for c in classes)}.
 
@@ -179,6 +192,7 @@ The per-epoch log is in `metrics.csv`, the full settings in `training_args.json`
 
 {PAPER}.
 """
+    )
     return body
 
 

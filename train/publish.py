@@ -109,10 +109,14 @@ def plan_upload(
         raise FileNotFoundError(f"folder not found: {root}")
     missing = [name for name in REQUIRED[repo_type] if not (root / name).is_file()]
     if missing:
-        what = "a trained model folder (python -m train)" if repo_type == "model" else "an index (python -m index_build)"
+        what = (
+            "a trained model folder (python -m train)" if repo_type == "model" else "an index (python -m index_build)"
+        )
         raise ValueError(f"{root} is not {what}: missing {', '.join(missing)}")
     files = sorted(
-        p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and not _excluded(p.relative_to(root).as_posix())
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and not _excluded(p.relative_to(root).as_posix())
     )
     kind = "LGFFEM model" if repo_type == "model" else "LGFFEM index"
     return UploadPlan(

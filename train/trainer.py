@@ -125,7 +125,13 @@ def evaluate_model(
             model=model, processor=LgffemImageProcessor.from_config(model.config), model_id="training", device=device
         )
         return evaluate(
-            embedder, gallery, queries, k=k, leave_one_out=queries is None, batch_size=batch_size, num_workers=num_workers,
+            embedder,
+            gallery,
+            queries,
+            k=k,
+            leave_one_out=queries is None,
+            batch_size=batch_size,
+            num_workers=num_workers,
             progress=progress,
         )
     finally:
@@ -166,7 +172,9 @@ def _resolve_resume(cfg: TrainConfig) -> Optional[Path]:
 
 def _check_resumable(cfg: TrainConfig, state: dict, classes: list[str], num_processes: int) -> None:
     saved = state["config"]
-    diff = [f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in TRAJECTORY_FIELDS if saved.get(k) != getattr(cfg, k)]
+    diff = [
+        f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in TRAJECTORY_FIELDS if saved.get(k) != getattr(cfg, k)
+    ]
     if diff:
         raise ValueError("cannot resume: these settings differ from the checkpoint's: " + "; ".join(diff))
     if state["classes"] != classes:
