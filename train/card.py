@@ -36,7 +36,7 @@ def _dataset_name(source: Optional[str]) -> str:
 
 def card_metadata(cfg: TrainConfig, history: Sequence[dict[str, Any]]) -> ModelCardData:
     """Hub metadata: library, pipeline tag, tags, datasets, licence and the final evaluation."""
-    datasets = list(cfg.card_datasets) or [s for s in (cfg.dataset, cfg.eval_gallery) if _is_hub_id(s)]
+    datasets = list(cfg.card_datasets) or [s for s in (*cfg.dataset, cfg.eval_gallery) if _is_hub_id(s)]
     tags = list(dict.fromkeys([*BASE_TAGS, *cfg.tags]))
     final = next((row for row in reversed(history) if row.get("recall@1") not in (None, "")), None)
     eval_results = None
@@ -115,6 +115,19 @@ def model_card(
             f"{model_config['image_size']} px, mean {model_config['image_mean']}, std {model_config['image_std']}",
         ),
         ("loss", f"Sub-center ArcFace: margin {cfg.margin}°, scale {cfg.scale}, {cfg.sub_centers} sub-centres"),
+        (
+            "generality",
+            f"relational distillation from the backbone's GAP descriptor, weight {cfg.distill_weight}, "
+            f"temperature {cfg.distill_temperature}"
+            if cfg.distill_weight > 0
+            else "none (class loss only)",
+        ),
+        (
+            "backbone features",
+            f"cached per image and flip/rotation ({cfg.feature_cache_dtype}); blur drawn once per pair"
+            if cfg.feature_cache == "auto"
+            else "computed on every step",
+        ),
         ("optimiser (model)", f"AdamW lr {cfg.lr}, weight decay {cfg.weight_decay}, grad clip {cfg.grad_clip}"),
         ("optimiser (loss)", f"AdamW lr {cfg.loss_lr}, weight decay {cfg.loss_weight_decay}"),
         ("schedule", f"CosineAnnealingWarmRestarts T_0 = {cfg.t0}, T_mult = {cfg.t_mult}, eta_min {cfg.eta_min}"),
@@ -129,7 +142,11 @@ def model_card(
             else "none",
         ),
         ("mixed precision", cfg.mixed_precision),
-        ("training data", f"`{_dataset_name(cfg.dataset)}`, {num_train_images} images, {len(classes)} classes"),
+        (
+            "training data",
+            f"{' + '.join(f'`{_dataset_name(d)}`' for d in cfg.dataset)}, {num_train_images} images, "
+            f"{len(classes)} classes",
+        ),
         ("throughput", speed),
     ]
     meta = card_metadata(cfg, history).to_yaml()

@@ -61,6 +61,10 @@ TRAJECTORY_FIELDS = (
     "median_blur_p",
     "median_sizes",
     "mixed_precision",
+    "feature_cache",
+    "feature_cache_dtype",
+    "distill_weight",
+    "distill_temperature",
 )
 
 
@@ -68,8 +72,8 @@ TRAJECTORY_FIELDS = (
 class TrainConfig:
     """Everything one training run needs; ``python -m train --help`` documents each field."""
 
-    # data
-    dataset: str = ""
+    # data (several sources are concatenated; their labels are taken as strings)
+    dataset: list[str] = field(default_factory=list)
     split: Optional[str] = None
     image_column: Optional[str] = None
     label_column: Optional[str] = None
@@ -84,7 +88,7 @@ class TrainConfig:
     eval_every: int = 1
     eval_batch_size: int = 32
     # model
-    model: str = "default"
+    model: str = "untrained"
     backbone: Optional[str] = None
     out_indices: Optional[list[int]] = None
     neck_channels: Optional[int] = None
@@ -99,6 +103,9 @@ class TrainConfig:
     margin: float = 17.5
     scale: float = 64.0
     sub_centers: int = 6
+    # generality: relational distillation from the bare backbone's GAP descriptor (0 = off)
+    distill_weight: float = 0.0
+    distill_temperature: float = 0.05
     # optimisation
     epochs: int = 30
     batch_size: int = 32
@@ -122,6 +129,8 @@ class TrainConfig:
     median_sizes: list[int] = field(default_factory=lambda: [3, 5])
     # devices and runtime
     mixed_precision: str = "no"
+    feature_cache: str = "auto"
+    feature_cache_dtype: str = "float16"
     cpu: bool = False
     num_workers: int = field(default_factory=lambda: min(4, (os.cpu_count() or 1) // 2))
     threads: Optional[int] = None
@@ -142,6 +151,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field."""
+        if isinstance(self.dataset, str):
+            self.dataset = [self.dataset] if self.dataset else []
         positive = ("epochs", "batch_size", "sub_centers", "t0", "t_mult", "eval_k", "eval_batch_size", "eval_every")
         for name in positive:
             if getattr(self, name) < 1:
@@ -163,6 +174,14 @@ class TrainConfig:
             raise ValueError(f"gaussian_sigma must be two values 0 < low <= high, got {self.gaussian_sigma}")
         if not self.median_sizes or any(s < 3 or s % 2 == 0 for s in self.median_sizes):
             raise ValueError(f"median_sizes must be odd integers >= 3, got {self.median_sizes}")
+        if self.feature_cache not in ("auto", "off"):
+            raise ValueError(f"feature_cache must be 'auto' or 'off', got {self.feature_cache!r}")
+        if self.feature_cache_dtype not in ("float16", "bfloat16", "float32"):
+            raise ValueError(f"feature_cache_dtype must be float16, bfloat16 or float32, got {self.feature_cache_dtype!r}")
+        if self.distill_weight < 0:
+            raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         if self.max_samples is not None and self.max_samples < 2:
@@ -172,9 +191,9 @@ class TrainConfig:
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         overrides = self.model_overrides()
-        if overrides and self.model not in ("", "default"):
+        if overrides and self.model not in ("", "untrained"):
             raise ValueError(
-                f"{', '.join(sorted(overrides))} can only be set for a fresh model (--model default), "
+                f"{', '.join(sorted(overrides))} can only be set for a fresh model (--model untrained), "
                 f"not for --model {self.model!r}, whose config is fixed"
             )
 
@@ -215,7 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", required=True, help="Hub dataset id, local image folder (class/*.png) or parquet")
+    g.add_argument(
+        "--dataset",
+        required=True,
+        nargs="+",
+        help="Hub dataset id, local image folder (class/*.png) or parquet; several are concatenated",
+    )
     g.add_argument("--split", default=None, help="dataset split (Hub / parquet)")
     g.add_argument("--image-column", default=None, help="image column of a Hub dataset")
     g.add_argument("--label-column", default=None, help="class column (PanNuke: the tissue type)")
@@ -233,7 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", type=int, default=default("eval_batch_size"))
 
     g = p.add_argument_group("model (overrides apply to a fresh model only)")
-    g.add_argument("--model", default="default", help="'default' (fresh LgffemConfig), a saved folder or Hub id")
+    g.add_argument(
+        "--model",
+        default="untrained",
+        help="'untrained' (a fresh LgffemConfig on its pretrained backbone), 'default' (fine-tune the shipped "
+        "trained model), a saved folder or Hub id",
+    )
     g.add_argument("--backbone", default=None, help="timm name, e.g. convnextv2_base.fcmae")
     g.add_argument("--out-indices", type=int, nargs=4, default=None, metavar="I")
     g.add_argument("--neck-channels", type=int, default=None, help="neck width C (descriptor 4*C)")
@@ -249,6 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--margin", type=float, default=default("margin"), help="angular margin in degrees")
     g.add_argument("--scale", type=float, default=default("scale"))
     g.add_argument("--sub-centers", type=int, default=default("sub_centers"))
+
+    g = p.add_argument_group("generality")
+    g.add_argument(
+        "--distill-weight",
+        type=float,
+        default=default("distill_weight"),
+        help="weight of the relational distillation from the backbone's GAP descriptor (0 = off)",
+    )
+    g.add_argument("--distill-temperature", type=float, default=default("distill_temperature"))
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=default("epochs"))
@@ -276,6 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("devices")
     g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default=default("mixed_precision"))
     g.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    g.add_argument(
+        "--feature-cache",
+        choices=("auto", "off"),
+        default=default("feature_cache"),
+        help="auto: cache the frozen backbone's maps per image and flip/rotation (one process only); "
+        "off: run the backbone on every step",
+    )
+    g.add_argument("--feature-cache-dtype", choices=("float16", "bfloat16", "float32"), default="float16")
     g.add_argument("--num-workers", type=int, default=default("num_workers"), help="DataLoader workers")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 

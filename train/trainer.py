@@ -30,9 +30,11 @@ from safetensors.torch import load_file, save_file
 from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts
 from tqdm.auto import tqdm
 
-from modeling_lgffem import LgffemConfig, LgffemImageProcessor, LgffemModel
+from modeling_lgffem import _LITE_PACKAGES as LITE_BACKBONES
+from modeling_lgffem import EFFICIENTNET_LITE, LgffemConfig, LgffemImageProcessor, LgffemModel
 from train.config import TRAJECTORY_FIELDS, TrainConfig
 from train.data import AugmentConfig, EpochSampler, TrainDataset, label_names, seeded_subset
+from train.features import FeatureCache, draw_views, gap_descriptor, relational_distillation
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +73,16 @@ class TrainResult:
 
 
 def build_model(cfg: TrainConfig) -> LgffemModel:
-    """A fresh model (``LgffemConfig()`` plus the command-line overrides) or a saved one.
+    """A fresh model (``LgffemConfig()`` plus the command-line overrides, on a pretrained
+    backbone) or a saved one (``default``, a folder or a Hub id).
 
     Seed the global torch RNG first: the neck and head initialisation draws from it.
     """
-    if cfg.model in ("", "default"):
-        return LgffemModel(LgffemConfig(**cfg.model_overrides()))
+    if cfg.model in ("", "untrained"):
+        overrides = cfg.model_overrides()
+        config = LgffemConfig(**{k: v for k, v in overrides.items() if k != "backbone_weights"})
+        default_source = EFFICIENTNET_LITE if config.backbone in LITE_BACKBONES else "timm"
+        return LgffemModel.from_backbone_weights(config, overrides.get("backbone_weights", default_source))
     from index_build.models import load_model
 
     return load_model(cfg.model, device="cpu").model
@@ -102,6 +108,22 @@ def load_dataset_arg(source: str, split: Optional[str], cfg: TrainConfig):
     return load_image_dataset(
         source, split=split, image_column=cfg.image_column, label_column=cfg.label_column, revision=cfg.revision
     )
+
+
+def load_training_data(cfg: TrainConfig):
+    """The ``--dataset`` sources, concatenated, with string labels (class names stay distinct)."""
+    import datasets
+
+    from index_build.data import label_strings
+
+    parts = []
+    for source in cfg.dataset:
+        ds = load_dataset_arg(source, cfg.split, cfg)
+        if len(cfg.dataset) > 1:
+            names = label_strings(ds, source=source)
+            ds = ds.remove_columns([c for c in ds.column_names if c == "label"]).add_column("label", names)
+        parts.append(ds)
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
 def evaluate_model(
@@ -308,7 +330,7 @@ def train(cfg: TrainConfig, train_dataset=None, eval_gallery=None, eval_queries=
     if train_dataset is None:
         if not cfg.dataset:
             raise ValueError("no training data: give --dataset")
-        train_dataset = load_dataset_arg(cfg.dataset, cfg.split, cfg)
+        train_dataset = load_training_data(cfg)
     train_dataset = seeded_subset(train_dataset, cfg.max_samples, cfg.seed)
     classes = label_names(train_dataset)
     if eval_gallery is None and cfg.eval_gallery:
@@ -342,12 +364,20 @@ def train(cfg: TrainConfig, train_dataset=None, eval_gallery=None, eval_queries=
     )
     dataset = TrainDataset(train_dataset, classes, processor, augment_cfg, cfg.seed)
     sampler = EpochSampler(len(dataset), cfg.seed)
+    cache = None
+    if cfg.feature_cache == "auto" and accelerator.num_processes > 1:
+        logger.info("feature cache off: it serves one process; %d processes run the backbone", accelerator.num_processes)
+    elif cfg.feature_cache == "auto":
+        with torch.no_grad():
+            probe = model.backbone_features(torch.zeros(1, 3, model.config.image_size, model.config.image_size))
+        dtype = getattr(torch, cfg.feature_cache_dtype)
+        cache = FeatureCache(len(dataset), [tuple(m.shape[1:]) for m in probe], dtype)
     loader = torch.utils.data.DataLoader(
-        dataset,
+        IndexDataset(dataset.targets) if cache is not None else dataset,
         batch_size=cfg.batch_size,
         sampler=sampler,
         drop_last=True,
-        num_workers=cfg.num_workers,
+        num_workers=0 if cache is not None else cfg.num_workers,
         pin_memory=accelerator.device.type == "cuda",
         worker_init_fn=_worker_init,
     )
@@ -373,7 +403,8 @@ def train(cfg: TrainConfig, train_dataset=None, eval_gallery=None, eval_queries=
         logger.info("resumed from %s (epoch %d, step %d)", resume_from, start_epoch, global_step)
 
     logger.info(
-        "training %s: %d images, %d classes, %d steps/epoch x %d epochs, device %s x %d, mixed precision %s",
+        "training %s: %d images, %d classes, %d steps/epoch x %d epochs, device %s x %d, mixed precision %s, "
+        "feature cache %s",
         cfg.model,
         len(dataset),
         len(classes),
@@ -382,7 +413,24 @@ def train(cfg: TrainConfig, train_dataset=None, eval_gallery=None, eval_queries=
         accelerator.device,
         accelerator.num_processes,
         cfg.mixed_precision,
+        cfg.feature_cache_dtype if cache is not None else "off",
     )
+
+    def embed_batch(batch, views) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Un-normalised descriptors of a batch, and the backbone's GAP descriptor (teacher)."""
+        if cache is not None:
+            indices, _ = batch
+            maps = cache.get(indices.cpu(), torch.from_numpy(views[indices.cpu().numpy()]), accelerator.device)
+        elif accelerator.num_processes == 1:
+            maps = raw_model.backbone_features(batch[0])
+        else:  # the wrapped model's forward keeps the gradients synchronised across processes
+            pixels = batch[0]
+            embeddings = model(pixels, normalize=False).embeddings.float()
+            teacher = gap_descriptor(raw_model.backbone_features(pixels)) if cfg.distill_weight > 0 else None
+            return embeddings, teacher
+        with accelerator.autocast():
+            embeddings, _ = raw_model.embed_features(maps, normalize=False)
+        return embeddings.float(), gap_descriptor(maps) if cfg.distill_weight > 0 else None
 
     def evaluate_now() -> dict:
         if eval_gallery is None or not accelerator.is_main_process:
@@ -411,6 +459,32 @@ def train(cfg: TrainConfig, train_dataset=None, eval_gallery=None, eval_queries=
         loader.set_epoch(epoch)
         sampler.set_epoch(epoch)
         dataset.set_epoch(epoch)
+        views, fill_seconds = None, 0.0
+        if cache is not None:
+            views = draw_views(len(dataset), cfg.seed, epoch, augment_cfg)
+            pairs = cache.missing(range(len(dataset)), views)
+            fill_start = time.perf_counter()
+            cache.fill(
+                raw_model,
+                dataset.dataset,
+                pairs,
+                processor,
+                augment_cfg,
+                cfg.seed,
+                accelerator.device,
+                batch_size=cfg.eval_batch_size,
+                num_workers=cfg.num_workers,
+                progress=cfg.progress and accelerator.is_local_main_process,
+                autocast=accelerator.autocast,
+            )
+            fill_seconds = time.perf_counter() - fill_start
+            logger.info(
+                "epoch %d: backbone features for %d new (image, view) pairs in %.1f s; cache holds %.2f GB",
+                epoch + 1,
+                len(pairs),
+                fill_seconds,
+                cache.nbytes_filled / 1e9,
+            )
         model.train()
         loss_sum = torch.zeros((), device=accelerator.device)
         bar = tqdm(
@@ -421,9 +495,12 @@ def train(cfg: TrainConfig, train_dataset=None, eval_gallery=None, eval_queries=
             dynamic_ncols=True,
         )
         start = time.perf_counter()
-        for i, (pixel_values, labels) in enumerate(bar):
-            embeddings = model(pixel_values, normalize=False).embeddings.float()
+        for i, batch in enumerate(bar):
+            labels = batch[1]
+            embeddings, teacher = embed_batch(batch, views)
             loss = loss_fn(embeddings, labels)
+            if teacher is not None:
+                loss = loss + cfg.distill_weight * relational_distillation(embeddings, teacher, cfg.distill_temperature)
             optimizer.zero_grad(set_to_none=True)
             loss_optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
@@ -439,7 +516,7 @@ def train(cfg: TrainConfig, train_dataset=None, eval_gallery=None, eval_queries=
             global_step += 1
             loss_sum += loss.detach()
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start + fill_seconds  # the backbone's share counts too
         bar.close()
         images = steps_per_epoch * cfg.batch_size * accelerator.num_processes
         mean_loss = accelerator.reduce(loss_sum, reduction="mean").item() / steps_per_epoch
@@ -504,6 +581,19 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, path)
+
+
+class IndexDataset(torch.utils.data.Dataset):
+    """Rows -> (row index, class id): the cached path's batches name images, not pixels."""
+
+    def __init__(self, targets: torch.Tensor) -> None:
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+        return int(i), self.targets[int(i)]
 
 
 def _worker_init(worker_id: int) -> None:
