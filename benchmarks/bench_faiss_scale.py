@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from index_build.index import default_index_params, make_faiss_index  # noqa: E402
+from index_build.faiss_index import default_index_params, make_faiss_index, search_knob, set_search_params  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -104,14 +104,6 @@ def index_bytes(index: faiss.Index) -> int:
     return int(faiss.serialize_index(index).size)
 
 
-def set_search_param(index: faiss.Index, name: str, value: int) -> None:
-    """Set ``nprobe`` (IVF) or ``efSearch`` (HNSW) on an index, through any wrapper."""
-    if name == "nprobe":
-        faiss.extract_index_ivf(index).nprobe = value
-    else:
-        faiss.downcast_index(index).hnsw.efSearch = value
-
-
 def time_search(index: faiss.Index, xq: np.ndarray, k: int, single: int, repeats: int) -> tuple[float, float]:
     """(batch ms per query, single-query ms p50): one batched search of all ``xq``, and
     ``single`` queries searched one at a time; medians over ``repeats``."""
@@ -166,10 +158,11 @@ def run(args: argparse.Namespace) -> list[dict]:
         build = time.perf_counter() - t0
         size = index_bytes(index)
         logger.info("%s %s built in %.1f s, %.1f MB", spec, used, build, size / 1e6)
-        name = "efSearch" if "HNSW" in spec or spec == "hnsw" else "nprobe"
-        values = args.ef_search if name == "efSearch" else args.nprobe
+        knob = search_knob(index)  # the index object says which parameter it has
+        values = {"ef_search": args.ef_search, "nprobe": args.nprobe}.get(knob, [None])
         for value in values:
-            set_search_param(index, name, value)
+            if knob is not None:
+                set_search_params(index, {knob: value})
             _, approx_i = index.search(xq, args.k)
             recall = recall_at_k(exact_i, approx_i, args.k)
             nn_recall = nn_recall_at_k(exact_i, approx_i, args.k)
@@ -178,7 +171,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             rows.append(
                 dict(
                     index=desc,
-                    param=f"{name}={value}",
+                    param=f"{knob}={value}" if knob else "-",
                     recall=recall,
                     nn_recall=nn_recall,
                     batch_ms=batch_ms,
@@ -187,7 +180,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     build_s=build,
                 )
             )
-            logger.info("%s %s=%d recall@%d %.4f", spec, name, value, args.k, recall)
+            logger.info("%s %s=%s recall@%d %.4f", spec, knob, value, args.k, recall)
         del index
     for r in rows:
         r["speedup_batch"] = flat_batch / r["batch_ms"]

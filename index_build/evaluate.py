@@ -23,9 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from index_build.index import MANIFEST_FILE, ImageRowDataset, PatchIndex, default_num_workers
+from index_build.embedding import embed_batches
+from index_build.patch_index import PatchIndex
+from index_build.storage import has_index
 from index_build.metrics import kimia_eta, majority_vote_at_k, map_at_k, per_class_mean, recall_at_k, relevance_matrix
 from index_build.models import embed_in_batches, state_fingerprint
+from modeling_lgffem import gem
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ class BackboneEmbedder:
         if self.pooling == "gap":
             pooled = x.mean(dim=(-2, -1))
         else:
-            pooled = x.clamp(min=1e-6).pow(self.gem_p).mean(dim=(-2, -1)).pow(1.0 / self.gem_p)
+            pooled = gem(x, self.gem_p)
         return np.ascontiguousarray(F.normalize(pooled, dim=-1).cpu().numpy(), dtype=np.float32)
 
     def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
@@ -99,23 +102,14 @@ def embed_rows(
         ``(xb, labels, seconds)``: embeddings, labels and the wall time of the whole pass
         (decoding, preprocessing and the forward passes).
     """
-    from tqdm.auto import tqdm
-
-    workers = default_num_workers() if num_workers is None else num_workers
-    loader = torch.utils.data.DataLoader(
-        ImageRowDataset(dataset, embedder.processor, thumbnail_size=0),
-        batch_size=batch_size,
-        num_workers=workers,
-        pin_memory=torch.device(embedder.device).type == "cuda",
-    )
     chunks: list[np.ndarray] = []
     labels: list[str] = []
     start = time.perf_counter()
-    with tqdm(total=len(dataset), unit="img", desc="embedding", disable=not progress) as bar:
-        for pixels, batch_labels, _sources, _thumbs in loader:
-            chunks.append(embedder.embed_pixels(pixels))
-            labels.extend(batch_labels)
-            bar.update(len(batch_labels))
+    for xb, batch_labels, _sources, _thumbs in embed_batches(
+        dataset, embedder, batch_size, num_workers, thumbnail_size=0, progress=progress
+    ):
+        chunks.append(xb)
+        labels.extend(batch_labels)
     return np.concatenate(chunks), labels, time.perf_counter() - start
 
 
@@ -285,7 +279,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         embedder = BackboneEmbedder(embedder, args.baseline)
         name = embedder.describe()["model"]
     columns = {"image_column": args.image_column, "label_column": args.label_column, "revision": args.revision}
-    if (Path(args.gallery) / MANIFEST_FILE).is_file():
+    if has_index(args.gallery):
         gallery: Any = PatchIndex.load(args.gallery, embedder)
     else:
         gallery = load_image_dataset(args.gallery, split=args.split, **columns)

@@ -31,7 +31,9 @@ from typing import Optional, Sequence
 import numpy as np
 import pyarrow as pa
 
-from index_build.index import INDEX_TYPES, IndexLoadError, PatchIndex, check_manifest_matches, write_index
+from index_build.faiss_index import INDEX_TYPES
+from index_build.patch_index import PatchIndex, check_manifest_matches, write_index
+from index_build.storage import IndexLoadError, has_index, model_mismatches
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +97,11 @@ def load_shards(paths: Sequence[str | Path]) -> list[PatchIndex]:
     first = ordered[0]
     source = first.manifest.get("dataset", {}).get("source")
     for shard in ordered[1:]:
-        for key in ("embedding_dim", "config_hash", "weights_fingerprint"):
-            if shard.manifest["model"].get(key) != first.manifest["model"].get(key):
-                raise IndexLoadError(
-                    f"shard {shard.path} was built with another model than {first.path}: {key} "
-                    f"{shard.manifest['model'].get(key)!r} != {first.manifest['model'].get(key)!r}"
-                )
+        problems = model_mismatches(shard.manifest["model"], first.manifest["model"])
+        if problems:
+            raise IndexLoadError(
+                f"shard {shard.path} was built with another model than {first.path}: {'; '.join(problems)}"
+            )
         other = shard.manifest.get("dataset", {}).get("source")
         if other != source:  # the same data may be mounted at different paths on different machines
             logger.warning("shard %s was built from %r, %s from %r", shard.path, other, first.path, source)
@@ -124,13 +125,13 @@ def merge_shards(
         index_params: overrides of the final index's parameters.
     """
     out = Path(out_dir)
-    if (out / "manifest.json").exists():
+    if has_index(out):
         raise ValueError(f"an index already exists in {out}; choose another --out")
     shards = load_shards(paths)
     for shard in shards:
         check_manifest_matches(shard.manifest, embedder, shard.path)
     xb = np.concatenate([shard.reconstruct_all() for shard in shards])
-    metadata = pa.concat_tables([shard._metadata_table() for shard in shards])
+    metadata = pa.concat_tables([shard.metadata_table() for shard in shards])
     info = dict(shards[0].manifest.get("dataset", {}))
     info.pop("shard", None)
     info["rows"] = int(len(xb))
