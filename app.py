@@ -35,15 +35,23 @@ from index_build.metrics import majority_votes
 from index_build.query import MIN_SIDE, tiling_rule
 from index_build.sources import check_source, resolve_index_dir
 from index_build.starter import starter_description, write_starter_examples
-from index_build.uploads import MAX_ADD_PATCHES, MAX_PIXELS, MAX_UPLOAD_BYTES, InputError, configure_pillow
-from index_build.uploads import decode_image, file_path, upload_patches
+from index_build.uploads import (
+    MAX_ADD_PATCHES,
+    MAX_PIXELS,
+    MAX_UPLOAD_BYTES,
+    InputError,
+    configure_pillow,
+    decode_image,
+    file_path,
+    upload_patches,
+)
 
 if TYPE_CHECKING:
     import torch
 
     from index_build.galleries import Galleries
-    from index_build.patch_index import PatchIndex
     from index_build.models import Embedder
+    from index_build.patch_index import PatchIndex
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +174,9 @@ class SearchApp:
         except PersonalGalleryError as err:
             raise StartupError(str(err)) from err
         except IndexLoadError as err:
-            raise StartupError(f"the index {index or 'starter gallery'!r} cannot be used with this model: {err}") from err
+            raise StartupError(
+                f"the index {index or 'starter gallery'!r} cannot be used with this model: {err}"
+            ) from err
         main = galleries.main
         if index_dir is None:
             info = starter_description(len(main), Counter(main.row_labels), embedder.config.image_size, HOW_TO_LOAD)
@@ -253,7 +263,9 @@ class SearchApp:
         for rank, hit in enumerate(hits, start=1):
             where = "your images" if hit.gallery == "personal" else "gallery"
             tile_text = f" · tile {hit.tile}" if several else ""
-            gallery.append((hit.thumbnail, f"{hit.label} · sim {hit.score:.3f}{tile_text} · {short_source(hit.source)}"))
+            gallery.append(
+                (hit.thumbnail, f"{hit.label} · sim {hit.score:.3f}{tile_text} · {short_source(hit.source)}")
+            )
             table.append([rank, hit.label, round(hit.score, 4), hit.tile, where, hit.source])
         total = sum(n for _, n in votes)
         rule = (

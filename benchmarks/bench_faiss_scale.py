@@ -1,6 +1,6 @@
 """Search at scale: exact ``IndexFlatIP`` vs approximate FAISS indexes on 1M clustered vectors.
 
-Target 3 of issue 6: at N = 1,000,000 vectors of the default model's dimension (512), the
+Goal: at N = 1,000,000 vectors of the default model's dimension (512), the
 approximate index reaches recall@10 >= 0.95 of exact search, at >= 10x lower search latency and
 <= 1/8 of the exact index's memory; build time printed.
 
@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from index_build.faiss_index import default_index_params, make_faiss_index, search_knob, set_search_params  # noqa: E402
+from index_build.faiss_index import make_faiss_index, search_knob, set_search_params  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ def clustered_vectors(
     """``n x d`` float32 L2-normalised vectors clustered like image embeddings.
 
     Cluster ``c`` has a random unit centre ``mu_c`` and a random orthonormal basis ``U_c``
-    (``d x rank``, Gaussian, so orthonormal up to O(1/sqrt(d))); a member is ``mu_c + spread * U_c (lambda * z) + noise * e / sqrt(d)`` with
+    (``d x rank``, Gaussian, so orthonormal up to O(1/sqrt(d))); a member is
+    ``mu_c + spread * U_c (lambda * z) + noise * e / sqrt(d)`` with
     ``z, e ~ N(0, 1)`` and ``lambda_i ~ i^-0.5`` normalised to unit norm (an anisotropic,
     power-law spectrum, as in real embeddings), then L2-normalised. Cluster sizes follow a Zipf
     law (exponent 1), as class sizes of real collections do. ``centers_seed`` fixes the
@@ -191,13 +192,15 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def format_table(rows: list[dict], k: int) -> str:
     lines = [
-        f"| index | search param | recall@{k} | 1-recall@{k} | ms/query (batch) | ms/query (single) | speed-up batch / single "
+        f"| index | search param | recall@{k} | 1-recall@{k} | ms/query (batch) | ms/query (single) "
+        "| speed-up batch / single "
         "| memory MB | memory / exact | build s |",
         "|" + "---|" * 10,
     ]
     for r in rows:
         lines.append(
-            f"| {r['index']} | {r['param']} | {r['recall']:.4f} | {r['nn_recall']:.4f} | {r['batch_ms']:.3f} | {r['single_ms']:.2f} "
+            f"| {r['index']} | {r['param']} | {r['recall']:.4f} | {r['nn_recall']:.4f} | {r['batch_ms']:.3f} "
+            f"| {r['single_ms']:.2f} "
             f"| {r['speedup_batch']:.1f}x / {r['speedup_single']:.1f}x | {r['bytes'] / 1e6:.1f} "
             f"| 1/{1 / r['memory_ratio']:.1f} | {r['build_s']:.1f} |"
         )

@@ -26,12 +26,17 @@ from tqdm.auto import tqdm
 
 from index_build.faiss_index import check_index_type
 from index_build.patch_index import EmbedderLike, PatchIndex, write_index
-from index_build.storage import THUMBNAIL_SIZE, has_index, make_thumbnail, metadata_table, write_atomic
+from index_build.storage import (
+    DEFAULT_CHUNK_SIZE,
+    THUMBNAIL_SIZE,
+    WORK_DIR,
+    has_index,
+    make_thumbnail,
+    metadata_table,
+    write_atomic,
+)
 
 logger = logging.getLogger(__name__)
-
-WORK_DIR = ".partial"
-DEFAULT_CHUNK_SIZE = 4096
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",

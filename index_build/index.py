@@ -11,8 +11,6 @@ The code lives in four layers, each readable on its own:
 from __future__ import annotations
 
 from index_build.embedding import (
-    DEFAULT_CHUNK_SIZE,
-    WORK_DIR,
     ImageRowDataset,
     build_index,
     default_num_workers,
@@ -28,6 +26,7 @@ from index_build.faiss_index import (
 )
 from index_build.patch_index import EmbedderLike, PatchIndex, SearchResult, check_manifest_matches, write_index
 from index_build.storage import (
+    DEFAULT_CHUNK_SIZE,
     FORMAT_VERSION,
     INDEX_FILE,
     JOURNAL_FILE,
@@ -36,6 +35,7 @@ from index_build.storage import (
     METADATA_SCHEMA,
     THUMBNAIL_QUALITY,
     THUMBNAIL_SIZE,
+    WORK_DIR,
     ImageLike,
     IndexLoadError,
     decode_thumbnail,

@@ -8,14 +8,14 @@ index type. :func:`write_index` builds a new index directory from vectors and me
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Protocol, Sequence, Union
+from typing import TYPE_CHECKING, Any, Optional, Protocol, Union
 
 import faiss
 import numpy as np
 import pyarrow as pa
-import torch
 from PIL import Image
 
 from index_build.faiss_index import make_faiss_index, search_parameters, set_search_params
@@ -34,6 +34,9 @@ from index_build.storage import (
     read_directory,
     write_directory,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 

@@ -42,6 +42,7 @@ __all__ = [
     "TiledResult",
     "axis_starts",
     "cut_tiles",
+    "embed_tiles",
     "merge_tiles",
     "plan_tiles",
     "search_galleries",
@@ -216,6 +217,22 @@ class TiledResult:
     unit: str  # what a vote is: "results" (one tile) or "tiles"
 
 
+def embed_tiles(
+    image: Image.Image,
+    embedder: Any,
+    tile_large: bool = True,
+    embed: Optional[Callable[[torch.Tensor], np.ndarray]] = None,
+) -> tuple[Image.Image, list[Tile], Any, np.ndarray]:
+    """Cut ``image`` into the tiles of :func:`plan_tiles` for ``embedder``'s input size and embed them.
+
+    Returns:
+        ``(working_image, tiles, pixel_values, xq)``: one embedding per tile, in tile order.
+    """
+    work, tiles, crops = cut_tiles(image, int(embedder.processor.image_size), tile_large)
+    pixel_values = embedder.preprocess(crops)
+    return work, tiles, pixel_values, (embed or embedder.embed_pixels)(pixel_values)
+
+
 def tiled_search(
     image: Image.Image,
     embedder: Any,
@@ -239,10 +256,7 @@ def tiled_search(
         guard: held while the galleries are searched (a lock against concurrent additions);
             tiling and embedding run outside it.
     """
-    size = int(embedder.processor.image_size)
-    work, tiles, crops = cut_tiles(image, size, tile_large)
-    pixel_values = embedder.preprocess(crops)
-    xq = (embed or embedder.embed_pixels)(pixel_values)
+    work, tiles, pixel_values, xq = embed_tiles(image, embedder, tile_large, embed)
     with guard or nullcontext():
         per_tile = search_galleries(galleries, xq, k, label)
     hits, votes, unit = merge_tiles(per_tile, k)

@@ -12,8 +12,17 @@ import os
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["check_source", "is_hub_id", "resolve_index_dir"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "check_shard",
+    "check_source",
+    "is_hub_id",
+    "parse_shard",
+    "resolve_index_dir",
+    "source_kind",
+]
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 _LOCAL_SUFFIXES = (".parquet",)
 
 
@@ -62,3 +71,52 @@ def resolve_index_dir(spec: str, revision: Optional[str] = None) -> Path:
             f"could not get the index {spec!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
             "Give a local index directory, or check the repo id and the network (HF_HUB_OFFLINE)."
         ) from err
+
+
+def source_kind(source: str) -> str:
+    """``"imagefolder"``, ``"parquet"`` or ``"hub"`` for a ``--dataset`` argument.
+
+    Raises:
+        FileNotFoundError: ``source`` looks like a local path (starts with ``/``, ``.``, ``~``, or
+            names a ``.parquet`` file) but does not exist.
+        ValueError: a local folder holds neither images nor parquet files.
+    """
+    path = Path(os.path.expanduser(source))
+    if path.is_file():
+        if path.suffix.lower() == ".parquet":
+            return "parquet"
+        raise ValueError(f"{source} is a file but not a .parquet file; give an image folder, parquet or Hub id")
+    if path.is_dir():
+        has_images = has_parquet = False
+        for _, _, files in os.walk(path):
+            for name in files:
+                suffix = os.path.splitext(name)[1].lower()
+                has_images |= suffix in IMAGE_EXTENSIONS
+                has_parquet |= suffix == ".parquet"
+            if has_images:
+                break
+        if has_images:
+            return "imagefolder"
+        if has_parquet:
+            return "parquet"
+        raise ValueError(f"{source} holds no image files ({', '.join(IMAGE_EXTENSIONS)}) and no .parquet files")
+    if not is_hub_id(source):
+        raise FileNotFoundError(f"dataset path not found: {source}")
+    return "hub"
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError as err:
+        raise ValueError(f"shard must look like 'i/n' (e.g. 0/4), got {text!r}") from err
+    check_shard((index, count))
+    return index, count
+
+
+def check_shard(shard: tuple[int, int]) -> None:
+    """Raise ``ValueError`` unless ``shard`` is ``(index, count)`` with ``0 <= index < count``."""
+    index, count = shard
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard (index, count) needs 0 <= index < count, got {shard}")

@@ -23,10 +23,11 @@ import logging
 import os
 import platform
 from collections import Counter
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import faiss
 import numpy as np
@@ -41,6 +42,8 @@ INDEX_FILE = "index.faiss"
 METADATA_FILE = "metadata.parquet"
 MANIFEST_FILE = "manifest.json"
 JOURNAL_FILE = ".commit.json"
+WORK_DIR = ".partial"  # where a build keeps its embedded chunks until the index is written
+DEFAULT_CHUNK_SIZE = 4096  # rows per persisted chunk: the resume granularity of a build
 THUMBNAIL_SIZE = 128
 THUMBNAIL_QUALITY = 85
 METADATA_SCHEMA = pa.schema(
@@ -53,12 +56,14 @@ _PACKAGES = ("torch", "timm", "transformers", "datasets", "faiss-cpu", "numpy", 
 ImageLike = Union[Image.Image, np.ndarray]
 
 __all__ = [
+    "DEFAULT_CHUNK_SIZE",
     "FORMAT_VERSION",
     "INDEX_FILE",
     "MANIFEST_FILE",
     "METADATA_FILE",
     "METADATA_SCHEMA",
     "MODEL_KEYS",
+    "WORK_DIR",
     "IndexLoadError",
     "decode_thumbnail",
     "has_index",
@@ -167,7 +172,7 @@ def package_versions() -> dict[str, Optional[str]]:
 
 def now() -> str:
     """The current UTC time, ISO 8601 to the second."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:

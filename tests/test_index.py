@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import faiss
@@ -65,14 +66,28 @@ def write_folder(root: Path, per_class: int = 4, size: int = 48) -> Path:
     return root
 
 
-@pytest.fixture()
-def folder(tmp_path) -> Path:
-    return write_folder(tmp_path / "patches")
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("data") / "patches")
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def dataset(folder):
     return load_image_dataset(str(folder))
+
+
+@pytest.fixture(scope="module")
+def built_dir(tmp_path_factory, dataset, embedder) -> Path:
+    """The 12-patch flat index, built once per module (tests that change it use ``index_dir``)."""
+    out = tmp_path_factory.mktemp("built") / "idx"
+    _build(dataset, out, embedder)
+    return out
+
+
+@pytest.fixture()
+def index_dir(built_dir, tmp_path) -> Path:
+    """A private copy of the built index in ``tmp_path / "idx"``."""
+    return Path(shutil.copytree(built_dir, tmp_path / "idx"))
 
 
 def _build(dataset, out, embedder, **kwargs) -> PatchIndex:
@@ -117,25 +132,25 @@ def test_round_trip(dataset, embedder, tmp_path):
     assert [r.ids for r in again] == [r.ids for r in results[:2]]
 
 
-def test_label_filter(dataset, embedder, tmp_path):
-    index = _build(dataset, tmp_path / "idx", embedder)
+def test_label_filter(dataset, embedder, built_dir):
+    index = PatchIndex.load(built_dir, embedder)
     results = index.search(images=[dataset[0]["image"]], k=10, label="green")
     assert results[0].labels == ["green"] * 4  # only 4 green patches exist; -1 padding dropped
     with pytest.raises(ValueError, match="not in the index"):
         index.search(images=[dataset[0]["image"]], k=3, label="purple")
 
 
-def test_thumbnails_are_small_jpegs(dataset, embedder, tmp_path):
+def test_thumbnails_are_small_jpegs(embedder, index_dir):
     big = Image.new("RGB", (400, 300), (10, 20, 30))
-    index = _build(dataset, tmp_path / "idx", embedder)
+    index = PatchIndex.load(index_dir, embedder)
     index.add([big], ["grey"], ["big.png"])
     raw = index._thumbnails[12].as_py()
     assert raw[:2] == b"\xff\xd8"  # JPEG
     assert decode_thumbnail(raw).size == (128, 96)
 
 
-def test_resume_after_interruption(dataset, embedder, tmp_path, monkeypatch):
-    reference = _build(dataset, tmp_path / "ref", embedder).reconstruct_all()
+def test_resume_after_interruption(dataset, embedder, built_dir, tmp_path, monkeypatch):
+    reference = PatchIndex.load(built_dir).reconstruct_all()
     out = tmp_path / "idx"
     calls = {"n": 0}
     original = Embedder.embed_pixels
@@ -182,17 +197,15 @@ def test_resume_discards_partial_build_of_other_model(dataset, embedder, other_e
     np.testing.assert_allclose(index.reconstruct_all(), embedder.embed_images([r["image"] for r in dataset]), atol=1e-5)
 
 
-def test_existing_index_needs_append_or_overwrite(dataset, embedder, tmp_path):
-    out = tmp_path / "idx"
-    _build(dataset, out, embedder)
+def test_existing_index_needs_append_or_overwrite(dataset, embedder, index_dir):
+    out = index_dir
     with pytest.raises(ValueError, match="already exists"):
         _build(dataset, out, embedder)
     assert len(_build(dataset, out, embedder, overwrite=True)) == 12
 
 
-def test_append(dataset, embedder, tmp_path):
-    out = tmp_path / "idx"
-    _build(dataset, out, embedder)
+def test_append(dataset, embedder, index_dir, tmp_path):
+    out = index_dir
     extra_root = write_folder(tmp_path / "extra", per_class=1)
     extra = load_image_dataset(str(extra_root))
     appended = _build(extra, out, embedder, append=True)
@@ -213,16 +226,14 @@ def test_append(dataset, embedder, tmp_path):
         reloaded.add([odd, odd], ["x"])
 
 
-def test_append_with_other_model_is_refused(dataset, embedder, other_embedder, tmp_path):
-    out = tmp_path / "idx"
-    _build(dataset, out, embedder)
+def test_append_with_other_model_is_refused(dataset, other_embedder, index_dir):
+    out = index_dir
     with pytest.raises(IndexLoadError, match="weights_fingerprint"):
         _build(dataset, out, other_embedder, append=True)
 
 
-def test_manifest_mismatch(dataset, embedder, other_embedder, tmp_path):
-    out = tmp_path / "idx"
-    _build(dataset, out, embedder)
+def test_manifest_mismatch(dataset, embedder, other_embedder, built_dir):
+    out = built_dir
     with pytest.raises(IndexLoadError, match=r"embedding_dim 64 != 32.*config_hash"):
         PatchIndex.load(out, make_embedder(neck_channels=8))
     with pytest.raises(IndexLoadError, match=r"weights_fingerprint") as err:
@@ -234,9 +245,8 @@ def test_manifest_mismatch(dataset, embedder, other_embedder, tmp_path):
         PatchIndex.load(out).search(images=[dataset[0]["image"]])
 
 
-def test_missing_and_corrupt_files(dataset, embedder, tmp_path):
-    out = tmp_path / "idx"
-    _build(dataset, out, embedder)
+def test_missing_and_corrupt_files(dataset, embedder, index_dir, tmp_path):
+    out = index_dir
     good = {name: (out / name).read_bytes() for name in (INDEX_FILE, METADATA_FILE, MANIFEST_FILE)}
 
     def restore():
@@ -271,9 +281,9 @@ def test_missing_and_corrupt_files(dataset, embedder, tmp_path):
     assert len(PatchIndex.load(out, embedder)) == 12
 
 
-def test_interrupted_commit_rolls_forward(dataset, embedder, tmp_path, monkeypatch):
-    out = tmp_path / "idx"
-    index = _build(dataset, out, embedder)
+def test_interrupted_commit_rolls_forward(embedder, index_dir, monkeypatch):
+    out = index_dir
+    index = PatchIndex.load(out, embedder)
     real_replace = os.replace
     state = {"renames": 0}
 
@@ -295,9 +305,9 @@ def test_interrupted_commit_rolls_forward(dataset, embedder, tmp_path, monkeypat
     assert not (out / ".commit.json").exists()
 
 
-def test_failed_write_keeps_old_index(dataset, embedder, tmp_path, monkeypatch):
-    out = tmp_path / "idx"
-    index = _build(dataset, out, embedder)
+def test_failed_write_keeps_old_index(embedder, index_dir, monkeypatch):
+    out = index_dir
+    index = PatchIndex.load(out, embedder)
 
     def broken_write(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -449,9 +459,9 @@ def test_label_filter_on_every_index_type(tmp_path, embedder, index_type, params
         assert [r.ids for r in results] == expected.tolist()
 
 
-def test_search_is_explicit_about_images_and_embeddings(dataset, embedder, tmp_path):
+def test_search_is_explicit_about_images_and_embeddings(embedder, built_dir):
     """A 64 x 64 float grayscale image on a 64-d index is one image, never 64 embeddings."""
-    index = _build(dataset, tmp_path / "idx", embedder)
+    index = PatchIndex.load(built_dir, embedder)
     assert index.dim == 64
     grey = np.random.default_rng(0).random((64, 64), dtype=np.float32)
     assert len(index.search(images=grey, k=3)) == 1

@@ -1,4 +1,4 @@
-"""The recommended large-collection index (issue 6, target 3) works through index_build's own code."""
+"""The recommended large-collection index works through index_build's own code."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from bench_faiss_scale import clustered_vectors, nn_recall_at_k, recall_at_k  # noqa: E402
+
 from index_build.faiss_index import make_faiss_index, set_search_params  # noqa: E402
 
 RECOMMENDED = "factory:IVF1024,RaBitQ4"

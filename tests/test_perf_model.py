@@ -1,4 +1,4 @@
-"""The optimised neck path (issue 6, target 1) equals the straightforward reference path."""
+"""The optimised neck path equals the straightforward reference path."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from modeling_lgffem import (
     GRN,
     Fuse,
+    GlobalAggregator,
     LayerNorm2d,
     LgffemConfig,
     LgffemModel,
     LocalAggregator,
-    GlobalAggregator,
     grn,
     layer_norm_2d,
     upsample2_depthwise,
