@@ -30,8 +30,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from index_build.display import draw_tile_grid, short_source, tensor_to_images
-from index_build.metrics import majority_votes
+from index_build.display import draw_tile_grid, result_rows, result_summary, tile_views
 from index_build.query import MIN_SIDE, tiling_rule
 from index_build.sources import check_source, resolve_index_dir
 from index_build.starter import starter_description, write_starter_examples
@@ -61,10 +60,6 @@ ANY_LABEL = "(any label)"
 TILE_MODES = ("tile large images", "whole image")
 LABEL_PATTERN = re.compile(r"^[\w][\w .,()+\-]{0,63}$")
 DEFAULT_DATA_DIR = Path(os.path.expanduser("~/.cache/lgffem"))
-SINGLE_RULE = (
-    "The image is searched whole (resized to the model input). Suggestion: the majority label of the "
-    "k results; a tie goes to the label ranked first."
-)
 TABLE_HEADERS = ["rank", "label", "similarity", "tile", "gallery", "source"]
 
 
@@ -257,56 +252,15 @@ class SearchApp:
         found = self.galleries.search(query, k_int, label, tile_large=tiling == TILE_MODES[0], embed=self._embed)
         if not found.hits:
             raise InputError(f"no gallery patch has the label {label!r}")
-        hits, votes, tiles, work = found.hits, found.votes, found.tiles, found.work
-        several = len(tiles) > 1
-        gallery, table = [], []
-        for rank, hit in enumerate(hits, start=1):
-            where = "your images" if hit.gallery == "personal" else "gallery"
-            tile_text = f" · tile {hit.tile}" if several else ""
-            gallery.append(
-                (hit.thumbnail, f"{hit.label} · sim {hit.score:.3f}{tile_text} · {short_source(hit.source)}")
-            )
-            table.append([rank, hit.label, round(hit.score, 4), hit.tile, where, hit.source])
-        total = sum(n for _, n in votes)
-        rule = (
-            "Tiles merged: each gallery patch keeps its best similarity over the tiles; the suggestion is the "
-            "vote of the tiles' own majority labels (see *How large images are searched* below)."
-            if several
-            else SINGLE_RULE
-        )
-        size_text = f"{query.width}×{query.height} px"
-        if several and work.size != query.size:
-            size_text += f", shrunk to {work.width}×{work.height} px"
-        tied = [lab for lab, n in votes[1:] if n == votes[0][1]]
-        tie_text = f", tied with {', '.join(tied)} (tie broken by the rule below)" if tied else ""
-        summary = (
-            f"### Suggestion: **{votes[0][0]}** ({votes[0][1]} of {total} {found.unit}){tie_text}\n"
-            f"Votes: {', '.join(f'{lab}: {n}' for lab, n in votes)}.  \n"
-            f"Query: {size_text}, searched as {len(tiles)} tile{'s' if several else ''}"
-            f"{' (' + str(self.input_size) + ' px)' if several else ''}; "
-            f"{len(hits)} results{' with label ' + repr(label) if label else ''}.  \n"
-            f"_{rule}_"
-        )
-        processor = self.embedder.processor
-        seen = tensor_to_images(found.pixel_values, processor.image_mean, processor.image_std)
-        tile_gallery = [
-            (
-                img,
-                f"tile {t.number} (row {t.row + 1}, col {t.col + 1}) → "
-                f"{majority_votes([h.label for h in tile_hits])[0][0] if tile_hits else '-'}"
-                if several
-                else f"query as the model saw it ({self.input_size}×{self.input_size})",
-            )
-            for img, t, tile_hits in zip(seen, tiles, found.per_tile)
-        ]
+        gallery, table = result_rows(found)
         elapsed = 1000 * (time.perf_counter() - started)
-        logger.info("search: %s, %d tiles, k=%d, %.0f ms", size_text, len(tiles), k_int, elapsed)
+        logger.info("search: %s px, %d tiles, k=%d, %.0f ms", query.size, len(found.tiles), k_int, elapsed)
         return SearchOutputs(
             gallery=gallery,
-            votes={lab: n / total for lab, n in votes},
-            summary=summary,
-            overview=draw_tile_grid(work, tiles),
-            tiles=tile_gallery,
+            votes={lab: n / sum(n for _, n in found.votes) for lab, n in found.votes},
+            summary=result_summary(found, query.size, self.input_size, label),
+            overview=draw_tile_grid(found.work, found.tiles),
+            tiles=tile_views(found, self.embedder.processor),
             table=table,
         )
 

@@ -1,22 +1,24 @@
-"""Pictures of a query for people: the tile grid drawn on the query, and what the model saw.
+"""A query result for people: the tile grid drawn on the query, what the model saw, captions and summary.
 
-Pure functions of images and tiles (no model, no index), shared by the app and scripts.
+Pure functions of images, tiles and a :class:`~index_build.query.TiledResult` (no model, no
+index), shared by the app and scripts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from index_build.query import Tile
+from index_build.metrics import majority_votes
+from index_build.query import Tile, TiledResult
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["draw_tile_grid", "short_source", "tensor_to_images"]
+__all__ = ["draw_tile_grid", "result_rows", "result_summary", "short_source", "tensor_to_images", "tile_views"]
 
 
 def tensor_to_images(pixel_values: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> list[Image.Image]:
@@ -53,3 +55,63 @@ def short_source(source: str, keep: int = 2) -> str:
     """The last ``keep`` path components of a file source (Hub and other sources unchanged)."""
     parts = source.replace("\\", "/").split("/")
     return source if len(parts) <= keep else "…/" + "/".join(parts[-keep:])
+
+
+SINGLE_RULE = (
+    "The image is searched whole (resized to the model input). Suggestion: the majority label of the "
+    "k results; a tie goes to the label ranked first."
+)
+TILED_RULE = (
+    "Tiles merged: each gallery patch keeps its best similarity over the tiles; the suggestion is the "
+    "vote of the tiles' own majority labels (see *How large images are searched* below)."
+)
+
+
+def result_rows(found: TiledResult) -> tuple[list[tuple[Optional[Image.Image], str]], list[list[Any]]]:
+    """Captioned thumbnails (``label · sim 0.912 · tile 3 · source``) and table rows of the merged hits.
+
+    Table rows are ``rank, label, similarity, tile, gallery, source``.
+    """
+    several = len(found.tiles) > 1
+    gallery, table = [], []
+    for rank, hit in enumerate(found.hits, start=1):
+        where = "your images" if hit.gallery == "personal" else "gallery"
+        tile_text = f" · tile {hit.tile}" if several else ""
+        gallery.append((hit.thumbnail, f"{hit.label} · sim {hit.score:.3f}{tile_text} · {short_source(hit.source)}"))
+        table.append([rank, hit.label, round(hit.score, 4), hit.tile, where, hit.source])
+    return gallery, table
+
+
+def result_summary(found: TiledResult, query_size: tuple[int, int], size: int, label: Optional[str] = None) -> str:
+    """Markdown: the suggestion with its votes (and ties), the query's size and tiling, and the rule used."""
+    votes, tiles, work = found.votes, found.tiles, found.work
+    several = len(tiles) > 1
+    size_text = f"{query_size[0]}×{query_size[1]} px"
+    if several and work.size != tuple(query_size):
+        size_text += f", shrunk to {work.width}×{work.height} px"
+    tied = [lab for lab, n in votes[1:] if n == votes[0][1]]
+    tie_text = f", tied with {', '.join(tied)} (tie broken by the rule below)" if tied else ""
+    return (
+        f"### Suggestion: **{votes[0][0]}** ({votes[0][1]} of {sum(n for _, n in votes)} {found.unit}){tie_text}\n"
+        f"Votes: {', '.join(f'{lab}: {n}' for lab, n in votes)}.  \n"
+        f"Query: {size_text}, searched as {len(tiles)} tile{'s' if several else ''}"
+        f"{' (' + str(size) + ' px)' if several else ''}; "
+        f"{len(found.hits)} results{' with label ' + repr(label) if label else ''}.  \n"
+        f"_{TILED_RULE if several else SINGLE_RULE}_"
+    )
+
+
+def tile_views(found: TiledResult, processor: Any) -> list[tuple[Image.Image, str]]:
+    """Every tile as the model saw it, captioned with its grid position and its own majority label."""
+    size = int(processor.image_size)
+    seen = tensor_to_images(found.pixel_values, processor.image_mean, processor.image_std)
+    if len(found.tiles) == 1:
+        return [(seen[0], f"query as the model saw it ({size}×{size})")]
+    return [
+        (
+            image,
+            f"tile {t.number} (row {t.row + 1}, col {t.col + 1}) → "
+            f"{majority_votes([h.label for h in hits])[0][0] if hits else '-'}",
+        )
+        for image, t, hits in zip(seen, found.tiles, found.per_tile)
+    ]
