@@ -1,6 +1,6 @@
 """Search at scale: exact ``IndexFlatIP`` vs approximate FAISS indexes on 1M clustered vectors.
 
-Target 3 of issue 6: at N = 1,000,000 vectors of the default model's dimension (512), the
+Goal: at N = 1,000,000 vectors of the default model's dimension (512), the
 approximate index reaches recall@10 >= 0.95 of exact search, at >= 10x lower search latency and
 <= 1/8 of the exact index's memory; build time printed.
 
@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from index_build.index import default_index_params, make_faiss_index  # noqa: E402
+from index_build.faiss_index import make_faiss_index, search_knob, set_search_params  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ def clustered_vectors(
     """``n x d`` float32 L2-normalised vectors clustered like image embeddings.
 
     Cluster ``c`` has a random unit centre ``mu_c`` and a random orthonormal basis ``U_c``
-    (``d x rank``, Gaussian, so orthonormal up to O(1/sqrt(d))); a member is ``mu_c + spread * U_c (lambda * z) + noise * e / sqrt(d)`` with
+    (``d x rank``, Gaussian, so orthonormal up to O(1/sqrt(d))); a member is
+    ``mu_c + spread * U_c (lambda * z) + noise * e / sqrt(d)`` with
     ``z, e ~ N(0, 1)`` and ``lambda_i ~ i^-0.5`` normalised to unit norm (an anisotropic,
     power-law spectrum, as in real embeddings), then L2-normalised. Cluster sizes follow a Zipf
     law (exponent 1), as class sizes of real collections do. ``centers_seed`` fixes the
@@ -102,14 +103,6 @@ def nn_recall_at_k(exact_ids: np.ndarray, approx_ids: np.ndarray, k: int) -> flo
 def index_bytes(index: faiss.Index) -> int:
     """Serialized size of an index (what ``index.faiss`` takes on disk and, roughly, in RAM)."""
     return int(faiss.serialize_index(index).size)
-
-
-def set_search_param(index: faiss.Index, name: str, value: int) -> None:
-    """Set ``nprobe`` (IVF) or ``efSearch`` (HNSW) on an index, through any wrapper."""
-    if name == "nprobe":
-        faiss.extract_index_ivf(index).nprobe = value
-    else:
-        faiss.downcast_index(index).hnsw.efSearch = value
 
 
 def time_search(index: faiss.Index, xq: np.ndarray, k: int, single: int, repeats: int) -> tuple[float, float]:
@@ -166,10 +159,11 @@ def run(args: argparse.Namespace) -> list[dict]:
         build = time.perf_counter() - t0
         size = index_bytes(index)
         logger.info("%s %s built in %.1f s, %.1f MB", spec, used, build, size / 1e6)
-        name = "efSearch" if "HNSW" in spec or spec == "hnsw" else "nprobe"
-        values = args.ef_search if name == "efSearch" else args.nprobe
+        knob = search_knob(index)  # the index object says which parameter it has
+        values = {"ef_search": args.ef_search, "nprobe": args.nprobe}.get(knob, [None])
         for value in values:
-            set_search_param(index, name, value)
+            if knob is not None:
+                set_search_params(index, {knob: value})
             _, approx_i = index.search(xq, args.k)
             recall = recall_at_k(exact_i, approx_i, args.k)
             nn_recall = nn_recall_at_k(exact_i, approx_i, args.k)
@@ -178,7 +172,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             rows.append(
                 dict(
                     index=desc,
-                    param=f"{name}={value}",
+                    param=f"{knob}={value}" if knob else "-",
                     recall=recall,
                     nn_recall=nn_recall,
                     batch_ms=batch_ms,
@@ -187,7 +181,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     build_s=build,
                 )
             )
-            logger.info("%s %s=%d recall@%d %.4f", spec, name, value, args.k, recall)
+            logger.info("%s %s=%s recall@%d %.4f", spec, knob, value, args.k, recall)
         del index
     for r in rows:
         r["speedup_batch"] = flat_batch / r["batch_ms"]
@@ -198,13 +192,15 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def format_table(rows: list[dict], k: int) -> str:
     lines = [
-        f"| index | search param | recall@{k} | 1-recall@{k} | ms/query (batch) | ms/query (single) | speed-up batch / single "
+        f"| index | search param | recall@{k} | 1-recall@{k} | ms/query (batch) | ms/query (single) "
+        "| speed-up batch / single "
         "| memory MB | memory / exact | build s |",
         "|" + "---|" * 10,
     ]
     for r in rows:
         lines.append(
-            f"| {r['index']} | {r['param']} | {r['recall']:.4f} | {r['nn_recall']:.4f} | {r['batch_ms']:.3f} | {r['single_ms']:.2f} "
+            f"| {r['index']} | {r['param']} | {r['recall']:.4f} | {r['nn_recall']:.4f} | {r['batch_ms']:.3f} "
+            f"| {r['single_ms']:.2f} "
             f"| {r['speedup_batch']:.1f}x / {r['speedup_single']:.1f}x | {r['bytes'] / 1e6:.1f} "
             f"| 1/{1 / r['memory_ratio']:.1f} | {r['build_s']:.1f} |"
         )

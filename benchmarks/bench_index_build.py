@@ -1,6 +1,6 @@
 """Index-build throughput: the real pipeline on JPEG patches vs the model's raw forward pass.
 
-Target 4 of issue 6: embedding a folder of real JPEG patches (``index_build``'s reader ->
+Goal: embedding a folder of real JPEG patches (``index_build``'s reader ->
 embedder path: DataLoader workers decode, preprocess and thumbnail, the model embeds) runs at
 >= 0.9x the model's raw forward throughput at the same batch size, i.e. decoding and resizing
 do not starve the model.

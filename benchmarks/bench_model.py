@@ -1,6 +1,6 @@
 """FLOPs and CPU throughput of LGFFEM: backbone alone vs whole model, reference vs optimised path.
 
-Target 1 of issue 6: whole-model GFLOP/s >= 0.9x backbone-only GFLOP/s (CPU, batch 8, paper
+Goal: whole-model GFLOP/s >= 0.9x backbone-only GFLOP/s (CPU, batch 8, paper
 configuration, same weights). Every variant is timed interleaved with the others in one run
 (round-robin over repetitions, median taken), so a busy shared machine slows all of them alike.
 
@@ -25,9 +25,9 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
             if "paper" in by and "default" in by:
                 print(
                     f"{variant}: default model {by['default']['img_s_whole']:.1f} img/s vs paper model "
-                    f"{by['paper']['img_s_whole']:.2f} img/s ({by['default']['img_s_whole'] / by['paper']['img_s_whole']:.1f}x)"
+                    f"{by['paper']['img_s_whole']:.2f} img/s "
+                    f"({by['default']['img_s_whole'] / by['paper']['img_s_whole']:.1f}x)"
                 )
     if args.check:
         for name in args.configs:

@@ -1,6 +1,6 @@
 """End-to-end query latency: decode -> preprocess -> embed -> search -> thumbnails.
 
-Target 2 of issue 6: default model on the CPU, one 224x224 query against a 100,000-patch index:
+Goal: default model on the CPU, one 224x224 query against a 100,000-patch index:
 p50 below 150 ms, with the share of each stage printed.
 
 The index is written by ``index_build``'s own writer (:func:`index_build.index.write_index`)

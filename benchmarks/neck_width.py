@@ -85,7 +85,7 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, 224x224, "
         f"median of {args.repeats}"
     )
-    header = f"| model | dim | backbone params | neck params | head params | model.safetensors | GFLOP/img | img/s |"
+    header = "| model | dim | backbone params | neck params | head params | model.safetensors | GFLOP/img | img/s |"
     print(header)
     print("|" + "---|" * 8)
     for name, row in rows.items():

@@ -12,10 +12,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
-from index_build.data import load_image_dataset, parse_shard
-from index_build.index import DEFAULT_CHUNK_SIZE, INDEX_TYPES, PatchIndex, build_index
+from index_build.faiss_index import INDEX_TYPES, check_index_type
+from index_build.sources import check_source, parse_shard, source_kind
+from index_build.storage import DEFAULT_CHUNK_SIZE, has_index
+
+if TYPE_CHECKING:
+    from index_build.patch_index import PatchIndex
 
 logger = logging.getLogger(__name__)
 
@@ -77,16 +82,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optional[tuple[int, int]]:
+    """Reject bad arguments with ``parser.error`` (exit status 2) before anything is loaded; returns the shard."""
+    try:
+        source_kind(args.source)
+        if args.model not in (None, "", "default"):
+            check_source(args.model, "model directory")
+        check_index_type(args.index_type)
+        shard = parse_shard(args.shard) if args.shard is not None else None
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    if args.append and args.overwrite:
+        parser.error("--append and --overwrite exclude each other")
+    if args.append and not has_index(args.out):
+        parser.error(f"--append: no index in {args.out}")
+    if not (args.append or args.overwrite) and has_index(args.out):
+        parser.error(f"an index already exists in {args.out}; pass --append or --overwrite")
+    if args.batch_size < 1 or args.chunk_size < 1:
+        parser.error("--batch-size and --chunk-size must be at least 1")
+    return shard
+
+
 def main(argv: Optional[Sequence[str]] = None) -> PatchIndex:
     """CLI entry point; returns the written index."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    shard = check_args(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from index_build.data import load_image_dataset
+    from index_build.embedding import build_index
     from index_build.models import load_model
 
-    try:
-        shard = parse_shard(args.shard) if args.shard is not None else None
-    except ValueError as err:
-        build_parser().error(str(err))
     embedder = load_model(args.model, device=args.device, revision=args.model_revision)
     dataset = load_image_dataset(
         args.source,
@@ -125,5 +151,11 @@ def main(argv: Optional[Sequence[str]] = None) -> PatchIndex:
     return index
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """Console-script entry point: run :func:`main` on ``sys.argv`` and return the exit status."""
     main(sys.argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

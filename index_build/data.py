@@ -19,60 +19,13 @@ from typing import Optional
 import datasets
 import pyarrow.compute as pc
 
+from index_build.sources import IMAGE_EXTENSIONS, check_shard, parse_shard, source_kind
+
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 DEFAULT_LOCAL_SPLIT = "train"  # the split name imagefolder / parquet give a folder without split subfolders
 
-__all__ = ["IMAGE_EXTENSIONS", "load_image_dataset", "parse_shard", "source_kind"]
-
-
-def source_kind(source: str) -> str:
-    """``"imagefolder"``, ``"parquet"`` or ``"hub"`` for a ``--dataset`` argument.
-
-    Raises:
-        FileNotFoundError: ``source`` looks like a local path (starts with ``/``, ``.``, ``~``, or
-            names a ``.parquet`` file) but does not exist.
-        ValueError: a local folder holds neither images nor parquet files.
-    """
-    path = Path(os.path.expanduser(source))
-    if path.is_file():
-        if path.suffix.lower() == ".parquet":
-            return "parquet"
-        raise ValueError(f"{source} is a file but not a .parquet file; give an image folder, parquet or Hub id")
-    if path.is_dir():
-        has_images = has_parquet = False
-        for _, _, files in os.walk(path):
-            for name in files:
-                suffix = os.path.splitext(name)[1].lower()
-                has_images |= suffix in IMAGE_EXTENSIONS
-                has_parquet |= suffix == ".parquet"
-            if has_images:
-                break
-        if has_images:
-            return "imagefolder"
-        if has_parquet:
-            return "parquet"
-        raise ValueError(f"{source} holds no image files ({', '.join(IMAGE_EXTENSIONS)}) and no .parquet files")
-    if source.startswith(("/", ".", "~")) or source.lower().endswith(".parquet") or source.count("/") > 1:
-        raise FileNotFoundError(f"dataset path not found: {source}")
-    return "hub"
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``."""
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError as err:
-        raise ValueError(f"shard must look like 'i/n' (e.g. 0/4), got {text!r}") from err
-    _check_shard((index, count))
-    return index, count
-
-
-def _check_shard(shard: tuple[int, int]) -> None:
-    index, count = shard
-    if count < 1 or not 0 <= index < count:
-        raise ValueError(f"shard (index, count) needs 0 <= index < count, got {shard}")
+__all__ = ["IMAGE_EXTENSIONS", "label_strings", "load_image_dataset", "parse_shard", "source_kind"]
 
 
 def _pick_split(loaded: datasets.Dataset | datasets.DatasetDict, source: str) -> tuple[datasets.Dataset, str]:
@@ -182,7 +135,7 @@ def load_image_dataset(
         FileNotFoundError: a local path does not exist.
     """
     if shard is not None:
-        _check_shard(shard)
+        check_shard(shard)
     kind = source_kind(source)
     raw, split_name = _load_raw(source, kind, split, revision)
     image_col = _image_column(raw, image_column)

@@ -15,17 +15,21 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from index_build.index import MANIFEST_FILE, ImageRowDataset, PatchIndex, default_num_workers
+from index_build.embedding import embed_batches
 from index_build.metrics import kimia_eta, majority_vote_at_k, map_at_k, per_class_mean, recall_at_k, relevance_matrix
-from index_build.models import embed_in_batches, state_fingerprint
+from index_build.patch_index import PatchIndex
+from index_build.query import Hit, embed_tiles, merge_tiles
+from index_build.sources import check_source
+from index_build.storage import has_index
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +65,13 @@ class BackboneEmbedder:
     @torch.inference_mode()
     def embed_pixels(self, pixel_values: torch.Tensor) -> np.ndarray:
         """Preprocessed batch -> N x C float32 L2-normalised pooled last-stage features."""
+        from modeling_lgffem import gem
+
         x = self.backbone(pixel_values.to(self.device, non_blocking=True))[-1].float()
         if self.pooling == "gap":
             pooled = x.mean(dim=(-2, -1))
         else:
-            pooled = x.clamp(min=1e-6).pow(self.gem_p).mean(dim=(-2, -1)).pow(1.0 / self.gem_p)
+            pooled = gem(x, self.gem_p)
         return np.ascontiguousarray(F.normalize(pooled, dim=-1).cpu().numpy(), dtype=np.float32)
 
     def preprocess(self, images: Sequence[Any]) -> torch.Tensor:
@@ -74,10 +80,14 @@ class BackboneEmbedder:
 
     def embed_images(self, images: Sequence[Any], batch_size: int = 32) -> np.ndarray:
         """Images -> N x C float32 L2-normalised embeddings."""
+        from index_build.models import embed_in_batches
+
         return embed_in_batches(self, images, batch_size)
 
     def describe(self) -> dict:
         """Manifest entry: the base model with the baseline's pooling and its own hashes."""
+        from index_build.models import state_fingerprint
+
         base = self.embedder.describe()
         tag = f"baseline-{self.pooling}" + (f"-p{self.gem_p:g}" if self.pooling == "gem" else "")
         return {
@@ -99,23 +109,14 @@ def embed_rows(
         ``(xb, labels, seconds)``: embeddings, labels and the wall time of the whole pass
         (decoding, preprocessing and the forward passes).
     """
-    from tqdm.auto import tqdm
-
-    workers = default_num_workers() if num_workers is None else num_workers
-    loader = torch.utils.data.DataLoader(
-        ImageRowDataset(dataset, embedder.processor, thumbnail_size=0),
-        batch_size=batch_size,
-        num_workers=workers,
-        pin_memory=torch.device(embedder.device).type == "cuda",
-    )
     chunks: list[np.ndarray] = []
     labels: list[str] = []
     start = time.perf_counter()
-    with tqdm(total=len(dataset), unit="img", desc="embedding", disable=not progress) as bar:
-        for pixels, batch_labels, _sources, _thumbs in loader:
-            chunks.append(embedder.embed_pixels(pixels))
-            labels.extend(batch_labels)
-            bar.update(len(batch_labels))
+    for xb, batch_labels, _sources, _thumbs in embed_batches(
+        dataset, embedder, batch_size, num_workers, thumbnail_size=0, progress=progress
+    ):
+        chunks.append(xb)
+        labels.extend(batch_labels)
     return np.concatenate(chunks), labels, time.perf_counter() - start
 
 
@@ -133,6 +134,55 @@ def _drop_self(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray,
         keep = np.flatnonzero(row_ids != i)[:k]
         out_ids[i], out_scores[i] = row_ids[keep], row_scores[keep]
     return out_ids, out_scores
+
+
+def tiled_retrieval(
+    queries,
+    embedder: Any,
+    search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+    gallery_labels: Sequence[Any],
+    k: int,
+    progress: bool = True,
+) -> tuple[np.ndarray, list[str], float, int]:
+    """Search every query as the app does: cut into tiles, search each tile, merge (``index_build.query``).
+
+    Args:
+        queries: a Dataset of (image, label) rows, images of any size.
+        embedder: the model (``preprocess``, ``embed_pixels``; its processor's ``image_size`` is the tile size).
+        search: ``(xq, k) -> (D, I)`` over the gallery.
+        gallery_labels: the label of every gallery id.
+        k: results per tile, and merged results per query.
+        progress: show a progress bar.
+
+    Returns:
+        ``(retrieved, labels, seconds, tiles)``: the merged ranked labels (``Nq x k``, ``None``
+        where fewer than ``k`` distinct patches were found), the query labels, the wall time of
+        the whole pass and the total number of tiles searched.
+    """
+    from tqdm.auto import tqdm
+
+    from modeling_lgffem import to_rgb_uint8
+
+    retrieved, labels, tiles_searched = [], [], 0
+    start = time.perf_counter()
+    for row in tqdm(range(len(queries)), unit="img", desc="tiled queries", disable=not progress):
+        item = queries[row]
+        _, tiles, _pixels, xq = embed_tiles(to_rgb_uint8(item["image"]), embedder)
+        scores, ids = search(xq, k)
+        per_tile = [
+            [Hit("gallery", int(i), float(s), gallery_labels[i], "", None, t + 1) for s, i in zip(d, ii) if i >= 0]
+            for t, (d, ii) in enumerate(zip(scores, ids))
+        ]
+        hits, _votes, _unit = merge_tiles(per_tile, k)
+        retrieved.append([h.label for h in hits] + [None] * (k - len(hits)))
+        labels.append(item["label"])
+        tiles_searched += len(tiles)
+    return (
+        np.array(retrieved, dtype=object).reshape(len(labels), k),
+        labels,
+        time.perf_counter() - start,
+        tiles_searched,
+    )
 
 
 def retrieval_metrics(query_labels: Sequence[Any], retrieved_labels: np.ndarray, k: int = 5) -> dict[str, Any]:
@@ -158,6 +208,7 @@ def evaluate(
     batch_size: int = 32,
     num_workers: Optional[int] = None,
     progress: bool = True,
+    tile: bool = False,
 ) -> dict[str, Any]:
     """Query a gallery and compute the paper's retrieval metrics (exact cosine search).
 
@@ -171,6 +222,9 @@ def evaluate(
         batch_size: images per forward pass.
         num_workers: DataLoader workers.
         progress: show progress bars.
+        tile: search each query the way the app does (:func:`tiled_retrieval`): large queries
+            (e.g. Kimia Path24C's 1000 x 1000 test patches) are cut into tiles of the model input,
+            each tile is searched and the results are merged; the ranked list is the merged one.
 
     Returns:
         ``{"recall@1", "recall@k", "mmv@k", "map@k", "eta_p", "eta_w", "eta_total",
@@ -183,6 +237,10 @@ def evaluate(
         raise ValueError("give queries, or leave_one_out=True without queries (not both)")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if tile and leave_one_out:
+        raise ValueError("tile needs queries: tiled search is for query images, not leave-one-out")
+    if tile:
+        return _evaluate_tiled(embedder, gallery, queries, k, batch_size, num_workers, progress)
     depth = k + 1 if leave_one_out else k
     if isinstance(gallery, PatchIndex):
         gallery_labels = gallery.row_labels
@@ -217,6 +275,36 @@ def evaluate(
         n_queries=len(query_labels),
         k=k,
         leave_one_out=leave_one_out,
+    )
+    return metrics
+
+
+def _evaluate_tiled(
+    embedder: Any, gallery: Any, queries: Any, k: int, batch_size: int, num_workers: Optional[int], progress: bool
+) -> dict[str, Any]:
+    if isinstance(gallery, PatchIndex):
+        gallery_labels, n_gallery = gallery.row_labels, len(gallery)
+
+        def search(xq: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+            return gallery.search_embeddings(xq, min(depth, n_gallery))
+    else:
+        xb, gallery_labels, _seconds = embed_rows(gallery, embedder, batch_size, num_workers, progress)
+        n_gallery = len(xb)
+
+        def search(xq: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+            return _exact_search(xb, xq, min(depth, n_gallery))
+
+    if n_gallery < k:
+        raise ValueError(f"the gallery has too few images ({n_gallery}) for k={k}")
+    retrieved, query_labels, seconds, tiles = tiled_retrieval(queries, embedder, search, gallery_labels, k, progress)
+    metrics = retrieval_metrics(query_labels, retrieved, k)
+    metrics.update(
+        queries_per_s=len(query_labels) / max(seconds, 1e-9),
+        n_gallery=int(n_gallery),
+        n_queries=len(query_labels),
+        k=k,
+        leave_one_out=False,
+        tiles_per_query=tiles / max(1, len(query_labels)),
     )
     return metrics
 
@@ -262,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: cores - 1)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
+    parser.add_argument(
+        "--tile",
+        action="store_true",
+        help="search large queries as the app does: tiles of the model input, searched and merged",
+    )
     parser.add_argument("--per-class", action="store_true", help="also print per-class Recall@1")
     parser.add_argument("--json", dest="json_path", default=None, help="write the metrics as JSON to this file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -270,12 +363,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     """CLI entry point; returns the metrics."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.queries is None and not args.leave_one_out:
-        raise SystemExit("error: give --queries, or --leave-one-out")
+        parser.error("give --queries, or --leave-one-out")
     if args.queries is not None and args.leave_one_out:
-        raise SystemExit("error: --queries and --leave-one-out exclude each other")
+        parser.error("--queries and --leave-one-out exclude each other")
+    if args.tile and args.leave_one_out:
+        parser.error("--tile needs --queries (tiled search is for query images)")
+    if args.k < 1 or args.batch_size < 1:
+        parser.error("-k and --batch-size must be at least 1")
+    try:  # bad paths are argument errors, reported before the model is loaded
+        check_source(args.gallery, "gallery path")
+        if args.queries is not None:
+            check_source(args.queries, "queries path")
+        if args.model not in (None, "", "default"):
+            check_source(args.model, "model directory")
+    except FileNotFoundError as err:
+        parser.error(str(err))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from index_build.data import load_image_dataset
     from index_build.models import load_model
 
@@ -285,7 +391,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         embedder = BackboneEmbedder(embedder, args.baseline)
         name = embedder.describe()["model"]
     columns = {"image_column": args.image_column, "label_column": args.label_column, "revision": args.revision}
-    if (Path(args.gallery) / MANIFEST_FILE).is_file():
+    if has_index(args.gallery):
         gallery: Any = PatchIndex.load(args.gallery, embedder)
     else:
         gallery = load_image_dataset(args.gallery, split=args.split, **columns)
@@ -301,6 +407,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         progress=not args.no_progress,
+        tile=args.tile,
     )
     metrics.update(model=name, gallery=args.gallery, queries=args.queries, baseline=args.baseline)
     print(format_table([(name, metrics)], k=args.k))
@@ -314,5 +421,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     return metrics
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """Console-script entry point: run :func:`main` on ``sys.argv`` and return the exit status."""
     main(sys.argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

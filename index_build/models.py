@@ -104,7 +104,9 @@ def load_neck_head(path: Union[str, os.PathLike], backbone_weights: Optional[str
     expected = {k for k in model.state_dict() if not k.startswith("backbone.")}
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise ValueError(f"{path} does not fit its declared architecture: missing {missing[:3]}, unexpected {extra[:3]}")
+        raise ValueError(
+            f"{path} does not fit its declared architecture: missing {missing[:3]}, unexpected {extra[:3]}"
+        )
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:  # pragma: no cover - guarded above
         raise ValueError(f"{path}: unexpected tensors {result.unexpected_keys[:3]}")
@@ -121,7 +123,9 @@ def default_model() -> LgffemModel:
         ValueError: the file's bytes are not the shipped ones.
     """
     if not DEFAULT_WEIGHTS.is_file():
-        raise FileNotFoundError(f"default model weights not found: {DEFAULT_WEIGHTS} (re-create them with `make model`)")
+        raise FileNotFoundError(
+            f"default model weights not found: {DEFAULT_WEIGHTS} (re-create them with `make model`)"
+        )
     digest = file_sha256(DEFAULT_WEIGHTS)
     if digest != DEFAULT_WEIGHTS_SHA256:
         raise ValueError(

@@ -25,13 +25,17 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 
-from index_build.index import INDEX_TYPES, IndexLoadError, PatchIndex, check_manifest_matches, write_index
+from index_build.faiss_index import INDEX_TYPES, check_index_type
+from index_build.patch_index import PatchIndex, check_manifest_matches, write_index
+from index_build.sources import check_source, parse_shard, source_kind
+from index_build.storage import IndexLoadError, has_index, model_mismatches
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +99,11 @@ def load_shards(paths: Sequence[str | Path]) -> list[PatchIndex]:
     first = ordered[0]
     source = first.manifest.get("dataset", {}).get("source")
     for shard in ordered[1:]:
-        for key in ("embedding_dim", "config_hash", "weights_fingerprint"):
-            if shard.manifest["model"].get(key) != first.manifest["model"].get(key):
-                raise IndexLoadError(
-                    f"shard {shard.path} was built with another model than {first.path}: {key} "
-                    f"{shard.manifest['model'].get(key)!r} != {first.manifest['model'].get(key)!r}"
-                )
+        problems = model_mismatches(shard.manifest["model"], first.manifest["model"])
+        if problems:
+            raise IndexLoadError(
+                f"shard {shard.path} was built with another model than {first.path}: {'; '.join(problems)}"
+            )
         other = shard.manifest.get("dataset", {}).get("source")
         if other != source:  # the same data may be mounted at different paths on different machines
             logger.warning("shard %s was built from %r, %s from %r", shard.path, other, first.path, source)
@@ -124,13 +127,13 @@ def merge_shards(
         index_params: overrides of the final index's parameters.
     """
     out = Path(out_dir)
-    if (out / "manifest.json").exists():
+    if has_index(out):
         raise ValueError(f"an index already exists in {out}; choose another --out")
     shards = load_shards(paths)
     for shard in shards:
         check_manifest_matches(shard.manifest, embedder, shard.path)
     xb = np.concatenate([shard.reconstruct_all() for shard in shards])
-    metadata = pa.concat_tables([shard._metadata_table() for shard in shards])
+    metadata = pa.concat_tables([shard.metadata_table() for shard in shards])
     info = dict(shards[0].manifest.get("dataset", {}))
     info.pop("shard", None)
     info["rows"] = int(len(xb))
@@ -177,9 +180,23 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[PatchIndex]:
     """CLI entry point. Unknown options of ``build`` are passed on to ``python -m index_build``."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    try:  # bad paths are argument errors, reported before a model is loaded
+        if getattr(args, "model", "default") not in (None, "", "default"):
+            check_source(args.model, "model directory")
+        if args.command == "merge":
+            missing = [path for path in args.shards if not Path(path).is_dir()]
+            if missing:
+                raise FileNotFoundError(f"shard directory not found: {', '.join(missing)}")
+            check_index_type(args.index_type)
+        else:
+            source_kind(args.source)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
     if args.command == "merge":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if has_index(args.out):
+            parser.error(f"an index already exists in {args.out}; choose another --out")
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         from index_build.__main__ import _parse_param
         from index_build.models import load_model
@@ -188,10 +205,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[PatchIndex]:
         embedder = load_model(args.model, revision=args.model_revision)
         return merge_shards(args.shards, args.out, embedder, args.index_type, params)
     from index_build.__main__ import main as build_main
-    from index_build.data import parse_shard
 
     if args.shard is not None:
-        index, count = parse_shard(args.shard)
+        try:
+            index, count = parse_shard(args.shard)
+        except ValueError as err:
+            parser.error(str(err))
         device = None
     else:
         index, count, device = _rank_and_world()
@@ -209,5 +228,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[PatchIndex]:
     return build_main(argv + rest)
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """Console-script entry point: run :func:`main` on ``sys.argv`` and return the exit status."""
     main(sys.argv[1:])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

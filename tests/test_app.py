@@ -18,7 +18,10 @@ import torch
 from PIL import Image
 
 import app
-from app import InputError, SearchApp, StartupError
+from app import SearchApp, StartupError
+from index_build import query, starter, uploads
+from index_build.metrics import majority_votes
+from index_build.uploads import InputError
 
 torch.set_num_threads(2)
 
@@ -46,7 +49,7 @@ def tiny(tiny_config):
 @pytest.fixture(scope="module")
 def starter_subset():
     """All 5 background tiles of the starter gallery plus every 6th other tile (35 tiles)."""
-    images, labels, sources = app.starter_tiles()
+    images, labels, sources = starter.starter_tiles()
     keep = sorted({i for i, lab in enumerate(labels) if lab == "background"} | set(range(0, len(images), 6)))
     return [images[i] for i in keep], [labels[i] for i in keep], [sources[i] for i in keep]
 
@@ -56,7 +59,7 @@ def base_index_dir(tmp_path_factory, tiny, starter_subset):
     from index_build.index import build_index
 
     path = tmp_path_factory.mktemp("base") / "index"
-    build_index(app.images_dataset(*starter_subset), path, tiny, num_workers=0, progress=False)
+    build_index(starter.images_dataset(*starter_subset), path, tiny, num_workers=0, progress=False)
     return path
 
 
@@ -103,7 +106,7 @@ def tissue(size: int = 224) -> Image.Image:
     ],
 )
 def test_axis_starts(length, tile, expected):
-    assert app.axis_starts(length, tile) == expected
+    assert query.axis_starts(length, tile) == expected
 
 
 @pytest.mark.parametrize(
@@ -119,7 +122,7 @@ def test_axis_starts(length, tile, expected):
     ],
 )
 def test_plan_tiles(size, tile_large, scale, count, last_box):
-    got_scale, tiles = app.plan_tiles(*size, 224, tile_large)
+    got_scale, tiles = query.plan_tiles(*size, 224, tile_large)
     assert got_scale == pytest.approx(scale)
     assert len(tiles) == count
     assert tiles[-1].box == last_box
@@ -130,15 +133,15 @@ def test_merge_tiles_rule():
     thumb = Image.new("RGB", (4, 4))
 
     def hit(i, score, label, tile):
-        return app.Hit("index", i, score, label, f"src{i}", thumb, tile)
+        return query.Hit("index", i, score, label, f"src{i}", thumb, tile)
 
     tile1 = [hit(0, 0.90, "x", 1), hit(1, 0.80, "y", 1)]  # tie x/y -> x (ranked first)
     tile2 = [hit(1, 0.95, "y", 2), hit(2, 0.50, "y", 2)]  # y
-    hits, votes, unit = app.merge_tiles([tile1, tile2], k=2)
+    hits, votes, unit = query.merge_tiles([tile1, tile2], k=2)
     assert [(h.id, h.score, h.tile) for h in hits] == [(1, 0.95, 2), (0, 0.90, 1)]
     assert votes == [("y", 1), ("x", 1)]  # tie between tiles: tile 2 has the higher top-1 score
     assert unit == "tiles"
-    hits, votes, unit = app.merge_tiles([tile1], k=8)
+    hits, votes, unit = query.merge_tiles([tile1], k=8)
     assert [h.id for h in hits] == [0, 1] and votes == [("x", 1), ("y", 1)] and unit == "results"
 
 
@@ -152,30 +155,30 @@ def test_decode_accepts_modes(tmp_path):
 
     rgb = np.zeros((40, 50, 3), np.uint8)
     rgb[..., 0] = 200
-    assert np.array_equal(np.asarray(app.decode_image(save(Image.fromarray(rgb), tmp_path / "a.png"))), rgb)
+    assert np.array_equal(np.asarray(uploads.decode_image(save(Image.fromarray(rgb), tmp_path / "a.png"))), rgb)
     gray = Image.fromarray(np.full((40, 50), 77, np.uint8))
-    out = app.decode_image(save(gray, tmp_path / "g.jpg", quality=100))
+    out = uploads.decode_image(save(gray, tmp_path / "g.jpg", quality=100))
     assert out.mode == "RGB" and out.size == (50, 40) and abs(int(np.asarray(out)[5, 5, 0]) - 77) <= 1
     rgba = np.zeros((40, 50, 4), np.uint8)  # fully transparent -> white glass
-    out = app.decode_image(save(Image.fromarray(rgba), tmp_path / "t.png"))
+    out = uploads.decode_image(save(Image.fromarray(rgba), tmp_path / "t.png"))
     assert np.asarray(out).min() == 255
     g16 = np.full((40, 50), 25700, np.uint16)  # 25700 / 257 = 100
-    out = app.decode_image(save(Image.fromarray(g16), tmp_path / "g16.png"))
+    out = uploads.decode_image(save(Image.fromarray(g16), tmp_path / "g16.png"))
     assert np.asarray(out)[0, 0].tolist() == [100, 100, 100]
     rgb16 = np.zeros((40, 50, 3), np.uint16)
     rgb16[..., 1] = 0xC800  # high byte 200
     tifffile.imwrite(tmp_path / "rgb16.tif", rgb16)
-    assert np.asarray(app.decode_image(tmp_path / "rgb16.tif"))[0, 0].tolist() == [0, 200, 0]
+    assert np.asarray(uploads.decode_image(tmp_path / "rgb16.tif"))[0, 0].tolist() == [0, 200, 0]
     frames = [Image.fromarray(np.full((40, 50, 3), v, np.uint8)) for v in (10, 250)]
     frames[0].save(tmp_path / "multi.tif", save_all=True, append_images=frames[1:])
-    assert np.asarray(app.decode_image(tmp_path / "multi.tif"))[0, 0].tolist() == [10, 10, 10]  # first page
+    assert np.asarray(uploads.decode_image(tmp_path / "multi.tif"))[0, 0].tolist() == [10, 10, 10]  # first page
 
 
 def test_decode_zip_member_from_memory():
     buffer = io.BytesIO()
     tissue(64).save(buffer, format="PNG")
     buffer.seek(0)
-    assert app.decode_image(buffer, name="z.zip/a.png").size == (64, 64)
+    assert uploads.decode_image(buffer, name="z.zip/a.png").size == (64, 64)
 
 
 # --------------------------------------------------------------------------------------
@@ -215,24 +218,24 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[str, str]]:
 def test_decode_rejects_bad_files(tmp_path):
     for name, (path, message) in _bad_files(tmp_path).items():
         with pytest.raises(InputError) as info:
-            app.decode_image(path)
+            uploads.decode_image(path)
         assert message in str(info.value), name
 
 
 def test_decode_rejects_large_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(app, "MAX_UPLOAD_BYTES", 1000)
+    monkeypatch.setattr(uploads, "MAX_UPLOAD_BYTES", 1000)
     path = save(Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), np.uint8)), tmp_path / "b.png")
     with pytest.raises(InputError, match="the limit is 0 MB"):
-        app.decode_image(path)
+        uploads.decode_image(path)
 
 
 def test_configured_pillow_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
-    app.configure_pillow()
-    assert Image.MAX_IMAGE_PIXELS == app.MAX_PIXELS == 40_000_000
+    uploads.configure_pillow()
+    assert Image.MAX_IMAGE_PIXELS == uploads.MAX_PIXELS == 40_000_000
     (tmp_path / "b.png").write_bytes(png_header_only(9_000, 9_000))  # 81 MP > 2 x 40 MP: Pillow's own error
     with pytest.raises(InputError, match="decompression-bomb guard"):
-        app.decode_image(tmp_path / "b.png")
+        uploads.decode_image(tmp_path / "b.png")
 
 
 def test_search_handler_bad_inputs_keep_serving(search_app, tmp_path):
@@ -276,7 +279,7 @@ def test_search_finds_itself(search_app, starter_subset, tmp_path):
     assert caption.startswith(f"{labels[3]} · sim 1.000 · ") and "immunohistochemistry" in caption
     assert sum(out.votes.values()) == pytest.approx(1.0)
     counts = {lab: round(share * 8) for lab, share in out.votes.items()}
-    expected = app.majority_votes([row[1] for row in out.table])
+    expected = majority_votes([row[1] for row in out.table])
     assert list(counts.items()) == expected
     assert f"Suggestion: **{expected[0][0]}** ({expected[0][1]} of 8 results)" in out.summary
     tied = [lab for lab, n in expected[1:] if n == expected[0][1]]
@@ -340,7 +343,7 @@ def test_add_images_persist_across_restart(tmp_path, tiny, base_index_dir):
     assert "Skipped: more.zip/case/readme.txt: not an image file" in out.status
     assert "notes.txt: not an image" in out.status
     assert "my_case" in out.label_filter["choices"]
-    assert (data_dir / "personal" / app.model_key(tiny) / "manifest.json").is_file()
+    assert (data_dir / "personal" / starter.model_key(tiny) / "manifest.json").is_file()
 
     restarted = SearchApp.create(index=str(base_index_dir), data_dir=data_dir, embedder=tiny)
     assert restarted.personal is not None and len(restarted.personal) == 4
@@ -402,7 +405,7 @@ def test_add_images_bad_input(tmp_path, search_app, files, label, message):
 
 
 def test_starter_tiles_rule():
-    images, labels, sources = app.starter_tiles()
+    images, labels, sources = starter.starter_tiles()
     assert len(images) == 180 and {im.size for im in images} == {(64, 64)}
     assert {lab: labels.count(lab) for lab in set(labels)} == {
         "DAB-positive": 121,
@@ -414,10 +417,10 @@ def test_starter_tiles_rule():
 
 def test_starter_gallery_built_once_and_cached(tmp_path, tiny, starter_subset, monkeypatch):
     monkeypatch.delenv("LGFFEM_INDEX", raising=False)
-    monkeypatch.setattr(app, "starter_tiles", lambda: tuple(list(x[:12]) for x in starter_subset))
+    monkeypatch.setattr(starter, "starter_tiles", lambda: tuple(list(x[:12]) for x in starter_subset))
     first = SearchApp.create(data_dir=tmp_path, embedder=tiny)
     assert len(first.index) == 12
-    assert first.index.path == tmp_path / "starter" / app.model_key(tiny)
+    assert first.index.path == tmp_path / "starter" / starter.model_key(tiny)
     assert "built-in starter gallery" in first.index_info and "skimage.data.immunohistochemistry()" in first.index_info
     assert "`index_build`" in first.index_info and "--index DIR" in first.index_info
     assert [Image.open(p).size for p in first.examples] == [(224, 224), (224, 224), (512, 512)]
@@ -426,7 +429,7 @@ def test_starter_gallery_built_once_and_cached(tmp_path, tiny, starter_subset, m
     def no_rebuild(*args, **kwargs):
         raise AssertionError("the starter gallery was rebuilt")
 
-    monkeypatch.setattr("index_build.index.build_index", no_rebuild)
+    monkeypatch.setattr("index_build.embedding.build_index", no_rebuild)
     again = SearchApp.create(data_dir=tmp_path, embedder=tiny)
     assert len(again.index) == 12
 
@@ -485,7 +488,9 @@ def test_main_exits_cleanly_on_mismatch(tmp_path, tiny_config, base_index_dir, c
     err = capsys.readouterr().err
     assert status == 2
     assert "error: the index" in err and "embedding_dim 64 != 32" in err and "Traceback" not in err
-    assert app.main(["--index", "./missing-index", "--data-dir", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        app.main(["--index", "./missing-index", "--data-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
     assert "error: index directory not found: ./missing-index" in capsys.readouterr().err
 
 

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import app
+from index_build import starter
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -46,7 +47,7 @@ def _real_patches(shared: Path | None) -> tuple[list[Image.Image], list[str], li
                 labels.append(label)
                 sources.append(str(path.relative_to(root)))
         return images, labels, sources, sorted((root / "query" / "lung_scc").glob("*.jpg"))[0]
-    images, labels, sources = app.starter_tiles()
+    images, labels, sources = starter.starter_tiles()
     return images[::6], labels[::6], sources[::6], None
 
 
@@ -66,7 +67,7 @@ def server(tmp_path_factory, tiny_config):
     embedder = Embedder(LgffemModel(config).eval(), LgffemImageProcessor.from_config(config), model_id="tiny")
     images, labels, sources, query = _real_patches(shared)
     tmp = tmp_path_factory.mktemp("browser")
-    build_index(app.images_dataset(images, labels, sources), tmp / "index", embedder, num_workers=0, progress=False)
+    build_index(starter.images_dataset(images, labels, sources), tmp / "index", embedder, num_workers=0, progress=False)
     if query is None:  # no real data: a generated patch
         query = tmp / "query.jpg"
         Image.fromarray(np.asarray(images[1].resize((224, 224)))).save(query, quality=90)

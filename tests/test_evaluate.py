@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 
 from index_build.data import load_image_dataset
-from index_build.evaluate import BackboneEmbedder, evaluate, format_table
+from index_build.evaluate import BackboneEmbedder, evaluate, format_table, tiled_retrieval
 from index_build.evaluate import main as evaluate_main
 from index_build.index import PatchIndex, build_index
 from index_build.models import Embedder
+from index_build.query import tiled_search
 from modeling_lgffem import LgffemConfig, LgffemImageProcessor, LgffemModel
 
 # grey value of a constant image -> its 2-d embedding
@@ -189,3 +190,84 @@ def test_real_crc_leave_one_out_baseline(shared_data, tiny_embedder):
     m = evaluate(BackboneEmbedder(tiny_embedder, "gap"), ds, k=5, leave_one_out=True, num_workers=0, progress=False)
     assert m["n_queries"] == m["n_gallery"] == 41
     assert 0.0 <= m["map@5"] <= 1.0 and m["recall@1"] <= m["recall@5"]
+
+
+# --------------------------------------------------------------------------------------
+# Tiled queries: the search of the app (index_build.query) on large query images
+# --------------------------------------------------------------------------------------
+
+
+def _expected_tiled_labels(index: PatchIndex, embedder, images, k: int) -> list[list[str]]:
+    """The ranked labels the app's tiled search shows for each query image."""
+    return [[h.label for h in tiled_search(image, embedder, [("index", index)], k).hits] for image in images]
+
+
+def _tiled_case(tmp_path, tiny_embedder, gallery_images: dict, query_images: dict, k: int):
+    """Write gallery and query folders, build the gallery index, evaluate with tiles both ways."""
+    for root, spec in (("gallery", gallery_images), ("queries", query_images)):
+        for label, images in spec.items():
+            (tmp_path / root / label).mkdir(parents=True)
+            for i, image in enumerate(images):
+                image.save(tmp_path / root / label / f"{i}.png")
+    gallery_ds = load_image_dataset(str(tmp_path / "gallery"))
+    queries_ds = load_image_dataset(str(tmp_path / "queries"))
+    index = build_index(gallery_ds, tmp_path / "idx", tiny_embedder, num_workers=0, progress=False)
+    via_index = evaluate(tiny_embedder, index, queries_ds, k=k, num_workers=0, progress=False, tile=True)
+    direct = evaluate(tiny_embedder, gallery_ds, queries_ds, k=k, num_workers=0, progress=False, tile=True)
+    images = [row["image"].convert("RGB") for row in queries_ds]
+    expected = _expected_tiled_labels(index, tiny_embedder, images, k)
+    retrieved, labels, _seconds, tiles = tiled_retrieval(
+        queries_ds, tiny_embedder, index.search_embeddings, index.row_labels, k, progress=False
+    )
+    assert retrieved.tolist() == expected  # the evaluation ranks exactly what the page shows
+    assert labels == list(queries_ds["label"])
+    for key in ("recall@1", f"recall@{k}", f"mmv@{k}", f"map@{k}"):
+        assert via_index[key] == pytest.approx(direct[key], abs=1e-6)
+    return via_index, tiles
+
+
+def test_tiled_evaluation_synthetic(tmp_path, tiny_embedder):
+    """300 x 300 colour queries on a 64 px model: 5 x 5 = 25 tiles each, ranked like the app."""
+    rng = np.random.default_rng(0)
+    colours = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
+
+    def patch(colour, size):
+        noise = rng.integers(-30, 30, (size, size, 3))
+        return Image.fromarray(np.clip(np.asarray(colour) + noise, 0, 255).astype(np.uint8))
+
+    gallery_images = {label: [patch(c, 64) for _ in range(4)] for label, c in colours.items()}
+    query_images = {label: [patch(c, 300)] for label, c in colours.items()}
+    metrics, tiles = _tiled_case(tmp_path, tiny_embedder, gallery_images, query_images, k=3)
+    assert tiles == 3 * 25 and metrics["tiles_per_query"] == 25
+    assert metrics["n_queries"] == 3 and metrics["n_gallery"] == 12
+    with pytest.raises(ValueError, match="tile needs queries"):
+        evaluate(tiny_embedder, load_image_dataset(str(tmp_path / "gallery")), leave_one_out=True, tile=True)
+
+
+def test_tiled_evaluation_on_real_1000px_queries(shared_data, tmp_path, tiny_embedder):
+    """1000 x 1000 H&E queries (the size of Kimia Path24C's test patches): shrunk to 384 px, 36 tiles."""
+    slide = shared_data / "slides" / "target_image.png"
+    if not slide.is_file():
+        pytest.skip(f"{slide} not found")
+    target = Image.open(slide).convert("RGB")
+    assert target.size == (1000, 1000)
+    halves = {"left": target.crop((0, 0, 500, 1000)), "right": target.crop((500, 0, 1000, 1000))}
+    gallery_images = {
+        name: [half.crop((x, y, x + 160, y + 160)) for x in (0, 170, 340) for y in (0, 420, 840)]
+        for name, half in halves.items()
+    }
+    query_images = {"left": [target], "right": [target.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]}
+    metrics, tiles = _tiled_case(tmp_path, tiny_embedder, gallery_images, query_images, k=5)
+    assert tiles == 2 * 36 and metrics["n_queries"] == 2 and metrics["n_gallery"] == 18
+
+
+def test_cli_tile(gallery, queries, tmp_path, monkeypatch, capsys, tiny_embedder):
+    import index_build.models as models
+
+    monkeypatch.setattr(models, "load_model", lambda model=None, device=None, revision=None: tiny_embedder)
+    g, q = str(tmp_path / "gallery"), str(tmp_path / "queries")
+    m = evaluate_main(["--gallery", g, "--queries", q, "--k", "2", "--tile", "--num-workers", "0", "--no-progress"])
+    assert m["tiles_per_query"] == 1 and m["n_queries"] == 3  # 32 px queries are searched whole
+    with pytest.raises(SystemExit) as err:
+        evaluate_main(["--gallery", g, "--leave-one-out", "--tile"])
+    assert err.value.code == 2 and "--tile needs --queries" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import faiss
@@ -12,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from index_build import index as index_module
+from index_build import storage
 from index_build.__main__ import main as build_main
 from index_build.data import load_image_dataset
 from index_build.index import (
@@ -24,6 +25,7 @@ from index_build.index import (
     build_index,
     decode_thumbnail,
     make_faiss_index,
+    write_index,
 )
 from index_build.models import Embedder
 from modeling_lgffem import LgffemConfig, LgffemImageProcessor, LgffemModel
@@ -64,14 +66,28 @@ def write_folder(root: Path, per_class: int = 4, size: int = 48) -> Path:
     return root
 
 
-@pytest.fixture()
-def folder(tmp_path) -> Path:
-    return write_folder(tmp_path / "patches")
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("data") / "patches")
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def dataset(folder):
     return load_image_dataset(str(folder))
+
+
+@pytest.fixture(scope="module")
+def built_dir(tmp_path_factory, dataset, embedder) -> Path:
+    """The 12-patch flat index, built once per module (tests that change it use ``index_dir``)."""
+    out = tmp_path_factory.mktemp("built") / "idx"
+    _build(dataset, out, embedder)
+    return out
+
+
+@pytest.fixture()
+def index_dir(built_dir, tmp_path) -> Path:
+    """A private copy of the built index in ``tmp_path / "idx"``."""
+    return Path(shutil.copytree(built_dir, tmp_path / "idx"))
 
 
 def _build(dataset, out, embedder, **kwargs) -> PatchIndex:
@@ -102,7 +118,7 @@ def test_round_trip(dataset, embedder, tmp_path):
     np.testing.assert_allclose(index.reconstruct_all(), expected, atol=1e-5)
     np.testing.assert_allclose(built.reconstruct_all(), index.reconstruct_all(), atol=0)
     # each image finds itself first
-    results = index.search(images, k=4)
+    results = index.search(images=images, k=4)
     assert [r.ids[0] for r in results] == list(range(12))
     assert all(r.scores[0] == pytest.approx(1.0, abs=1e-4) for r in results)
     first = results[0]
@@ -112,29 +128,29 @@ def test_round_trip(dataset, embedder, tmp_path):
     assert first.majority_label == first.votes[0][0]
     assert isinstance(first.thumbnails[0], Image.Image) and max(first.thumbnails[0].size) == 48
     # embeddings as queries give the same result as images
-    again = index.search(expected[:2], k=4)
+    again = index.search(embeddings=expected[:2], k=4)
     assert [r.ids for r in again] == [r.ids for r in results[:2]]
 
 
-def test_label_filter(dataset, embedder, tmp_path):
-    index = _build(dataset, tmp_path / "idx", embedder)
-    results = index.search([dataset[0]["image"]], k=10, label="green")
+def test_label_filter(dataset, embedder, built_dir):
+    index = PatchIndex.load(built_dir, embedder)
+    results = index.search(images=[dataset[0]["image"]], k=10, label="green")
     assert results[0].labels == ["green"] * 4  # only 4 green patches exist; -1 padding dropped
     with pytest.raises(ValueError, match="not in the index"):
-        index.search([dataset[0]["image"]], k=3, label="purple")
+        index.search(images=[dataset[0]["image"]], k=3, label="purple")
 
 
-def test_thumbnails_are_small_jpegs(dataset, embedder, tmp_path):
+def test_thumbnails_are_small_jpegs(embedder, index_dir):
     big = Image.new("RGB", (400, 300), (10, 20, 30))
-    index = _build(dataset, tmp_path / "idx", embedder)
+    index = PatchIndex.load(index_dir, embedder)
     index.add([big], ["grey"], ["big.png"])
     raw = index._thumbnails[12].as_py()
     assert raw[:2] == b"\xff\xd8"  # JPEG
     assert decode_thumbnail(raw).size == (128, 96)
 
 
-def test_resume_after_interruption(dataset, embedder, tmp_path, monkeypatch):
-    reference = _build(dataset, tmp_path / "ref", embedder).reconstruct_all()
+def test_resume_after_interruption(dataset, embedder, built_dir, tmp_path, monkeypatch):
+    reference = PatchIndex.load(built_dir).reconstruct_all()
     out = tmp_path / "idx"
     calls = {"n": 0}
     original = Embedder.embed_pixels
@@ -181,17 +197,15 @@ def test_resume_discards_partial_build_of_other_model(dataset, embedder, other_e
     np.testing.assert_allclose(index.reconstruct_all(), embedder.embed_images([r["image"] for r in dataset]), atol=1e-5)
 
 
-def test_existing_index_needs_append_or_overwrite(dataset, embedder, tmp_path):
-    out = tmp_path / "idx"
-    _build(dataset, out, embedder)
+def test_existing_index_needs_append_or_overwrite(dataset, embedder, index_dir):
+    out = index_dir
     with pytest.raises(ValueError, match="already exists"):
         _build(dataset, out, embedder)
     assert len(_build(dataset, out, embedder, overwrite=True)) == 12
 
 
-def test_append(dataset, embedder, tmp_path):
-    out = tmp_path / "idx"
-    _build(dataset, out, embedder)
+def test_append(dataset, embedder, index_dir, tmp_path):
+    out = index_dir
     extra_root = write_folder(tmp_path / "extra", per_class=1)
     extra = load_image_dataset(str(extra_root))
     appended = _build(extra, out, embedder, append=True)
@@ -205,23 +219,21 @@ def test_append(dataset, embedder, tmp_path):
     ids = loaded.add([odd], ["yellow"], ["upload.png"])
     assert ids.tolist() == [15]
     reloaded = PatchIndex.load(out, embedder)
-    hit = reloaded.search([odd], k=1)[0]
+    hit = reloaded.search(images=[odd], k=1)[0]
     assert hit.ids == [15] and hit.labels == ["yellow"] and hit.sources == ["upload.png"]
     assert "yellow" in reloaded.labels
     with pytest.raises(ValueError, match="one label"):
         reloaded.add([odd, odd], ["x"])
 
 
-def test_append_with_other_model_is_refused(dataset, embedder, other_embedder, tmp_path):
-    out = tmp_path / "idx"
-    _build(dataset, out, embedder)
+def test_append_with_other_model_is_refused(dataset, other_embedder, index_dir):
+    out = index_dir
     with pytest.raises(IndexLoadError, match="weights_fingerprint"):
         _build(dataset, out, other_embedder, append=True)
 
 
-def test_manifest_mismatch(dataset, embedder, other_embedder, tmp_path):
-    out = tmp_path / "idx"
-    _build(dataset, out, embedder)
+def test_manifest_mismatch(dataset, embedder, other_embedder, built_dir):
+    out = built_dir
     with pytest.raises(IndexLoadError, match=r"embedding_dim 64 != 32.*config_hash"):
         PatchIndex.load(out, make_embedder(neck_channels=8))
     with pytest.raises(IndexLoadError, match=r"weights_fingerprint") as err:
@@ -230,12 +242,11 @@ def test_manifest_mismatch(dataset, embedder, other_embedder, tmp_path):
     assert "rebuild the index" in str(err.value)
     assert len(PatchIndex.load(out)) == 12  # without a model: embeddings-only search
     with pytest.raises(ValueError, match="without a model"):
-        PatchIndex.load(out).search([dataset[0]["image"]])
+        PatchIndex.load(out).search(images=[dataset[0]["image"]])
 
 
-def test_missing_and_corrupt_files(dataset, embedder, tmp_path):
-    out = tmp_path / "idx"
-    _build(dataset, out, embedder)
+def test_missing_and_corrupt_files(dataset, embedder, index_dir, tmp_path):
+    out = index_dir
     good = {name: (out / name).read_bytes() for name in (INDEX_FILE, METADATA_FILE, MANIFEST_FILE)}
 
     def restore():
@@ -270,9 +281,9 @@ def test_missing_and_corrupt_files(dataset, embedder, tmp_path):
     assert len(PatchIndex.load(out, embedder)) == 12
 
 
-def test_interrupted_commit_rolls_forward(dataset, embedder, tmp_path, monkeypatch):
-    out = tmp_path / "idx"
-    index = _build(dataset, out, embedder)
+def test_interrupted_commit_rolls_forward(embedder, index_dir, monkeypatch):
+    out = index_dir
+    index = PatchIndex.load(out, embedder)
     real_replace = os.replace
     state = {"renames": 0}
 
@@ -283,10 +294,10 @@ def test_interrupted_commit_rolls_forward(dataset, embedder, tmp_path, monkeypat
                 raise OSError("power cut")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(index_module.os, "replace", crash_after_first_rename)
+    monkeypatch.setattr(storage.os, "replace", crash_after_first_rename)
     with pytest.raises(OSError, match="power cut"):
         index.add([Image.new("RGB", (48, 48), (0, 0, 0))], ["black"], ["x.png"])
-    monkeypatch.setattr(index_module.os, "replace", real_replace)
+    monkeypatch.setattr(storage.os, "replace", real_replace)
     # index.faiss is new, metadata and manifest old: the journal completes the write on open
     assert (out / ".commit.json").exists()
     loaded = PatchIndex.load(out, embedder)
@@ -294,14 +305,14 @@ def test_interrupted_commit_rolls_forward(dataset, embedder, tmp_path, monkeypat
     assert not (out / ".commit.json").exists()
 
 
-def test_failed_write_keeps_old_index(dataset, embedder, tmp_path, monkeypatch):
-    out = tmp_path / "idx"
-    index = _build(dataset, out, embedder)
+def test_failed_write_keeps_old_index(embedder, index_dir, monkeypatch):
+    out = index_dir
+    index = PatchIndex.load(out, embedder)
 
     def broken_write(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(index_module.pq, "write_table", broken_write)
+    monkeypatch.setattr(storage.pq, "write_table", broken_write)
     with pytest.raises(RuntimeError, match="disk full"):
         index.add([Image.new("RGB", (48, 48), (0, 0, 0))], ["black"], ["x.png"])
     monkeypatch.undo()
@@ -358,12 +369,12 @@ def test_ivfpq_directory_round_trip(tmp_path, embedder):
             "thumbnail": pa.array([b""] * 600, pa.binary()),
         }
     )
-    index_module.write_index(tmp_path / "ivf", xb, metadata, embedder, "ivfpq", {"nprobe": 4})
+    write_index(tmp_path / "ivf", xb, metadata, embedder, "ivfpq", {"nprobe": 4})
     loaded = PatchIndex.load(tmp_path / "ivf", embedder)
     assert loaded.index_type == "ivfpq" and faiss.extract_index_ivf(loaded.index).nprobe == 4
     scores, ids = loaded.search_embeddings(xb[:5], 3)
     assert ids.shape == (5, 3) and (ids >= 0).all()
-    filtered = loaded.search(xb[:2], k=5, label="1")
+    filtered = loaded.search(embeddings=xb[:2], k=5, label="1")
     assert all(set(r.labels) == {"1"} for r in filtered)
     assert filtered[0].thumbnails == [None] * 5  # stored without thumbnails
 
@@ -404,3 +415,64 @@ def test_worker_processes(dataset, embedder, tmp_path):
     expected = embedder.embed_images([row["image"] for row in dataset])
     np.testing.assert_allclose(index.reconstruct_all(), expected, atol=1e-5)
     assert index.sources == list(dataset["source"])
+
+
+def _labelled_metadata(n: int, classes: int = 3):
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            "id": pa.array(np.arange(n, dtype=np.int64)),
+            "label": pa.array([str(i % classes) for i in range(n)]),
+            "source": pa.array([f"s{i}" for i in range(n)]),
+            "thumbnail": pa.array([b""] * n, pa.binary()),
+        }
+    )
+
+
+# Every index type the CLI accepts; factory strings without search parameters included
+# (an IVF factory index searched with a plain SearchParameters failed inside FAISS).
+ALL_INDEX_TYPES = [
+    ("flat", None),
+    ("ivfpq", {"nlist": 8, "m": 16, "nbits": 4}),
+    ("hnsw", None),
+    ("factory:IVF16,Flat", None),
+    ("factory:IVF16,SQ8", {"nprobe": 16}),
+    ("factory:HNSW16,Flat", None),
+    ("factory:PCA32,IVF8,Flat", None),
+]
+
+
+@pytest.mark.parametrize("index_type, params", ALL_INDEX_TYPES, ids=[t for t, _ in ALL_INDEX_TYPES])
+def test_label_filter_on_every_index_type(tmp_path, embedder, index_type, params):
+    """Filtered search returns only the label, on the written index and after a reload, and the
+    flat index's filtered results equal a brute-force search over that label's vectors."""
+    xb, _ = _clustered(600, d=64)
+    written = write_index(tmp_path / "idx", xb, _labelled_metadata(600), embedder, index_type, params)
+    loaded = PatchIndex.load(tmp_path / "idx", embedder)
+    for index in (written, loaded):
+        results = index.search(embeddings=xb[:4], k=5, label="1")
+        assert all(r.labels and set(r.labels) == {"1"} for r in results)
+    if index_type == "flat":
+        ones = np.flatnonzero(np.arange(600) % 3 == 1)
+        expected = ones[np.argsort(-(xb[:4] @ xb[ones].T), axis=1)[:, :5]]
+        assert [r.ids for r in results] == expected.tolist()
+
+
+def test_search_is_explicit_about_images_and_embeddings(embedder, built_dir):
+    """A 64 x 64 float grayscale image on a 64-d index is one image, never 64 embeddings."""
+    index = PatchIndex.load(built_dir, embedder)
+    assert index.dim == 64
+    grey = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+    assert len(index.search(images=grey, k=3)) == 1
+    assert len(index.search(images=[grey, grey], k=3)) == 2
+    xq = embedder.embed_images([grey])
+    assert index.search(embeddings=xq, k=3)[0].ids == index.search(images=grey, k=3)[0].ids
+    with pytest.raises(ValueError, match="exactly one"):
+        index.search(images=grey, embeddings=xq)
+    with pytest.raises(ValueError, match="exactly one"):
+        index.search(k=3)
+    with pytest.raises(TypeError):
+        index.search(grey)  # no guessing from a positional array
+    with pytest.raises(ValueError, match="Nq x 64"):
+        index.search(embeddings=np.zeros((2, 63), np.float32))

@@ -22,8 +22,8 @@ from modeling_lgffem import (
     efficientnet_lite_state_dict,
     gem,
     grn,
-    to_rgb_uint8,
     layer_norm_2d,
+    to_rgb_uint8,
     weighted_fuse,
 )
 
@@ -42,9 +42,7 @@ def n_params(module: torch.nn.Module) -> int:
     [("convnextv2_base", 12_452_308), ("convnextv2_tiny", 12_024_308)],
 )
 def test_paper_parameter_counts(backbone: str, neck_params: int) -> None:
-    config = LgffemConfig(
-        backbone=backbone, out_indices=(0, 1, 2, 3), neck_channels=512, neck_layers=3
-    )
+    config = LgffemConfig(backbone=backbone, out_indices=(0, 1, 2, 3), neck_channels=512, neck_layers=3)
     model = LgffemModel(config)
     assert n_params(model.neck) == neck_params
     assert n_params(model.head) == 2_105_348

@@ -1,4 +1,4 @@
-"""The recommended large-collection index (issue 6, target 3) works through index_build's own code."""
+"""The recommended large-collection index works through index_build's own code."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from bench_faiss_scale import clustered_vectors, nn_recall_at_k, recall_at_k  # noqa: E402
-from index_build.index import _apply_search_params, make_faiss_index  # noqa: E402
+
+from index_build.faiss_index import make_faiss_index, set_search_params  # noqa: E402
 
 RECOMMENDED = "factory:IVF1024,RaBitQ4"
 
@@ -50,7 +51,7 @@ def test_recommended_index_through_make_faiss_index():
     _, approx = index.search(xq, 10)
     assert recall_at_k(exact, approx, 10) >= 0.9
     reloaded = faiss.deserialize_index(faiss.serialize_index(index))
-    _apply_search_params(reloaded, spec, used)
+    set_search_params(reloaded, used)
     np.testing.assert_array_equal(reloaded.search(xq, 10)[1], approx)
     even = faiss.IDSelectorBatch(np.arange(0, len(xb), 2, dtype=np.int64))
     _, filtered = index.search(xq, 5, params=faiss.SearchParametersIVF(sel=even, nprobe=16))

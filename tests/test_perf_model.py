@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import pytest
+import reference_lgffem as ref
 import torch
 import torch.nn.functional as F
 
-import reference_lgffem as ref
 from modeling_lgffem import (
     GRN,
     Fuse,
+    GlobalAggregator,
     LgffemConfig,
     LgffemModel,
     LocalAggregator,
-    GlobalAggregator,
     grn,
     layer_norm_2d,
     upsample2_depthwise,
@@ -118,11 +118,11 @@ def test_aggregator_forward_and_grads_match_reference(cls, kwargs):
         with torch.inference_mode():
             inference_out = ref.aggregator(agg, x) if reference else agg(x)
         results[reference] = (out.detach(), inference_out, xg.grad, grads)
-    ref, fast = results[True], results[False]
-    torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(fast[1], ref[1], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(fast[2], ref[2], rtol=1e-4, atol=1e-6)
-    for gf, gr in zip(fast[3], ref[3]):
+    slow, fast = results[True], results[False]
+    torch.testing.assert_close(fast[0], slow[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast[1], slow[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast[2], slow[2], rtol=1e-4, atol=1e-6)
+    for gf, gr in zip(fast[3], slow[3]):
         torch.testing.assert_close(gf, gr, rtol=1e-4, atol=1e-6)
 
 

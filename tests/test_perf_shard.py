@@ -1,4 +1,4 @@
-"""Sharded index builds (issue 6, target 5): shards + merge == a single-machine build."""
+"""Sharded index builds: shards + merge == a single-machine build."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from PIL import Image
 
 from index_build.__main__ import main as build_main
 from index_build.index import IndexLoadError, PatchIndex
-from index_build.shard import load_shards, main as shard_main, shard_dir_name
+from index_build.shard import load_shards, shard_dir_name
+from index_build.shard import main as shard_main
 from modeling_lgffem import LgffemConfig, LgffemModel
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}

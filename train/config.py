@@ -177,7 +177,9 @@ class TrainConfig:
         if self.feature_cache not in ("auto", "off"):
             raise ValueError(f"feature_cache must be 'auto' or 'off', got {self.feature_cache!r}")
         if self.feature_cache_dtype not in ("float16", "bfloat16", "float32"):
-            raise ValueError(f"feature_cache_dtype must be float16, bfloat16 or float32, got {self.feature_cache_dtype!r}")
+            raise ValueError(
+                f"feature_cache_dtype must be float16, bfloat16 or float32, got {self.feature_cache_dtype!r}"
+            )
         if self.distill_weight < 0:
             raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
         if not self.distill_temperature > 0:

@@ -197,9 +197,7 @@ def gap_descriptor(maps: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.nn.functional.normalize(maps[-1].float().mean(dim=(2, 3)), dim=1)
 
 
-def relational_distillation(
-    student: torch.Tensor, teacher: torch.Tensor, temperature: float
-) -> torch.Tensor:
+def relational_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     """KL divergence between the teacher's and the student's in-batch neighbour distributions.
 
     For each image, ``softmax(cos(anchor, others) / temperature)`` over the other images of the

@@ -366,7 +366,9 @@ def train(cfg: TrainConfig, train_dataset=None, eval_gallery=None, eval_queries=
     sampler = EpochSampler(len(dataset), cfg.seed)
     cache = None
     if cfg.feature_cache == "auto" and accelerator.num_processes > 1:
-        logger.info("feature cache off: it serves one process; %d processes run the backbone", accelerator.num_processes)
+        logger.info(
+            "feature cache off: it serves one process; %d processes run the backbone", accelerator.num_processes
+        )
     elif cfg.feature_cache == "auto":
         with torch.no_grad():
             probe = model.backbone_features(torch.zeros(1, 3, model.config.image_size, model.config.image_size))

@@ -1,0 +1,319 @@
+"""Reader -> embedder -> writer: embed a dataset (resumably) and build an index directory from it.
+
+:class:`ImageRowDataset` decodes, preprocesses and thumbnails rows in DataLoader workers;
+:func:`embed_batches` is the one DataLoader loop of the project; :func:`embed_dataset` persists
+every chunk of rows in ``<out>/.partial/`` (so an interrupted build resumes where it stopped);
+:func:`build_index` writes (or appends to) the index directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from index_build.faiss_index import check_index_type
+from index_build.patch_index import EmbedderLike, PatchIndex, write_index
+from index_build.storage import (
+    DEFAULT_CHUNK_SIZE,
+    THUMBNAIL_SIZE,
+    WORK_DIR,
+    has_index,
+    make_thumbnail,
+    metadata_table,
+    write_atomic,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "ImageRowDataset",
+    "build_index",
+    "default_num_workers",
+    "embed_batches",
+    "embed_dataset",
+]
+
+
+def default_num_workers() -> int:
+    """DataLoader workers: all cores but one, at most 8 (0 on a single core)."""
+    return min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
+class ImageRowDataset(torch.utils.data.Dataset):
+    """Rows ``start..`` of a dataset -> ``(pixel_values, label, source, thumbnail JPEG)``.
+
+    Runs in DataLoader workers: decoding, preprocessing and thumbnailing happen there.
+    ``thumbnail_size <= 0`` skips the thumbnail (empty bytes).
+    """
+
+    def __init__(self, dataset, processor: Any, start: int = 0, thumbnail_size: int = THUMBNAIL_SIZE) -> None:
+        self.dataset = dataset
+        self.processor = processor
+        self.start = start
+        self.thumbnail_size = thumbnail_size
+
+    def __len__(self) -> int:
+        return len(self.dataset) - self.start
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, str, bytes]:
+        row = self.start + i
+        try:
+            item = self.dataset[row]
+            image = item["image"]
+            pixels = torch.from_numpy(self.processor.to_array(image))
+            thumbnail = make_thumbnail(image, self.thumbnail_size) if self.thumbnail_size > 0 else b""
+        except (OSError, ValueError, SyntaxError) as err:
+            source = self.dataset.select([row]).select_columns(["source"])[0]["source"]
+            raise ValueError(f"cannot read image at row {row} ({source}): {err}") from err
+        return pixels, item["label"], item["source"], thumbnail
+
+
+def embed_batches(
+    dataset,
+    embedder: EmbedderLike,
+    batch_size: int = 32,
+    num_workers: Optional[int] = None,
+    start: int = 0,
+    thumbnail_size: int = THUMBNAIL_SIZE,
+    progress: bool = True,
+) -> Iterator[tuple[np.ndarray, list[str], list[str], list[bytes]]]:
+    """Embed rows ``start..`` of ``dataset`` batch by batch through a DataLoader with workers.
+
+    Yields:
+        ``(xb, labels, sources, thumbnails)`` per batch; ``xb`` is ``B x D`` float32.
+    """
+    workers = default_num_workers() if num_workers is None else num_workers
+    loader = torch.utils.data.DataLoader(
+        ImageRowDataset(dataset, embedder.processor, start, thumbnail_size),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=torch.device(embedder.device).type == "cuda",
+    )
+    with tqdm(total=len(dataset), initial=start, unit="img", desc="embedding", disable=not progress) as bar:
+        for pixels, labels, sources, thumbs in loader:
+            xb = embedder.embed_pixels(pixels)
+            if xb.shape != (len(labels), embedder.dim):
+                raise ValueError(f"embedder returned shape {xb.shape} for {len(labels)} images")
+            bar.update(len(labels))
+            yield xb, list(labels), list(sources), list(thumbs)
+
+
+# --------------------------------------------------------------------------------------
+# Resumable embedding: chunks persisted in a work directory
+# --------------------------------------------------------------------------------------
+
+
+def _data_hash(dataset) -> str:
+    digest = hashlib.sha256()
+    for name in ("label", "source"):
+        for value in dataset.select_columns([name])[name]:
+            digest.update(str(value).encode())
+            digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _chunk_paths(work: Path, chunk: int) -> tuple[Path, Path]:
+    return work / f"chunk-{chunk:06d}.parquet", work / f"chunk-{chunk:06d}.npy"
+
+
+def _complete_chunks(work: Path, n: int, chunk_size: int) -> int:
+    """Number of leading chunks that are fully on disk (later leftovers are removed)."""
+    done = 0
+    while done * chunk_size < n:
+        meta, vecs = _chunk_paths(work, done)
+        rows = min(chunk_size, n - done * chunk_size)
+        if not (meta.exists() and vecs.exists()):
+            break
+        try:
+            if np.load(vecs, mmap_mode="r").shape[0] != rows or pq.read_metadata(meta).num_rows != rows:
+                break
+        except (ValueError, OSError, pa.ArrowException):
+            break
+        done += 1
+    for stale in work.glob("chunk-*"):
+        if int(stale.name.split("-")[1].split(".")[0]) >= done:
+            stale.unlink()
+    return done
+
+
+def _prepare_work_dir(work: Path, state: dict, resume: bool) -> None:
+    state_file = work / "state.json"
+    if work.exists():
+        old = None
+        if state_file.exists():
+            try:
+                old = json.loads(state_file.read_text())
+            except json.JSONDecodeError:
+                old = None
+        if not resume:
+            logger.info("not resuming: removing partial build in %s", work)
+            shutil.rmtree(work)
+        elif old != state:
+            logger.warning("partial build in %s is for another model or dataset; starting over", work)
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    write_atomic(state_file, lambda p: p.write_text(json.dumps(state, indent=2)))
+
+
+def _write_chunk(work: Path, chunk: int, xb: np.ndarray, labels: list, sources: list, thumbs: list) -> None:
+    meta, vecs = _chunk_paths(work, chunk)
+    table = metadata_table(np.zeros(len(labels), np.int64), labels, sources, thumbs)
+    write_atomic(meta, lambda p: pq.write_table(table, p))
+
+    # The vectors go last: a chunk counts as done only when both files exist.
+    def save_vectors(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, xb)
+
+    write_atomic(vecs, save_vectors)
+
+
+def embed_dataset(
+    dataset,
+    embedder: EmbedderLike,
+    work_dir: Union[str, Path],
+    batch_size: int = 32,
+    num_workers: Optional[int] = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    resume: bool = True,
+    progress: bool = True,
+) -> tuple[np.ndarray, pa.Table]:
+    """Embed every row of ``dataset``, persisting each chunk of ``chunk_size`` rows in ``work_dir``.
+
+    An interrupted run called again with the same model, dataset and chunk size embeds only
+    the rows of the chunks that are not on disk yet.
+
+    Args:
+        dataset: output of :func:`index_build.data.load_image_dataset`.
+        embedder: the model.
+        work_dir: where the chunks live (removed by the caller after a successful write).
+        batch_size: images per forward pass.
+        num_workers: DataLoader workers (default :func:`default_num_workers`).
+        chunk_size: rows per persisted chunk.
+        resume: reuse chunks of an earlier, interrupted run.
+        progress: show a progress bar.
+
+    Returns:
+        ``(xb, metadata)``: ``N x D`` float32 embeddings and the metadata table (ids 0..N-1).
+    """
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError(f"batch_size and chunk_size must be >= 1, got {batch_size}, {chunk_size}")
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("the dataset is empty: nothing to index")
+    work = Path(work_dir)
+    desc = embedder.describe()
+    state = {
+        "model": {k: desc.get(k) for k in ("model", "config_hash", "weights_fingerprint", "embedding_dim")},
+        "rows": n,
+        "data_hash": _data_hash(dataset),
+        "chunk_size": chunk_size,
+        "thumbnail_size": THUMBNAIL_SIZE,
+    }
+    _prepare_work_dir(work, state, resume)
+    done = _complete_chunks(work, n, chunk_size)
+    start = done * chunk_size
+    if done:
+        logger.info("resuming: %d of %d rows already embedded in %s", start, n, work)
+    if start < n:
+        buffers: dict[str, list] = {"xb": [], "labels": [], "sources": [], "thumbs": []}
+        pending = 0
+        chunk = done
+        for xb, labels, sources, thumbs in embed_batches(
+            dataset, embedder, batch_size, num_workers, start, progress=progress
+        ):
+            buffers["xb"].append(xb)
+            buffers["labels"].extend(labels)
+            buffers["sources"].extend(sources)
+            buffers["thumbs"].extend(thumbs)
+            pending += len(labels)
+            while pending >= chunk_size or (pending and chunk * chunk_size + pending == n):
+                take = min(pending, chunk_size)
+                stacked = np.concatenate(buffers["xb"])
+                rows = {key: buffers[key][:take] for key in ("labels", "sources", "thumbs")}
+                _write_chunk(work, chunk, stacked[:take], rows["labels"], rows["sources"], rows["thumbs"])
+                buffers = {key: buffers[key][take:] for key in ("labels", "sources", "thumbs")}
+                buffers["xb"] = [stacked[take:]]
+                pending -= take
+                chunk += 1
+    chunks = math.ceil(n / chunk_size)
+    xb = np.concatenate([np.load(_chunk_paths(work, c)[1]) for c in range(chunks)])
+    metadata = pa.concat_tables([pq.read_table(_chunk_paths(work, c)[0]) for c in range(chunks)])
+    metadata = metadata.set_column(0, "id", pa.array(np.arange(n, dtype=np.int64)))
+    return np.ascontiguousarray(xb, dtype=np.float32), metadata
+
+
+def build_index(
+    dataset,
+    out_dir: Union[str, Path],
+    embedder: EmbedderLike,
+    index_type: str = "flat",
+    batch_size: int = 32,
+    num_workers: Optional[int] = None,
+    resume: bool = True,
+    progress: bool = True,
+    append: bool = False,
+    overwrite: bool = False,
+    index_params: Optional[dict] = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    dataset_info: Optional[dict] = None,
+) -> PatchIndex:
+    """Reader -> embedder -> writer: embed ``dataset`` and write (or append to) an index directory.
+
+    Args:
+        dataset: output of :func:`index_build.data.load_image_dataset`.
+        out_dir: the index directory.
+        embedder: the model.
+        index_type: ``"flat"`` (exact, default), ``"ivfpq"``, ``"hnsw"`` or ``"factory:<string>"``.
+        batch_size: images per forward pass.
+        num_workers: DataLoader workers (default :func:`default_num_workers`).
+        resume: continue an interrupted build of the same model and dataset.
+        progress: show a progress bar.
+        append: add the dataset to the existing index in ``out_dir`` (same model required;
+            ``index_type`` and ``index_params`` are then those of the existing index).
+        overwrite: replace an existing index (otherwise an existing index is an error).
+        index_params: overrides of the index parameters (see
+            :func:`index_build.faiss_index.default_index_params`).
+        chunk_size: rows per persisted chunk (the resume granularity).
+        dataset_info: recorded in the manifest.
+
+    Raises:
+        ValueError: an index already exists (without ``append``/``overwrite``), or bad input.
+        IndexLoadError: ``append`` to a missing/corrupt index or one built with another model.
+    """
+    out = Path(out_dir)
+    if append and overwrite:
+        raise ValueError("append and overwrite exclude each other")
+    if has_index(out) and not (append or overwrite):
+        raise ValueError(f"an index already exists in {out}; append to it or overwrite it")
+    check_index_type(index_type)
+    existing = PatchIndex.load(out, embedder) if append else None
+    work = out / (WORK_DIR + ("-append" if append else ""))
+    xb, metadata = embed_dataset(dataset, embedder, work, batch_size, num_workers, chunk_size, resume, progress)
+    if existing is not None:
+        existing.add_embeddings(
+            xb,
+            metadata.column("label").to_pylist(),
+            metadata.column("source").to_pylist(),
+            metadata.column("thumbnail").to_pylist(),
+        )
+        result = existing
+    else:
+        result = write_index(out, xb, metadata, embedder, index_type, index_params, dataset_info)
+    shutil.rmtree(work)
+    return result

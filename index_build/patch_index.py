@@ -1,0 +1,339 @@
+"""``PatchIndex``: a loaded index directory (FAISS index + metadata + manifest) that can be searched and grown.
+
+Queries are explicit: ``search(images=...)`` embeds images with the index's model,
+``search(embeddings=...)`` takes vectors; a label filter restricts results to one label on any
+index type. :func:`write_index` builds a new index directory from vectors and metadata.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Protocol, Union
+
+import faiss
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from index_build.faiss_index import make_faiss_index, search_parameters, set_search_params
+from index_build.metrics import majority_votes
+from index_build.storage import (
+    FORMAT_VERSION,
+    THUMBNAIL_QUALITY,
+    THUMBNAIL_SIZE,
+    ImageLike,
+    check_model,
+    decode_thumbnail,
+    make_thumbnail,
+    metadata_table,
+    now,
+    package_versions,
+    read_directory,
+    write_directory,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EmbedderLike", "PatchIndex", "SearchResult", "check_manifest_matches", "write_index"]
+
+
+class EmbedderLike(Protocol):
+    """What the index needs from a model (``index_build.models.Embedder`` or a baseline)."""
+
+    processor: Any
+    device: torch.device
+
+    @property
+    def dim(self) -> int: ...
+
+    def embed_pixels(self, pixel_values: torch.Tensor) -> np.ndarray: ...
+
+    def embed_images(self, images: Sequence[ImageLike], batch_size: int = 32) -> np.ndarray: ...
+
+    def describe(self) -> dict: ...
+
+
+def check_manifest_matches(manifest: dict, embedder: EmbedderLike, path: Union[str, Path] = "index") -> None:
+    """Raise :class:`~index_build.storage.IndexLoadError` unless the index was built with this model.
+
+    Compares the embedding dimension, the config hash and the weights fingerprint.
+    """
+    check_model(manifest, embedder.describe(), path)
+
+
+@dataclass
+class SearchResult:
+    """The ranked results of one query (best first); missing results are left out."""
+
+    ids: list[int]
+    scores: list[float]
+    labels: list[str]
+    sources: list[str]
+    thumbnails: list[Optional[Image.Image]] = field(repr=False)
+    votes: list[tuple[str, int]]
+
+    @property
+    def majority_label(self) -> Optional[str]:
+        """The label with most votes (ties: the one ranked first); ``None`` without results."""
+        return self.votes[0][0] if self.votes else None
+
+
+class PatchIndex:
+    """A loaded index directory: FAISS index + metadata + manifest, optionally with its model.
+
+    Attributes:
+        path: the index directory.
+        index: the FAISS index (inner product on L2-normalised vectors).
+        manifest: the parsed ``manifest.json``.
+        embedder: the model used to embed image queries (``None``: embeddings only).
+        row_labels: label of every id (list, id order).
+        sources: source reference of every id.
+    """
+
+    def __init__(
+        self, path: Union[str, Path], index: faiss.Index, metadata: pa.Table, manifest: dict, embedder=None
+    ) -> None:
+        self.path = Path(path)
+        self.index = index
+        self.manifest = manifest
+        self.embedder = embedder
+        self.row_labels: list[str] = metadata.column("label").to_pylist()
+        self.sources: list[str] = metadata.column("source").to_pylist()
+        self._thumbnails = metadata.column("thumbnail").combine_chunks()
+        self._label_array = np.asarray(self.row_labels, dtype=object)
+        self._label_set = frozenset(self.row_labels)
+
+    @classmethod
+    def load(cls, path: Union[str, Path], embedder: Optional[EmbedderLike] = None, verify: bool = True) -> PatchIndex:
+        """Open an index directory.
+
+        Args:
+            path: directory holding ``index.faiss``, ``metadata.parquet`` and ``manifest.json``.
+            embedder: the model for image queries; the manifest must match it (dimension,
+                config hash, weights fingerprint).
+            verify: check the SHA-256 of the data files against the manifest.
+
+        Raises:
+            IndexLoadError: the directory or a file is missing or corrupt, the files disagree,
+                or the index was built with another model.
+        """
+        model = embedder.describe() if embedder is not None else None
+        index, metadata, manifest = read_directory(path, model, verify)
+        set_search_params(index, manifest["index"].get("params", {}))
+        logger.info("loaded index %s: %d vectors (%s)", path, manifest["count"], manifest["index"]["type"])
+        return cls(path, index, metadata, manifest, embedder)
+
+    # -- properties -------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def dim(self) -> int:
+        return int(self.index.d)
+
+    @property
+    def labels(self) -> list[str]:
+        """Sorted distinct labels in the index."""
+        return sorted(set(self.row_labels))
+
+    def has_label(self, label: str) -> bool:
+        """Whether some patch of the index has this label."""
+        return label in self._label_set
+
+    @property
+    def index_type(self) -> str:
+        return self.manifest["index"]["type"]
+
+    def thumbnail(self, i: int) -> Optional[Image.Image]:
+        """The thumbnail of id ``i``; ``None`` for rows stored without one (empty bytes)."""
+        data = self._thumbnails[int(i)].as_py()
+        return decode_thumbnail(data) if data else None
+
+    def reconstruct_all(self) -> np.ndarray:
+        """All stored vectors (``N x D``); exact only for the flat and HNSW types."""
+        return np.ascontiguousarray(self.index.reconstruct_n(0, len(self)), dtype=np.float32)
+
+    def metadata_table(self) -> pa.Table:
+        """The metadata of every id, in id order."""
+        return metadata_table(np.arange(len(self)), self.row_labels, self.sources, self._thumbnails)
+
+    # -- search -----------------------------------------------------------------------
+
+    def search_embeddings(self, xq: np.ndarray, k: int, label: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS search: ``xq`` (``Nq x D``, L2-normalised here) -> ``D`` (scores), ``I`` (ids, -1 = none).
+
+        Args:
+            xq: query embeddings.
+            k: results per query.
+            label: only return results with this label.
+        """
+        xq = np.array(xq, dtype=np.float32, order="C", ndmin=2)
+        if xq.ndim != 2 or xq.shape[1] != self.dim:
+            raise ValueError(f"query embeddings must be Nq x {self.dim}, got shape {xq.shape}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        faiss.normalize_L2(xq)
+        if label is None:
+            return self.index.search(xq, k)
+        if not self.has_label(label):
+            raise ValueError(f"label {label!r} is not in the index; labels: {self.labels}")
+        selector = faiss.IDSelectorBatch(np.flatnonzero(self._label_array == label).astype(np.int64))
+        # ``selector`` stays referenced until the search returns (the parameters only point to it).
+        return self.index.search(xq, k, params=search_parameters(self.index, selector))
+
+    def embed(self, images: Union[ImageLike, Sequence[ImageLike]], batch_size: int = 32) -> np.ndarray:
+        """Images (one or a list) -> query embeddings with this index's model."""
+        if self.embedder is None:
+            raise ValueError("this PatchIndex was loaded without a model: pass embeddings, or load with embedder=")
+        batch = [images] if isinstance(images, (Image.Image, np.ndarray)) else list(images)
+        return self.embedder.embed_images(batch, batch_size=batch_size)
+
+    def search(
+        self,
+        *,
+        images: Union[ImageLike, Sequence[ImageLike], None] = None,
+        embeddings: Optional[np.ndarray] = None,
+        k: int = 8,
+        label: Optional[str] = None,
+    ) -> list[SearchResult]:
+        """Search with images or with embeddings (exactly one of the two).
+
+        Args:
+            images: one image or a list of images (PIL, or uint8/uint16/float arrays of pixels),
+                embedded with this index's model.
+            embeddings: ``Nq x D`` query embeddings (``D`` = the index's dimension).
+            k: results per query.
+            label: only results with this label.
+
+        Returns:
+            One :class:`SearchResult` per query.
+        """
+        if (images is None) == (embeddings is None):
+            raise ValueError("give images= or embeddings= (exactly one)")
+        xq = self.embed(images) if images is not None else embeddings
+        scores, ids = self.search_embeddings(xq, k, label=label)
+        return [self._result(row_scores, row_ids) for row_scores, row_ids in zip(scores, ids)]
+
+    def _result(self, scores: np.ndarray, ids: np.ndarray) -> SearchResult:
+        keep = ids >= 0
+        ids_list = [int(i) for i in ids[keep]]
+        labels = [self.row_labels[i] for i in ids_list]
+        return SearchResult(
+            ids=ids_list,
+            scores=[float(s) for s in scores[keep]],
+            labels=labels,
+            sources=[self.sources[i] for i in ids_list],
+            thumbnails=[self.thumbnail(i) for i in ids_list],
+            votes=majority_votes(labels),
+        )
+
+    # -- append -----------------------------------------------------------------------
+
+    def add(
+        self, images: Sequence[ImageLike], labels: Sequence[str], sources: Optional[Sequence[str]] = None
+    ) -> np.ndarray:
+        """Embed images and append them to the index on disk (atomic). Returns their new ids.
+
+        Args:
+            images: PIL images or arrays.
+            labels: one label per image.
+            sources: one source reference per image (default ``"added:<id>"``).
+        """
+        images = list(images)
+        if len(labels) != len(images) or (sources is not None and len(sources) != len(images)):
+            raise ValueError(f"need one label and one source per image ({len(images)} images)")
+        if not images:
+            raise ValueError("no images to add")
+        xb = self.embed(images)
+        thumbnails = [make_thumbnail(image) for image in images]
+        if sources is None:
+            sources = [f"added:{len(self) + i}" for i in range(len(images))]
+        return self.add_embeddings(xb, labels, sources, thumbnails)
+
+    def add_embeddings(
+        self, xb: np.ndarray, labels: Sequence[str], sources: Sequence[str], thumbnails: Sequence[bytes]
+    ) -> np.ndarray:
+        """Append precomputed embeddings with their metadata and rewrite the directory atomically."""
+        xb = np.array(xb, dtype=np.float32, order="C", ndmin=2)
+        n = xb.shape[0]
+        if xb.shape[1] != self.dim or not len(labels) == len(sources) == len(thumbnails) == n:
+            raise ValueError(f"need an N x {self.dim} array and N labels, sources, thumbnails; got {xb.shape}")
+        faiss.normalize_L2(xb)
+        new_ids = np.arange(len(self), len(self) + n, dtype=np.int64)
+        metadata = pa.concat_tables([self.metadata_table(), metadata_table(new_ids, labels, sources, thumbnails)])
+        index = faiss.clone_index(self.index)
+        index.add(xb)
+        set_search_params(index, self.manifest["index"].get("params", {}))
+        manifest = write_directory(self.path, index, metadata, dict(self.manifest, updated=now()))
+        self.__init__(self.path, index, metadata, manifest, self.embedder)
+        logger.info("appended %d vectors to %s (now %d)", n, self.path, len(self))
+        return new_ids
+
+
+def _preprocessing(embedder: EmbedderLike) -> dict:
+    processor = embedder.processor
+    return {
+        "processor": type(processor).__name__,
+        "image_size": getattr(processor, "image_size", None),
+        "image_mean": getattr(processor, "image_mean", None),
+        "image_std": getattr(processor, "image_std", None),
+        "resize": "bilinear, antialiased, to a square",
+        "color": "RGB (alpha composited on white, 16-bit scaled to 8-bit)",
+    }
+
+
+def write_index(
+    path: Union[str, Path],
+    xb: np.ndarray,
+    metadata: pa.Table,
+    embedder: EmbedderLike,
+    index_type: str = "flat",
+    index_params: Optional[dict] = None,
+    dataset_info: Optional[dict] = None,
+) -> PatchIndex:
+    """Writer: FAISS index over ``xb`` + ``metadata`` (schema ``id, label, source, thumbnail``) + manifest.
+
+    Args:
+        path: output directory (created).
+        xb: ``N x D`` float32 embeddings, row ``i`` = id ``i``.
+        metadata: one row per vector.
+        embedder: the model that made ``xb`` (recorded in the manifest).
+        index_type: see :func:`index_build.faiss_index.make_faiss_index`.
+        index_params: overrides of the index parameters.
+        dataset_info: what the vectors came from (source, split, columns), recorded as is.
+    """
+    path = Path(path)
+    if metadata.num_rows != len(xb):
+        raise ValueError(f"{len(xb)} vectors but {metadata.num_rows} metadata rows")
+    desc = embedder.describe()
+    if xb.shape[1] != desc["embedding_dim"]:
+        raise ValueError(f"vectors have dim {xb.shape[1]}, the model says {desc['embedding_dim']}")
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    faiss.normalize_L2(xb)
+    index, used = make_faiss_index(xb, index_type, index_params)
+    metadata = metadata.set_column(0, "id", pa.array(np.arange(len(xb), dtype=np.int64)))
+    created = now()
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created": created,
+        "updated": created,
+        "model": desc,
+        "embedding_dim": int(xb.shape[1]),
+        "metric": "cosine (inner product of L2-normalised vectors)",
+        "preprocessing": _preprocessing(embedder),
+        "index": {"type": index_type, "class": type(index).__name__, "params": used},
+        "count": int(index.ntotal),
+        "thumbnail": {"max_side": THUMBNAIL_SIZE, "format": "JPEG", "quality": THUMBNAIL_QUALITY},
+        "dataset": dataset_info or {},
+        "packages": package_versions(),
+    }
+    manifest = write_directory(path, index, metadata, manifest)
+    logger.info("wrote %s index with %d vectors to %s", index_type, index.ntotal, path)
+    return PatchIndex(path, index, metadata, manifest, embedder)

@@ -1,0 +1,344 @@
+"""The on-disk format of an index directory: file names, atomic writes, the commit journal, the manifest.
+
+An index directory holds three files, always written atomically (temporary file, then
+``os.replace``, with a small commit journal so that an interrupted multi-file write is rolled
+forward on the next open):
+
+- ``index.faiss``: the vectors (L2-normalised, inner product = cosine similarity); FAISS id
+  ``i`` is row ``i`` of the metadata.
+- ``metadata.parquet``: ``id``, ``label``, ``source`` and ``thumbnail`` (small JPEG bytes).
+- ``manifest.json``: model (id, revision, config hash, weights fingerprint), embedding dim,
+  metric, preprocessing, index type and parameters, count, labels, creation time, package
+  versions and the size and SHA-256 of the two data files.
+
+:func:`write_directory` commits the three files; :func:`read_directory` opens and checks them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import platform
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+INDEX_FILE = "index.faiss"
+METADATA_FILE = "metadata.parquet"
+MANIFEST_FILE = "manifest.json"
+JOURNAL_FILE = ".commit.json"
+WORK_DIR = ".partial"  # where a build keeps its embedded chunks until the index is written
+DEFAULT_CHUNK_SIZE = 4096  # rows per persisted chunk: the resume granularity of a build
+THUMBNAIL_SIZE = 128
+THUMBNAIL_QUALITY = 85
+METADATA_SCHEMA = pa.schema(
+    [("id", pa.int64()), ("label", pa.string()), ("source", pa.string()), ("thumbnail", pa.binary())]
+)
+# Manifest "model" entries that must agree for vectors to be comparable.
+MODEL_KEYS = ("embedding_dim", "config_hash", "weights_fingerprint")
+_PACKAGES = ("torch", "timm", "transformers", "datasets", "faiss-cpu", "numpy", "pyarrow", "pillow")
+
+ImageLike = Union[Image.Image, np.ndarray]
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "FORMAT_VERSION",
+    "INDEX_FILE",
+    "MANIFEST_FILE",
+    "METADATA_FILE",
+    "METADATA_SCHEMA",
+    "MODEL_KEYS",
+    "WORK_DIR",
+    "IndexLoadError",
+    "decode_thumbnail",
+    "has_index",
+    "make_thumbnail",
+    "metadata_table",
+    "model_mismatches",
+    "read_directory",
+    "write_atomic",
+    "write_directory",
+]
+
+
+class IndexLoadError(ValueError):
+    """An index directory cannot be used: missing or corrupt files, or a different model."""
+
+
+# --------------------------------------------------------------------------------------
+# Thumbnails and metadata rows
+# --------------------------------------------------------------------------------------
+
+
+def make_thumbnail(image: ImageLike, size: int = THUMBNAIL_SIZE, quality: int = THUMBNAIL_QUALITY) -> bytes:
+    """JPEG bytes of an RGB copy of ``image`` whose longer side is at most ``size`` pixels."""
+    from modeling_lgffem import to_rgb_uint8
+
+    rgb = to_rgb_uint8(image).copy()
+    rgb.thumbnail((size, size), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def decode_thumbnail(data: bytes) -> Image.Image:
+    """JPEG bytes from the metadata -> a loaded PIL image."""
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def metadata_table(ids: Any, labels: Any, sources: Any, thumbnails: Any) -> pa.Table:
+    """A metadata table (:data:`METADATA_SCHEMA`) from its four columns."""
+    return pa.table(
+        {
+            "id": pa.array(np.asarray(ids, dtype=np.int64)),
+            "label": pa.array([str(v) for v in labels], pa.string()),
+            "source": pa.array([str(v) for v in sources], pa.string()),
+            "thumbnail": thumbnails if isinstance(thumbnails, pa.Array) else pa.array(list(thumbnails), pa.binary()),
+        },
+        schema=METADATA_SCHEMA,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# The manifest's model entry
+# --------------------------------------------------------------------------------------
+
+
+def _model_summary(desc: dict) -> str:
+    return (
+        f"{desc.get('model')} (dim {desc.get('embedding_dim')}, config hash {desc.get('config_hash')}, "
+        f"weights fingerprint {desc.get('weights_fingerprint')})"
+    )
+
+
+def model_mismatches(built: dict, given: dict) -> list[str]:
+    """What differs between two manifest ``model`` entries (``"key built != given"``), empty when they agree."""
+    return [f"{key} {built.get(key)!r} != {given.get(key)!r}" for key in MODEL_KEYS if built.get(key) != given.get(key)]
+
+
+def check_model(manifest: dict, given: dict, path: Union[str, Path] = "index") -> None:
+    """Raise :class:`IndexLoadError` unless the index of ``manifest`` was built with the model ``given``."""
+    built = manifest.get("model", {})
+    problems = model_mismatches(built, given)
+    if problems:
+        raise IndexLoadError(
+            f"index {path} was built with model {_model_summary(built)} but the given model is "
+            f"{_model_summary(given)}: {'; '.join(problems)}. Load the model the index was built with, "
+            "or rebuild the index with this model (python -m index_build ... --model ...)."
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Atomic writes and the commit journal
+# --------------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 4 MB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def package_versions() -> dict[str, Optional[str]]:
+    """Python and the versions of the packages that shape the vectors (``None``: not installed)."""
+    versions: dict[str, Optional[str]] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def now() -> str:
+    """The current UTC time, ISO 8601 to the second."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temporary file next to ``path``, flush it to disk, then rename it to ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def commit(directory: Path, writers: dict[str, Callable[[Path], None]]) -> dict[str, Path]:
+    """Write several files of ``directory`` so that readers see all old or (after recovery) all new.
+
+    Each file is written to a temporary name; a journal listing the renames is then written
+    atomically, the renames are done in order (the manifest last) and the journal is removed.
+    A crash before the journal leaves the old files; after it, :func:`recover` finishes the job.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    recover(directory)
+    renames: list[tuple[str, str]] = []
+    for name, write in writers.items():
+        tmp = directory / f".{name}.tmp-{os.getpid()}"
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        renames.append((tmp.name, name))
+    write_atomic(directory / JOURNAL_FILE, lambda p: p.write_text(json.dumps({"renames": renames})))
+    recover(directory, interrupted=False)
+    return {name: directory / name for name in writers}
+
+
+def recover(directory: Path, interrupted: bool = True) -> None:
+    """Finish an interrupted :func:`commit` (roll forward), if its journal is present."""
+    journal = directory / JOURNAL_FILE
+    if not journal.exists():
+        return
+    try:
+        renames = json.loads(journal.read_text())["renames"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise IndexLoadError(f"corrupt commit journal {journal}: {err}") from err
+    for tmp, name in renames:
+        if (directory / tmp).exists():
+            os.replace(directory / tmp, directory / name)
+    journal.unlink()
+    if interrupted:
+        logger.warning("completed an interrupted write in %s", directory)
+
+
+# --------------------------------------------------------------------------------------
+# The directory: write and read
+# --------------------------------------------------------------------------------------
+
+
+def has_index(path: Union[str, Path]) -> bool:
+    """Whether ``path`` holds an index directory (its manifest exists)."""
+    return (Path(path) / MANIFEST_FILE).is_file()
+
+
+def write_directory(path: Path, index: faiss.Index, metadata: pa.Table, manifest: dict) -> dict:
+    """Commit index, metadata and manifest (with counts, labels and checksums) atomically.
+
+    Returns:
+        The manifest as written.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    staged: dict[str, Path] = {}
+
+    def stage(name: str, write: Callable[[Path], None]) -> Callable[[Path], None]:
+        def run(tmp: Path) -> None:
+            write(tmp)
+            staged[name] = tmp
+
+        return run
+
+    labels = metadata.column("label").to_pylist()
+    manifest = dict(manifest)
+    manifest["count"] = int(index.ntotal)
+    manifest["labels"] = dict(sorted(Counter(labels).items()))
+
+    def write_manifest(tmp: Path) -> None:
+        manifest["files"] = {
+            name: {"bytes": staged[name].stat().st_size, "sha256": sha256_file(staged[name])}
+            for name in (INDEX_FILE, METADATA_FILE)
+        }
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+    commit(
+        path,
+        {
+            INDEX_FILE: stage(INDEX_FILE, lambda tmp: faiss.write_index(index, str(tmp))),
+            METADATA_FILE: stage(METADATA_FILE, lambda tmp: pq.write_table(metadata, tmp)),
+            MANIFEST_FILE: write_manifest,
+        },
+    )
+    return manifest
+
+
+def _read_manifest(path: Path, verify: bool) -> dict:
+    try:
+        manifest = json.loads((path / MANIFEST_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise IndexLoadError(f"corrupt {MANIFEST_FILE} in {path}: {err}") from err
+    for key in ("format_version", "count", "model", "index", "files"):
+        if not isinstance(manifest, dict) or key not in manifest:
+            raise IndexLoadError(f"corrupt {MANIFEST_FILE} in {path}: no {key!r} entry")
+    if manifest["format_version"] > FORMAT_VERSION:
+        raise IndexLoadError(
+            f"index {path} has format version {manifest['format_version']}; this code reads up to {FORMAT_VERSION}"
+        )
+    for name in (INDEX_FILE, METADATA_FILE):
+        expected = manifest["files"].get(name, {})
+        size = (path / name).stat().st_size
+        if size != expected.get("bytes"):
+            raise IndexLoadError(f"corrupt {name} in {path}: {size} bytes, the manifest says {expected.get('bytes')}")
+        if verify and sha256_file(path / name) != expected.get("sha256"):
+            raise IndexLoadError(f"corrupt {name} in {path}: SHA-256 differs from the manifest")
+    return manifest
+
+
+def read_directory(
+    path: Union[str, Path], model: Optional[dict] = None, verify: bool = True
+) -> tuple[faiss.Index, pa.Table, dict]:
+    """Open an index directory and check it: files present, sizes and checksums, counts, model.
+
+    Args:
+        path: the directory.
+        model: the ``describe()`` of the model that will query it; must match the manifest.
+        verify: check the SHA-256 of the data files against the manifest.
+
+    Returns:
+        ``(index, metadata, manifest)``.
+
+    Raises:
+        IndexLoadError: the directory or a file is missing or corrupt, the files disagree, or
+            the index was built with another model.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise IndexLoadError(f"index directory not found: {path}")
+    try:
+        recover(path)
+    except OSError as err:
+        raise IndexLoadError(f"index {path} has an unfinished write that cannot be completed: {err}") from err
+    missing = [name for name in (INDEX_FILE, METADATA_FILE, MANIFEST_FILE) if not (path / name).is_file()]
+    if missing:
+        raise IndexLoadError(f"index {path} is incomplete: missing {', '.join(missing)}")
+    manifest = _read_manifest(path, verify)
+    if model is not None:
+        check_model(manifest, model, path)
+    try:
+        index = faiss.read_index(str(path / INDEX_FILE))
+    except RuntimeError as err:
+        raise IndexLoadError(f"corrupt {INDEX_FILE} in {path}: {err}") from err
+    try:
+        metadata = pq.read_table(path / METADATA_FILE)
+    except (pa.ArrowException, OSError) as err:
+        raise IndexLoadError(f"corrupt {METADATA_FILE} in {path}: {err}") from err
+    if not METADATA_SCHEMA.equals(metadata.schema, check_metadata=False):
+        raise IndexLoadError(f"{METADATA_FILE} in {path} has schema {metadata.schema}, expected {METADATA_SCHEMA}")
+    count = manifest["count"]
+    if not index.ntotal == metadata.num_rows == count:
+        raise IndexLoadError(
+            f"index {path} is inconsistent: {index.ntotal} vectors, {metadata.num_rows} metadata rows, "
+            f"manifest count {count}"
+        )
+    if index.d != manifest["model"].get("embedding_dim"):
+        raise IndexLoadError(f"index {path}: vectors have dim {index.d}, manifest says {manifest['model']}")
+    return index, metadata, manifest

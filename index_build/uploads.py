@@ -1,0 +1,193 @@
+"""Uploaded files -> checked 8-bit RGB images: decoding limits, and images or zips of images.
+
+Every limit gives a plain :class:`InputError` naming the file and what was wrong, so that a
+caller (the app, a script) can show it and carry on: non-image files, empty, truncated or
+corrupt images, decompression bombs, files over :data:`MAX_UPLOAD_BYTES`, images under
+:data:`~index_build.query.MIN_SIDE` px on a side, zips with too many or too large members.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+import zipfile
+from collections.abc import Iterator, Sequence
+from typing import IO, Any, Optional, Union
+
+from PIL import Image, UnidentifiedImageError
+
+from index_build.query import MIN_SIDE, cut_tiles
+
+MAX_PIXELS = 40_000_000  # decoded pixels per image (about 6300 x 6300): decompression-bomb guard
+MAX_UPLOAD_BYTES = 100 * 2**20  # per file
+MAX_ZIP_MEMBERS = 2000
+MAX_ZIP_BYTES = 500 * 2**20  # total uncompressed size of one zip
+MAX_ADD_PATCHES = 500  # patches added to a gallery in one go (after tiling)
+
+__all__ = [
+    "MAX_ADD_PATCHES",
+    "MAX_PIXELS",
+    "MAX_UPLOAD_BYTES",
+    "MAX_ZIP_BYTES",
+    "MAX_ZIP_MEMBERS",
+    "InputError",
+    "configure_pillow",
+    "decode_image",
+    "file_path",
+    "iter_upload",
+    "upload_patches",
+]
+
+
+class InputError(ValueError):
+    """A user input that cannot be used; the message is meant to be shown as is."""
+
+
+def configure_pillow() -> None:
+    """Pillow's own decompression-bomb limit for this process (warning above, error above twice)."""
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+
+def decode_image(source: Union[str, os.PathLike, IO[bytes]], name: Optional[str] = None) -> Image.Image:
+    """Open an uploaded file safely and return it as an 8-bit RGB PIL image.
+
+    Accepts anything Pillow reads (PNG, JPEG, TIFF incl. 16-bit and multi-page, BMP, WebP, ...);
+    grayscale, RGBA (composited on white) and 16-bit data are converted like the model's processor.
+
+    Args:
+        source: a file path or a binary file object.
+        name: how to call the file in messages (default: the path).
+
+    Raises:
+        InputError: not an image, corrupt or truncated, too many pixels, too small or too large a file.
+    """
+    from modeling_lgffem import to_rgb_uint8
+
+    label = name or (os.path.basename(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else "image")
+    if isinstance(source, (str, os.PathLike)):
+        if not os.path.isfile(source):
+            raise InputError(f"{label}: file not found")
+        size = os.path.getsize(source)
+        if size == 0:
+            raise InputError(f"{label}: the file is empty")
+        if size > MAX_UPLOAD_BYTES:
+            raise InputError(f"{label}: file of {size / 2**20:.0f} MB; the limit is {MAX_UPLOAD_BYTES // 2**20} MB")
+    too_big = (
+        f"{label}: too many pixels for this app (decompression-bomb guard: at most "
+        f"{MAX_PIXELS / 1e6:.0f} megapixels). Crop or downscale the region of interest first."
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    raise InputError(f"{too_big} This image is {width}×{height} = {width * height / 1e6:.1f} MP.")
+                image.load()
+                rgb = to_rgb_uint8(image)
+                rgb = rgb.copy() if rgb is image else rgb
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise InputError(f"{too_big} ({err})") from err
+    except UnidentifiedImageError as err:
+        raise InputError(f"{label}: not an image file (format not recognised); upload PNG, JPEG or TIFF") from err
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError) as err:
+        raise InputError(f"{label}: corrupt or truncated image ({err})") from err
+    if min(rgb.size) < MIN_SIDE:
+        raise InputError(
+            f"{label}: image too small ({rgb.width}×{rgb.height} px); at least {MIN_SIDE} px on each side is needed"
+        )
+    return rgb
+
+
+def file_path(item: Any) -> str:
+    """A path from what Gradio or a caller passes for a file (str, Path, or object with ``.name``/``.path``)."""
+    if isinstance(item, (str, os.PathLike)):
+        return os.fspath(item)
+    for attr in ("path", "name"):
+        value = getattr(item, attr, None)
+        if isinstance(value, str):
+            return value
+    raise InputError(f"unexpected upload object {type(item).__name__}")
+
+
+def iter_upload(path: str) -> Iterator[tuple[str, Union[Image.Image, InputError]]]:
+    """Yield ``(name, image or InputError)`` for one uploaded file: an image, or every image in a zip."""
+    name = os.path.basename(path)
+    if not zipfile.is_zipfile(path):
+        try:
+            yield name, decode_image(path)
+        except InputError as err:
+            yield name, err
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = [m for m in archive.infolist() if not m.is_dir()]
+            members = [
+                m
+                for m in members
+                if not m.filename.startswith("__MACOSX/") and not os.path.basename(m.filename).startswith(".")
+            ]
+            if len(members) > MAX_ZIP_MEMBERS:
+                yield name, InputError(f"{name}: {len(members)} files; at most {MAX_ZIP_MEMBERS} per zip")
+                return
+            if sum(m.file_size for m in members) > MAX_ZIP_BYTES:
+                yield name, InputError(f"{name}: more than {MAX_ZIP_BYTES // 2**20} MB uncompressed")
+                return
+            for member in members:
+                member_name = f"{name}/{member.filename}"
+                if member.file_size > MAX_UPLOAD_BYTES:
+                    yield member_name, InputError(f"{member_name}: larger than {MAX_UPLOAD_BYTES // 2**20} MB")
+                    continue
+                try:
+                    data = archive.read(member)
+                except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+                    yield member_name, InputError(f"{member_name}: cannot be read from the zip ({err})")
+                    continue
+                try:
+                    yield member_name, decode_image(io.BytesIO(data), name=member_name)
+                except InputError as err:
+                    yield member_name, err
+    except (zipfile.BadZipFile, OSError) as err:
+        yield name, InputError(f"{name}: corrupt zip file ({err})")
+
+
+def upload_patches(
+    paths: Sequence[str], size: int, max_patches: int = MAX_ADD_PATCHES
+) -> tuple[list[Image.Image], list[str], list[str]]:
+    """Uploaded files (images or zips) -> gallery patches, tiled like queries.
+
+    Large images are cut by :func:`index_build.query.cut_tiles`; each patch's source is
+    ``upload:<name>`` (``#tile<n>`` for a tile).
+
+    Args:
+        paths: the uploaded files.
+        size: the model input in pixels.
+        max_patches: the most patches accepted in one go.
+
+    Returns:
+        ``(patches, sources, skipped)``: skipped holds one message per unreadable file.
+
+    Raises:
+        InputError: more than ``max_patches`` patches.
+    """
+    patches: list[Image.Image] = []
+    sources: list[str] = []
+    skipped: list[str] = []
+    for path in paths:
+        for name, loaded in iter_upload(path):
+            if isinstance(loaded, InputError):
+                skipped.append(str(loaded))
+                continue
+            _, tiles, crops = cut_tiles(loaded, size)
+            for tile, crop in zip(tiles, crops):
+                patches.append(crop)
+                sources.append(f"upload:{name}" + (f"#tile{tile.number}" if len(tiles) > 1 else ""))
+            if len(patches) > max_patches:
+                raise InputError(
+                    f"more than {max_patches} patches in one go (large images count one per tile); "
+                    "add them in smaller batches"
+                )
+    return patches, sources, skipped
