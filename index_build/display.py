@@ -91,9 +91,25 @@ def result_summary(found: TiledResult, query_size: tuple[int, int], size: int, l
         size_text += f", shrunk to {work.width}×{work.height} px"
     tied = [lab for lab, n in votes[1:] if n == votes[0][1]]
     tie_text = f", tied with {', '.join(tied)} (tie broken by the rule below)" if tied else ""
+    if found.close_match is False:
+        headline = (
+            "### No close match in this gallery\n"
+            f"The best similarity, {found.best_score:.3f}, is below this gallery's close-match threshold "
+            f"{found.threshold:.3f}: nothing here resembles the query as closely as the gallery's own patches "
+            "resemble each other. The nearest patches are shown for reference, not as a suggestion.  \n"
+        )
+    else:
+        match_text = (
+            f"Best similarity {found.best_score:.3f} (close-match threshold {found.threshold:.3f}).  \n"
+            if found.close_match
+            else ""
+        )
+        headline = (
+            f"### Suggestion: **{votes[0][0]}** ({votes[0][1]} of {sum(n for _, n in votes)} {found.unit}){tie_text}\n"
+            + match_text
+        )
     return (
-        f"### Suggestion: **{votes[0][0]}** ({votes[0][1]} of {sum(n for _, n in votes)} {found.unit}){tie_text}\n"
-        f"Votes: {', '.join(f'{lab}: {n}' for lab, n in votes)}.  \n"
+        headline + f"Votes: {', '.join(f'{lab}: {n}' for lab, n in votes)}.  \n"
         f"Query: {size_text}, searched as {len(tiles)} tile{'s' if several else ''}"
         f"{' (' + str(size) + ' px)' if several else ''}; "
         f"{len(found.hits)} results{' with label ' + repr(label) if label else ''}.  \n"

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from index_build.calibration import close_match_threshold
 from index_build.faiss_index import make_faiss_index, search_parameters, set_search_params
 from index_build.metrics import majority_votes
 from index_build.storage import (
@@ -77,6 +78,15 @@ class SearchResult:
     sources: list[str]
     thumbnails: list[Optional[Image.Image]] = field(repr=False)
     votes: list[tuple[str, int]]
+    threshold: Optional[float] = None
+    """The index's calibrated close-match similarity (``None`` when it has none)."""
+
+    @property
+    def close_match(self) -> Optional[bool]:
+        """Whether the best result reaches the close-match threshold (``None``: no threshold or no result)."""
+        if self.threshold is None or not self.scores:
+            return None
+        return self.scores[0] >= self.threshold
 
     @property
     def majority_label(self) -> Optional[str]:
@@ -232,7 +242,15 @@ class PatchIndex:
             sources=[self.sources[i] for i in ids_list],
             thumbnails=[self.thumbnail(i) for i in ids_list],
             votes=majority_votes(labels),
+            threshold=self.close_match_threshold,
         )
+
+    @property
+    def close_match_threshold(self) -> Optional[float]:
+        """The similarity a best result must reach to count as a close match (see
+        :mod:`index_build.calibration`); ``None`` for indexes built without one."""
+        calibration = self.manifest.get("close_match")
+        return float(calibration["threshold"]) if isinstance(calibration, dict) and "threshold" in calibration else None
 
     # -- append -----------------------------------------------------------------------
 
@@ -271,7 +289,12 @@ class PatchIndex:
         index = faiss.clone_index(self.index)
         index.add(xb)
         set_search_params(index, self.manifest["index"].get("params", {}))
-        manifest = write_directory(self.path, index, metadata, dict(self.manifest, updated=now()))
+        manifest = dict(self.manifest, updated=now())
+        try:  # recalibrate on the grown gallery (exact for flat and HNSW, decoded codes otherwise)
+            manifest["close_match"] = close_match_threshold(index.reconstruct_n(0, index.ntotal))
+        except RuntimeError:  # an IVF index without a direct map cannot reconstruct: keep the old value
+            pass
+        manifest = write_directory(self.path, index, metadata, manifest)
         self.__init__(self.path, index, metadata, manifest, self.embedder)
         logger.info("appended %d vectors to %s (now %d)", n, self.path, len(self))
         return new_ids
@@ -333,6 +356,7 @@ def write_index(
         "thumbnail": {"max_side": THUMBNAIL_SIZE, "format": "JPEG", "quality": THUMBNAIL_QUALITY},
         "dataset": dataset_info or {},
         "packages": package_versions(),
+        "close_match": close_match_threshold(xb),
     }
     manifest = write_directory(path, index, metadata, manifest)
     logger.info("wrote %s index with %d vectors to %s", index_type, index.ntotal, path)

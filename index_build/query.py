@@ -215,6 +215,18 @@ class TiledResult:
     hits: list[Hit]  # the k best distinct gallery patches
     votes: list[tuple[str, int]]
     unit: str  # what a vote is: "results" (one tile) or "tiles"
+    threshold: Optional[float] = None  # the main gallery's calibrated close-match similarity
+
+    @property
+    def best_score(self) -> Optional[float]:
+        return self.hits[0].score if self.hits else None
+
+    @property
+    def close_match(self) -> Optional[bool]:
+        """Whether the best hit reaches the close-match threshold (``None``: no threshold or no hit)."""
+        if self.threshold is None or not self.hits:
+            return None
+        return self.hits[0].score >= self.threshold
 
 
 def embed_tiles(
@@ -260,4 +272,5 @@ def tiled_search(
     with guard or nullcontext():
         per_tile = search_galleries(galleries, xq, k, label)
     hits, votes, unit = merge_tiles(per_tile, k)
-    return TiledResult(work, tiles, pixel_values, per_tile, hits, votes, unit)
+    threshold = next((g.close_match_threshold for _, g in galleries if g.close_match_threshold is not None), None)
+    return TiledResult(work, tiles, pixel_values, per_tile, hits, votes, unit, threshold)
