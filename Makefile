@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: app test chromium clean-venv
+.PHONY: app test model chromium clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,18 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 app: $(STAMP)
 	$(PY) app.py $(ARGS)
+
+# Re-create the shipped default model (weights/lgffem-default.safetensors) from ../shared/data:
+# the recipe of weights/README.md on the LC25000 lung + colon galleries (about 45 min on 2 CPU cores).
+DATA ?= ../shared/data
+MODEL_OUT ?= artifacts/default-model
+model: $(STAMP)
+	$(PY) -m train --dataset $(DATA)/lc25000_lung/gallery $(DATA)/lc25000_colon/gallery \
+	  --epochs 10 --distill-weight 1.0 --eval-every 10 \
+	  --eval-gallery $(DATA)/lc25000_lung/gallery --eval-queries $(DATA)/lc25000_lung/query \
+	  --output-dir $(MODEL_OUT) --checkpoint-dir $(MODEL_OUT)-checkpoints \
+	  --model-name lgffem-lite0-lc25000 --license other --tags lc25000 lung colon $(ARGS)
+	$(PY) -m train.export_default $(MODEL_OUT)
 
 # Debian's Chromium for the browser test (Playwright drives it; no browser download).
 chromium:

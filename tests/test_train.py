@@ -356,3 +356,98 @@ def test_cli_end_to_end_on_an_image_folder(tmp_path):
         "recall@1", "recall@3", "mmv@3", "map@3",
     ]  # fmt: skip
     assert rows[0]["step"] == "2" and rows[0]["images"] == "8" and rows[0]["recall@1"] != ""
+
+
+# ---------------------------------------------------------------- cached backbone features
+
+
+def test_dihedral_views_are_the_eight_symmetries_of_the_square():
+    from train.features import NUM_VIEWS, compose_view, dihedral
+
+    a = np.arange(9).reshape(3, 3)
+    views = [dihedral(a, v) for v in range(NUM_VIEWS)]
+    assert len({v.tobytes() for v in views}) == 8
+    np.testing.assert_array_equal(dihedral(a, 0), a)
+    np.testing.assert_array_equal(dihedral(a, 1), np.rot90(a))
+    np.testing.assert_array_equal(dihedral(a, 4), a.T)
+    # "hflip, vflip, rotate" of train.data.augment map onto the same elements
+    assert compose_view(False, False, 0) == 0
+    assert compose_view(True, True, 0) == 2  # both flips = rotation by 180 degrees
+    np.testing.assert_array_equal(dihedral(a, compose_view(True, False, 0)), a[:, ::-1])
+    np.testing.assert_array_equal(dihedral(a, compose_view(False, True, 1)), np.rot90(a[::-1]))
+    with pytest.raises(ValueError, match="0..7"):
+        dihedral(a, 8)
+
+
+def test_epoch_views_follow_the_recipe_probabilities():
+    from train.features import draw_views
+
+    cfg = AugmentConfig()
+    views = draw_views(8000, seed=0, epoch=0, cfg=cfg)
+    counts = np.bincount(views, minlength=8) / len(views)
+    # with flips and rotations at p = 0.5 every element of D4 occurs
+    assert counts.min() > 0.05 and set(np.unique(views)) == set(range(8))
+    np.testing.assert_array_equal(views, draw_views(8000, seed=0, epoch=0, cfg=cfg))
+    assert not np.array_equal(views, draw_views(8000, seed=0, epoch=1, cfg=cfg))
+    assert not draw_views(50, seed=0, epoch=3, cfg=None).any()
+
+
+def test_feature_cache_fills_once_and_serves_the_backbone_maps():
+    from modeling_lgffem import LgffemConfig, LgffemImageProcessor, LgffemModel
+    from train.features import FeatureCache
+
+    torch.manual_seed(0)
+    model = LgffemModel(LgffemConfig(**{k: v for k, v in TINY.items() if k != "backbone_weights"}))
+    processor = LgffemImageProcessor.from_config(model.config)
+    ds = synthetic_dataset(per_class=2)
+    with torch.no_grad():
+        shapes = [tuple(m.shape[1:]) for m in model.backbone_features(torch.zeros(1, 3, 64, 64))]
+    cache = FeatureCache(len(ds), shapes, torch.float32)
+    assert cache.missing([0, 1, 1, 2], [0, 3, 3, 0]) == [(0, 0), (1, 3), (2, 0)]
+    cache.fill(model, ds, [(0, 0), (1, 3), (2, 0)], processor, None, seed=0, device=torch.device("cpu"), batch_size=2)
+    assert cache.missing([0, 1, 1, 2], [0, 3, 3, 0]) == []
+    got = cache.get(torch.tensor([1]), torch.tensor([3]), torch.device("cpu"))
+    pixels = processor(Image.fromarray(np.ascontiguousarray(np.rot90(np.asarray(ds[1]["image"]), 3))))
+    with torch.no_grad():
+        expected = model.backbone_features(pixels["pixel_values"])
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    with pytest.raises(KeyError, match="never filled"):
+        cache.get(torch.tensor([5]), torch.tensor([0]), torch.device("cpu"))
+
+
+def test_cached_training_equals_the_plain_path_without_augmentation(tmp_path):
+    """Same data, same order, no augmentation, float32 cache: the cached path trains the same model."""
+    ds = synthetic_dataset(per_class=4)
+    runs = {}
+    for cache in ("off", "auto"):
+        torch.manual_seed(0)
+        cfg = tiny_cfg(tmp_path / cache, epochs=2, augment=False, feature_cache=cache, feature_cache_dtype="float32")
+        runs[cache] = train(cfg, train_dataset=ds)
+    plain, cached = runs["off"], runs["auto"]
+    assert [r["loss"] for r in cached.history] == pytest.approx([r["loss"] for r in plain.history], rel=1e-4)
+    for name, tensor in plain.model.state_dict().items():
+        torch.testing.assert_close(cached.model.state_dict()[name], tensor, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_relational_distillation_is_zero_for_the_teacher_and_positive_otherwise():
+    from train.features import relational_distillation
+
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.randn(6, 5, generator=gen)
+    assert relational_distillation(teacher * 3.0, teacher, 0.1).item() == pytest.approx(0.0, abs=1e-6)
+    assert relational_distillation(torch.randn(6, 8, generator=gen), teacher, 0.1).item() > 0.01
+
+
+def test_several_datasets_are_concatenated_with_their_class_names(tmp_path):
+    from train.trainer import load_training_data
+
+    for name, colours in (("a", ("red", "green")), ("b", ("blue",))):
+        for colour in colours:
+            folder = tmp_path / name / colour
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (8, 8), COLORS[colour]).save(folder / f"{i}.png")
+    cfg = TrainConfig(dataset=[str(tmp_path / "a"), str(tmp_path / "b")], output_dir="o")
+    ds = load_training_data(cfg)
+    assert len(ds) == 6 and label_names(ds) == ["blue", "green", "red"]
