@@ -120,7 +120,13 @@ class PatchIndex:
         self._label_set = frozenset(self.row_labels)
 
     @classmethod
-    def load(cls, path: Union[str, Path], embedder: Optional[EmbedderLike] = None, verify: bool = True) -> PatchIndex:
+    def load(
+        cls,
+        path: Union[str, Path],
+        embedder: Optional[EmbedderLike] = None,
+        verify: bool = True,
+        read_only: bool = False,
+    ) -> PatchIndex:
         """Open an index directory.
 
         Args:
@@ -128,13 +134,14 @@ class PatchIndex:
             embedder: the model for image queries; the manifest must match it (dimension,
                 config hash, weights fingerprint).
             verify: check the SHA-256 of the data files against the manifest.
+            read_only: never write to the directory (an unfinished write is read, not completed).
 
         Raises:
             IndexLoadError: the directory or a file is missing or corrupt, the files disagree,
                 or the index was built with another model.
         """
         model = embedder.describe() if embedder is not None else None
-        index, metadata, manifest = read_directory(path, model, verify)
+        index, metadata, manifest = read_directory(path, model, verify, read_only)
         set_search_params(index, manifest["index"].get("params", {}))
         logger.info("loaded index %s: %d vectors (%s)", path, manifest["count"], manifest["index"]["type"])
         return cls(path, index, metadata, manifest, embedder)

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import platform
+import re
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -42,6 +43,9 @@ INDEX_FILE = "index.faiss"
 METADATA_FILE = "metadata.parquet"
 MANIFEST_FILE = "manifest.json"
 JOURNAL_FILE = ".commit.json"
+# The only files a commit (and so its journal) may replace; staged as ``.<name>.tmp-<pid>``.
+COMMIT_FILES = (INDEX_FILE, METADATA_FILE, MANIFEST_FILE)
+_STAGED = re.compile(r"\.([A-Za-z0-9_][A-Za-z0-9_.]*)\.tmp-[0-9]+")
 WORK_DIR = ".partial"  # where a build keeps its embedded chunks until the index is written
 DEFAULT_CHUNK_SIZE = 4096  # rows per persisted chunk: the resume granularity of a build
 THUMBNAIL_SIZE = 128
@@ -195,7 +199,9 @@ def commit(directory: Path, writers: dict[str, Callable[[Path], None]]) -> dict[
     recover(directory)
     renames: list[tuple[str, str]] = []
     for name, write in writers.items():
-        tmp = directory / f".{name}.tmp-{os.getpid()}"
+        if name not in COMMIT_FILES:
+            raise ValueError(f"{name!r} is not a file of an index directory ({', '.join(COMMIT_FILES)})")
+        tmp = directory / _staged_name(name)
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
@@ -205,21 +211,72 @@ def commit(directory: Path, writers: dict[str, Callable[[Path], None]]) -> dict[
     return {name: directory / name for name in writers}
 
 
-def recover(directory: Path, interrupted: bool = True) -> None:
-    """Finish an interrupted :func:`commit` (roll forward), if its journal is present."""
-    journal = directory / JOURNAL_FILE
-    if not journal.exists():
-        return
+def _staged_name(name: str) -> str:
+    return f".{name}.tmp-{os.getpid()}"
+
+
+def _journal_renames(directory: Path, journal: Path) -> list[tuple[str, str]]:
+    """The renames of a commit journal, checked: an index folder is untrusted input.
+
+    Only a staged name written by :func:`commit` (``.<name>.tmp-<pid>``, a regular file in
+    ``directory``) may be renamed, and only to its known final name (:data:`COMMIT_FILES`).
+
+    Raises:
+        IndexLoadError: the journal is unreadable or names anything else.
+    """
     try:
         renames = json.loads(journal.read_text())["renames"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise IndexLoadError(f"corrupt commit journal {journal}: {err}") from err
+    if not isinstance(renames, list):
+        raise IndexLoadError(f"corrupt commit journal {journal}: 'renames' is not a list")
+    checked: list[tuple[str, str]] = []
+    for entry in renames:
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(v, str) for v in entry)):
+            raise IndexLoadError(f"corrupt commit journal {journal}: bad entry {entry!r}")
+        tmp, name = entry
+        match = _STAGED.fullmatch(tmp)
+        if name not in COMMIT_FILES or match is None or match.group(1) != name:
+            raise IndexLoadError(
+                f"refusing the commit journal {journal}: it renames {tmp!r} to {name!r}, but a journal may only "
+                f"rename a staged .<name>.tmp-<pid> file to <name>, one of {', '.join(COMMIT_FILES)}"
+            )
+        staged = directory / tmp
+        if staged.is_symlink() or (staged.exists() and not staged.is_file()):
+            raise IndexLoadError(f"refusing the commit journal {journal}: {tmp} is not a regular file")
+        checked.append((tmp, name))
+    return checked
+
+
+def recover(directory: Path, interrupted: bool = True, write: bool = True) -> dict[str, Path]:
+    """Finish an interrupted :func:`commit` (roll forward), if its journal is present.
+
+    Args:
+        directory: the index directory.
+        interrupted: log that an interrupted write was completed.
+        write: do the renames; ``False`` (a read-only load) leaves the folder untouched and
+            only says where the committed files are.
+
+    Returns:
+        The path to read for each committed file whose staged copy is still pending
+        (only when ``write`` is ``False``; otherwise the files are in place: empty).
+
+    Raises:
+        IndexLoadError: the journal is corrupt or names files other than the staged index files.
+    """
+    journal = directory / JOURNAL_FILE
+    if not journal.exists():
+        return {}
+    renames = _journal_renames(directory, journal)
+    if not write:
+        return {name: directory / tmp for tmp, name in renames if (directory / tmp).is_file()}
     for tmp, name in renames:
         if (directory / tmp).exists():
             os.replace(directory / tmp, directory / name)
     journal.unlink()
     if interrupted:
         logger.warning("completed an interrupted write in %s", directory)
+    return {}
 
 
 # --------------------------------------------------------------------------------------
@@ -271,9 +328,9 @@ def write_directory(path: Path, index: faiss.Index, metadata: pa.Table, manifest
     return manifest
 
 
-def _read_manifest(path: Path, verify: bool) -> dict:
+def _read_manifest(path: Path, files: dict[str, Path], verify: bool) -> dict:
     try:
-        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        manifest = json.loads(files[MANIFEST_FILE].read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise IndexLoadError(f"corrupt {MANIFEST_FILE} in {path}: {err}") from err
     for key in ("format_version", "count", "model", "index", "files"):
@@ -285,23 +342,28 @@ def _read_manifest(path: Path, verify: bool) -> dict:
         )
     for name in (INDEX_FILE, METADATA_FILE):
         expected = manifest["files"].get(name, {})
-        size = (path / name).stat().st_size
+        size = files[name].stat().st_size
         if size != expected.get("bytes"):
             raise IndexLoadError(f"corrupt {name} in {path}: {size} bytes, the manifest says {expected.get('bytes')}")
-        if verify and sha256_file(path / name) != expected.get("sha256"):
+        if verify and sha256_file(files[name]) != expected.get("sha256"):
             raise IndexLoadError(f"corrupt {name} in {path}: SHA-256 differs from the manifest")
     return manifest
 
 
 def read_directory(
-    path: Union[str, Path], model: Optional[dict] = None, verify: bool = True
+    path: Union[str, Path], model: Optional[dict] = None, verify: bool = True, read_only: bool = False
 ) -> tuple[faiss.Index, pa.Table, dict]:
     """Open an index directory and check it: files present, sizes and checksums, counts, model.
+
+    The directory is untrusted input: an unfinished write is completed only by renaming staged
+    index files inside it, and only when it is writable and ``read_only`` is not set (otherwise
+    the staged files are read where they are and nothing is written).
 
     Args:
         path: the directory.
         model: the ``describe()`` of the model that will query it; must match the manifest.
         verify: check the SHA-256 of the data files against the manifest.
+        read_only: never write to the directory.
 
     Returns:
         ``(index, metadata, manifest)``.
@@ -313,22 +375,24 @@ def read_directory(
     path = Path(path)
     if not path.is_dir():
         raise IndexLoadError(f"index directory not found: {path}")
+    write = not read_only and os.access(path, os.W_OK)
     try:
-        recover(path)
+        pending = recover(path, write=write)
     except OSError as err:
         raise IndexLoadError(f"index {path} has an unfinished write that cannot be completed: {err}") from err
-    missing = [name for name in (INDEX_FILE, METADATA_FILE, MANIFEST_FILE) if not (path / name).is_file()]
+    files = {name: pending.get(name, path / name) for name in COMMIT_FILES}
+    missing = [name for name, file in files.items() if not file.is_file()]
     if missing:
         raise IndexLoadError(f"index {path} is incomplete: missing {', '.join(missing)}")
-    manifest = _read_manifest(path, verify)
+    manifest = _read_manifest(path, files, verify)
     if model is not None:
         check_model(manifest, model, path)
     try:
-        index = faiss.read_index(str(path / INDEX_FILE))
+        index = faiss.read_index(str(files[INDEX_FILE]))
     except RuntimeError as err:
         raise IndexLoadError(f"corrupt {INDEX_FILE} in {path}: {err}") from err
     try:
-        metadata = pq.read_table(path / METADATA_FILE)
+        metadata = pq.read_table(files[METADATA_FILE])
     except (pa.ArrowException, OSError) as err:
         raise IndexLoadError(f"corrupt {METADATA_FILE} in {path}: {err}") from err
     if not METADATA_SCHEMA.equals(metadata.schema, check_metadata=False):

@@ -1,0 +1,124 @@
+"""Reliability: untrusted index folders, idempotent appends, concurrent writers, worker clean-up,
+manifest validation, unique result files, pinned model revisions."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from index_build import storage
+from index_build.data import load_image_dataset
+from index_build.embedding import build_index
+from index_build.patch_index import PatchIndex
+from index_build.storage import INDEX_FILE, JOURNAL_FILE, MANIFEST_FILE, METADATA_FILE, IndexLoadError
+from tests.test_index import make_embedder, write_folder
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    torch.set_num_threads(1)
+    return make_embedder()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("data") / "patches", per_class=2)
+
+
+@pytest.fixture(scope="module")
+def built_dir(tmp_path_factory, folder, embedder) -> Path:
+    out = tmp_path_factory.mktemp("built") / "idx"
+    build_index(load_image_dataset(str(folder)), out, embedder, num_workers=0, progress=False, batch_size=8)
+    return out
+
+
+@pytest.fixture()
+def index_dir(built_dir, tmp_path) -> Path:
+    return Path(shutil.copytree(built_dir, tmp_path / "idx"))
+
+
+# -- 1. a commit journal may only rename staged index files inside the folder -----------------
+
+
+@pytest.mark.parametrize(
+    "renames",
+    [
+        [["payload.txt", "{victim}"]],
+        [["{secret}", "stolen.txt"]],
+        [[".index.faiss.tmp-1", "../victim.txt"]],
+        [[".index.faiss.tmp-1", "sub/index.faiss"]],
+        [["payload.txt", "index.faiss"]],
+        [[".notes.tmp-1", "notes"]],
+        [[".metadata.parquet.tmp-1", "index.faiss"]],
+        [["../payload.txt", "manifest.json"]],
+        "not a list",
+        [["only one"]],
+    ],
+)
+def test_malicious_journal_is_refused(index_dir, tmp_path, renames):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("secret")
+    (index_dir / "payload.txt").write_text("evil")
+    if isinstance(renames, list):
+        renames = [[part.format(victim=victim, secret=secret) for part in entry] for entry in renames]
+    (index_dir / JOURNAL_FILE).write_text(json.dumps({"renames": renames}))
+    before = sorted(p.name for p in index_dir.iterdir())
+    with pytest.raises(IndexLoadError, match="journal"):
+        PatchIndex.load(index_dir)
+    assert victim.read_text() == "precious" and secret.read_text() == "secret"
+    assert sorted(p.name for p in index_dir.iterdir()) == before
+
+
+def test_journal_symlink_pointing_out_is_refused(index_dir, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("secret")
+    staged = index_dir / ".index.faiss.tmp-7"
+    staged.symlink_to(secret)
+    (index_dir / JOURNAL_FILE).write_text(json.dumps({"renames": [[staged.name, INDEX_FILE]]}))
+    with pytest.raises(IndexLoadError, match="not a regular file"):
+        PatchIndex.load(index_dir)
+    assert staged.is_symlink() and secret.read_text() == "secret"
+
+
+def _interrupted_commit(index_dir: Path, embedder) -> None:
+    """Leave ``index_dir`` as a crash after writing the journal of an add (no rename done)."""
+    index = PatchIndex.load(index_dir, embedder)
+    real_replace = os.replace
+
+    def crash(src, dst):
+        if Path(dst).name in (INDEX_FILE, METADATA_FILE, MANIFEST_FILE):
+            raise OSError("power cut")
+        return real_replace(src, dst)
+
+    storage.os.replace = crash
+    try:
+        with pytest.raises(OSError, match="power cut"):
+            index.add_embeddings(np.ones((1, index.dim), np.float32), ["x"], ["x.png"], [b""])
+    finally:
+        storage.os.replace = real_replace
+    assert (index_dir / JOURNAL_FILE).exists()
+
+
+def test_read_only_load_writes_nothing(index_dir, embedder):
+    _interrupted_commit(index_dir, embedder)
+    snapshot = {p.name: p.read_bytes() for p in index_dir.iterdir()}
+    loaded = PatchIndex.load(index_dir, embedder, read_only=True)
+    assert len(loaded) == 7  # the committed (journalled) state is read where it lies
+    assert {p.name: p.read_bytes() for p in index_dir.iterdir()} == snapshot
+    if os.geteuid() != 0:  # a folder without write permission is read the same way
+        index_dir.chmod(0o555)
+        try:
+            assert len(PatchIndex.load(index_dir, embedder)) == 7
+        finally:
+            index_dir.chmod(0o755)
+        assert {p.name: p.read_bytes() for p in index_dir.iterdir()} == snapshot
+    assert len(PatchIndex.load(index_dir, embedder)) == 7  # writable: rolled forward
+    assert not (index_dir / JOURNAL_FILE).exists()
