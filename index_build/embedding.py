@@ -285,7 +285,9 @@ def build_index(
         resume: continue an interrupted build of the same model and dataset.
         progress: show a progress bar.
         append: add the dataset to the existing index in ``out_dir`` (same model required;
-            ``index_type`` and ``index_params`` are then those of the existing index).
+            ``index_type`` and ``index_params`` are then those of the existing index). Rows
+            already in the index (same label, source and image) are skipped, so appending is
+            idempotent.
         overwrite: replace an existing index (otherwise an existing index is an error).
         index_params: overrides of the index parameters (see
             :func:`index_build.faiss_index.default_index_params`).
@@ -311,6 +313,7 @@ def build_index(
             metadata.column("label").to_pylist(),
             metadata.column("source").to_pylist(),
             metadata.column("thumbnail").to_pylist(),
+            skip_existing=True,  # a rerun (or a run killed after its commit) adds nothing twice
         )
         result = existing
     else:

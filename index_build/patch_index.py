@@ -7,6 +7,7 @@ index type. :func:`write_index` builds a new index directory from vectors and me
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -283,13 +284,40 @@ class PatchIndex:
         return self.add_embeddings(xb, labels, sources, thumbnails)
 
     def add_embeddings(
-        self, xb: np.ndarray, labels: Sequence[str], sources: Sequence[str], thumbnails: Sequence[bytes]
+        self,
+        xb: np.ndarray,
+        labels: Sequence[str],
+        sources: Sequence[str],
+        thumbnails: Sequence[bytes],
+        skip_existing: bool = False,
     ) -> np.ndarray:
-        """Append precomputed embeddings with their metadata and rewrite the directory atomically."""
+        """Append precomputed embeddings with their metadata and rewrite the directory atomically.
+
+        Args:
+            xb: ``N x D`` embeddings.
+            labels, sources, thumbnails: one per row.
+            skip_existing: leave out rows already in the index (same source, label and thumbnail
+                bytes, i.e. the same image from the same place), so that rerunning an append adds
+                nothing twice.
+
+        Returns:
+            The ids of the rows added (skipped rows have none).
+        """
         xb = np.array(xb, dtype=np.float32, order="C", ndmin=2)
         n = xb.shape[0]
         if xb.shape[1] != self.dim or not len(labels) == len(sources) == len(thumbnails) == n:
             raise ValueError(f"need an N x {self.dim} array and N labels, sources, thumbnails; got {xb.shape}")
+        labels, sources, thumbnails = list(labels), list(sources), list(thumbnails)
+        if skip_existing:
+            present = {self.row_key(i) for i in range(len(self))}
+            keep = [i for i in range(n) if _row_key(labels[i], sources[i], thumbnails[i]) not in present]
+            if len(keep) < n:
+                logger.info("skipped %d of %d rows already in %s", n - len(keep), n, self.path)
+            xb = xb[keep]
+            labels, sources, thumbnails = ([values[i] for i in keep] for values in (labels, sources, thumbnails))
+            n = len(keep)
+            if n == 0:
+                return np.zeros(0, dtype=np.int64)
         faiss.normalize_L2(xb)
         new_ids = np.arange(len(self), len(self) + n, dtype=np.int64)
         metadata = pa.concat_tables([self.metadata_table(), metadata_table(new_ids, labels, sources, thumbnails)])
@@ -305,6 +333,14 @@ class PatchIndex:
         self.__init__(self.path, index, metadata, manifest, self.embedder)
         logger.info("appended %d vectors to %s (now %d)", n, self.path, len(self))
         return new_ids
+
+    def row_key(self, i: int) -> tuple[str, str, str]:
+        """What identifies row ``i`` for duplicate detection: label, source, SHA-256 of the thumbnail."""
+        return _row_key(self.row_labels[i], self.sources[i], self._thumbnails[int(i)].as_py() or b"")
+
+
+def _row_key(label: str, source: str, thumbnail: bytes) -> tuple[str, str, str]:
+    return str(label), str(source), hashlib.sha256(thumbnail or b"").hexdigest()
 
 
 def _preprocessing(embedder: EmbedderLike) -> dict:

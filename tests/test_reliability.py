@@ -122,3 +122,37 @@ def test_read_only_load_writes_nothing(index_dir, embedder):
         assert {p.name: p.read_bytes() for p in index_dir.iterdir()} == snapshot
     assert len(PatchIndex.load(index_dir, embedder)) == 7  # writable: rolled forward
     assert not (index_dir / JOURNAL_FILE).exists()
+
+
+# -- 2. appends are idempotent ------------------------------------------------------------------
+
+
+def _append(folder: Path, out: Path, embedder) -> PatchIndex:
+    return build_index(
+        load_image_dataset(str(folder)), out, embedder, append=True, num_workers=0, progress=False, batch_size=8
+    )
+
+
+def test_append_twice_adds_once(index_dir, tmp_path, embedder, caplog):
+    extra = write_folder(tmp_path / "extra", per_class=1, size=40)
+    assert len(_append(extra, index_dir, embedder)) == 9
+    caplog.set_level("INFO", logger="index_build.patch_index")
+    assert len(_append(extra, index_dir, embedder)) == 9
+    assert "skipped 3 of 3 rows already in" in caplog.text
+    assert PatchIndex.load(index_dir).manifest["count"] == 9
+
+
+def test_append_killed_after_commit_is_not_repeated(index_dir, tmp_path, embedder, monkeypatch):
+    extra = write_folder(tmp_path / "extra", per_class=1, size=40)
+    real_rmtree = shutil.rmtree
+
+    def killed(path, *args, **kwargs):  # the process dies after the commit, before removing .partial-append
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("index_build.embedding.shutil.rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _append(extra, index_dir, embedder)
+    monkeypatch.setattr("index_build.embedding.shutil.rmtree", real_rmtree)
+    assert (index_dir / ".partial-append").is_dir() and len(PatchIndex.load(index_dir)) == 9
+    assert len(_append(extra, index_dir, embedder)) == 9
+    assert not (index_dir / ".partial-append").exists()
