@@ -279,9 +279,11 @@ class SearchApp:
         Returns:
             An :class:`AddOutputs` with a status message and the updated label filter.
         """
+        from index_build.storage import IndexBusyError
+
         try:
             status = self._add_images(files, label)
-        except InputError as err:
+        except (InputError, IndexBusyError) as err:
             gr.Warning(str(err))
             status = f"⚠️ {err}"
         return AddOutputs(status, gr.update(choices=self.label_choices()))

@@ -31,6 +31,7 @@ from index_build.storage import (
     THUMBNAIL_SIZE,
     WORK_DIR,
     has_index,
+    index_lock,
     make_thumbnail,
     metadata_table,
     write_atomic,
@@ -297,26 +298,29 @@ def build_index(
     Raises:
         ValueError: an index already exists (without ``append``/``overwrite``), or bad input.
         IndexLoadError: ``append`` to a missing/corrupt index or one built with another model.
+        IndexBusyError: another process kept writing to ``out_dir`` longer than the lock timeout.
     """
     out = Path(out_dir)
     if append and overwrite:
         raise ValueError("append and overwrite exclude each other")
-    if has_index(out) and not (append or overwrite):
-        raise ValueError(f"an index already exists in {out}; append to it or overwrite it")
     check_index_type(index_type)
-    existing = PatchIndex.load(out, embedder) if append else None
-    work = out / (WORK_DIR + ("-append" if append else ""))
-    xb, metadata = embed_dataset(dataset, embedder, work, batch_size, num_workers, chunk_size, resume, progress)
-    if existing is not None:
-        existing.add_embeddings(
-            xb,
-            metadata.column("label").to_pylist(),
-            metadata.column("source").to_pylist(),
-            metadata.column("thumbnail").to_pylist(),
-            skip_existing=True,  # a rerun (or a run killed after its commit) adds nothing twice
-        )
-        result = existing
-    else:
-        result = write_index(out, xb, metadata, embedder, index_type, index_params, dataset_info)
-    shutil.rmtree(work)
+    # One writer at a time: a second build or append of the same directory waits, then fails clearly.
+    with index_lock(out):
+        if has_index(out) and not (append or overwrite):
+            raise ValueError(f"an index already exists in {out}; append to it or overwrite it")
+        existing = PatchIndex.load(out, embedder) if append else None
+        work = out / (WORK_DIR + ("-append" if append else ""))
+        xb, metadata = embed_dataset(dataset, embedder, work, batch_size, num_workers, chunk_size, resume, progress)
+        if existing is not None:
+            existing.add_embeddings(
+                xb,
+                metadata.column("label").to_pylist(),
+                metadata.column("source").to_pylist(),
+                metadata.column("thumbnail").to_pylist(),
+                skip_existing=True,  # a rerun (or a run killed after its commit) adds nothing twice
+            )
+            result = existing
+        else:
+            result = write_index(out, xb, metadata, embedder, index_type, index_params, dataset_info)
+        shutil.rmtree(work)
     return result

@@ -8,6 +8,7 @@ index type. :func:`write_index` builds a new index directory from vectors and me
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,11 +25,14 @@ from index_build.faiss_index import make_faiss_index, search_parameters, set_sea
 from index_build.metrics import majority_votes
 from index_build.storage import (
     FORMAT_VERSION,
+    JOURNAL_FILE,
+    MANIFEST_FILE,
     THUMBNAIL_QUALITY,
     THUMBNAIL_SIZE,
     ImageLike,
     check_model,
     decode_thumbnail,
+    index_lock,
     make_thumbnail,
     metadata_table,
     now,
@@ -293,6 +297,9 @@ class PatchIndex:
     ) -> np.ndarray:
         """Append precomputed embeddings with their metadata and rewrite the directory atomically.
 
+        Holds the directory's writer lock and appends to what is committed on disk now (rows
+        another process added since this object was loaded are kept).
+
         Args:
             xb: ``N x D`` embeddings.
             labels, sources, thumbnails: one per row.
@@ -308,6 +315,28 @@ class PatchIndex:
         if xb.shape[1] != self.dim or not len(labels) == len(sources) == len(thumbnails) == n:
             raise ValueError(f"need an N x {self.dim} array and N labels, sources, thumbnails; got {xb.shape}")
         labels, sources, thumbnails = list(labels), list(sources), list(thumbnails)
+        with index_lock(self.path):
+            self._refresh()
+            return self._append(xb, labels, sources, thumbnails, skip_existing)
+
+    def _refresh(self) -> None:
+        """Reload the directory if another writer committed since this object read it."""
+        try:
+            on_disk = json.loads((self.path / MANIFEST_FILE).read_text()).get("files")
+        except (OSError, ValueError, AttributeError):
+            on_disk = None
+        if on_disk == self.manifest.get("files") and not (self.path / JOURNAL_FILE).exists():
+            return
+        model = self.embedder.describe() if self.embedder is not None else None
+        index, metadata, manifest = read_directory(self.path, model)
+        set_search_params(index, manifest["index"].get("params", {}))
+        logger.info("%s changed on disk: %d -> %d vectors", self.path, len(self), index.ntotal)
+        self.__init__(self.path, index, metadata, manifest, self.embedder)
+
+    def _append(
+        self, xb: np.ndarray, labels: list[str], sources: list[str], thumbnails: list[bytes], skip_existing: bool
+    ) -> np.ndarray:
+        n = xb.shape[0]
         if skip_existing:
             present = {self.row_key(i) for i in range(len(self))}
             keep = [i for i in range(n) if _row_key(labels[i], sources[i], thumbnails[i]) not in present]

@@ -23,8 +23,10 @@ import logging
 import os
 import platform
 import re
+import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -34,6 +36,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock, Timeout
 from PIL import Image
 
 logger = logging.getLogger(__name__)
@@ -46,6 +49,8 @@ JOURNAL_FILE = ".commit.json"
 # The only files a commit (and so its journal) may replace; staged as ``.<name>.tmp-<pid>``.
 COMMIT_FILES = (INDEX_FILE, METADATA_FILE, MANIFEST_FILE)
 _STAGED = re.compile(r"\.([A-Za-z0-9_][A-Za-z0-9_.]*)\.tmp-[0-9]+")
+LOCK_FILE = ".lock"  # held by the one process writing to the directory
+LOCK_TIMEOUT = 120.0  # seconds a writer waits for another one before giving up
 WORK_DIR = ".partial"  # where a build keeps its embedded chunks until the index is written
 DEFAULT_CHUNK_SIZE = 4096  # rows per persisted chunk: the resume granularity of a build
 THUMBNAIL_SIZE = 128
@@ -68,9 +73,11 @@ __all__ = [
     "METADATA_SCHEMA",
     "MODEL_KEYS",
     "WORK_DIR",
+    "IndexBusyError",
     "IndexLoadError",
     "decode_thumbnail",
     "has_index",
+    "index_lock",
     "make_thumbnail",
     "metadata_table",
     "model_mismatches",
@@ -82,6 +89,10 @@ __all__ = [
 
 class IndexLoadError(ValueError):
     """An index directory cannot be used: missing or corrupt files, or a different model."""
+
+
+class IndexBusyError(TimeoutError):
+    """Another process kept writing to the index directory for longer than the lock timeout."""
 
 
 # --------------------------------------------------------------------------------------
@@ -154,6 +165,40 @@ def check_model(manifest: dict, given: dict, path: Union[str, Path] = "index") -
 # --------------------------------------------------------------------------------------
 
 
+_locks: dict[str, FileLock] = {}
+_locks_guard = threading.Lock()
+
+
+@contextmanager
+def index_lock(directory: Union[str, Path], timeout: Optional[float] = None) -> Iterator[None]:
+    """Hold the writer lock of an index directory (created if needed) for the ``with`` block.
+
+    One process writes at a time; a writer re-reads the committed state under the lock, so
+    concurrent writers (processes or threads) append to each other's rows instead of losing them.
+    Re-entrant within a thread.
+
+    Raises:
+        IndexBusyError: another writer held the lock for ``timeout`` seconds (default :data:`LOCK_TIMEOUT`).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    key = str(directory.resolve())
+    with _locks_guard:
+        lock = _locks.setdefault(key, FileLock(directory / LOCK_FILE))
+    timeout = LOCK_TIMEOUT if timeout is None else timeout
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout as err:
+        raise IndexBusyError(
+            f"another process is writing to the index {directory} (it holds {directory / LOCK_FILE}); "
+            f"gave up after {timeout:g} s: try again when it has finished"
+        ) from err
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file, read in 4 MB blocks."""
     digest = hashlib.sha256()
@@ -195,7 +240,11 @@ def commit(directory: Path, writers: dict[str, Callable[[Path], None]]) -> dict[
     atomically, the renames are done in order (the manifest last) and the journal is removed.
     A crash before the journal leaves the old files; after it, :func:`recover` finishes the job.
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    with index_lock(directory):
+        return _commit(directory, writers)
+
+
+def _commit(directory: Path, writers: dict[str, Callable[[Path], None]]) -> dict[str, Path]:
     recover(directory)
     renames: list[tuple[str, str]] = []
     for name, write in writers.items():
@@ -377,7 +426,11 @@ def read_directory(
         raise IndexLoadError(f"index directory not found: {path}")
     write = not read_only and os.access(path, os.W_OK)
     try:
-        pending = recover(path, write=write)
+        if write and (path / JOURNAL_FILE).exists():
+            with index_lock(path):  # roll forward only what no writer is doing right now
+                pending = recover(path)
+        else:
+            pending = recover(path, write=False)
     except OSError as err:
         raise IndexLoadError(f"index {path} has an unfinished write that cannot be completed: {err}") from err
     files = {name: pending.get(name, path / name) for name in COMMIT_FILES}

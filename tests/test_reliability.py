@@ -156,3 +156,73 @@ def test_append_killed_after_commit_is_not_repeated(index_dir, tmp_path, embedde
     assert (index_dir / ".partial-append").is_dir() and len(PatchIndex.load(index_dir)) == 9
     assert len(_append(extra, index_dir, embedder)) == 9
     assert not (index_dir / ".partial-append").exists()
+
+
+# -- 3. concurrent writers ------------------------------------------------------------------------
+
+WRITER = """
+import sys, time
+from pathlib import Path
+import numpy as np
+from index_build.patch_index import PatchIndex
+
+path, name, go = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+index = PatchIndex.load(path)  # both writers load the same (soon stale) state
+(path.parent / f"ready-{name}").touch()
+while not go.exists():
+    time.sleep(0.01)
+rng = np.random.default_rng(abs(hash(name)) % 1000)
+for i in range(12):
+    index.add_embeddings(rng.normal(size=(1, index.dim)), [name], [f"{name}:{i}"], [b""])
+"""
+
+
+def test_two_processes_adding_keep_every_row(index_dir, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    go = tmp_path / "go"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(index_dir), name, str(go)], env=env) for name in ("a", "b")
+    ]
+    deadline = time.time() + 120
+    while not all((tmp_path / f"ready-{n}").exists() for n in "ab") and time.time() < deadline:
+        time.sleep(0.05)
+    go.touch()
+    assert [p.wait(timeout=180) for p in procs] == [0, 0]
+    loaded = PatchIndex.load(index_dir)
+    assert len(loaded) == 6 + 24 and loaded.manifest["count"] == 30
+    assert sorted(loaded.sources[6:]) == sorted(f"{n}:{i}" for n in "ab" for i in range(12))
+
+
+def test_second_writer_times_out_with_a_clear_error(index_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from index_build.storage import IndexBusyError, index_lock
+
+    index = PatchIndex.load(index_dir)
+    with ThreadPoolExecutor(1) as pool, index_lock(index_dir):  # held by this thread; another one waits
+
+        def add():
+            with index_lock(index_dir, timeout=0.2):
+                pass
+
+        with pytest.raises(IndexBusyError, match="another process is writing"):
+            pool.submit(add).result()
+    assert len(index.add_embeddings(np.ones((1, index.dim)), ["x"], ["x"], [b""])) == 1
+
+
+def test_app_started_before_the_personal_gallery_existed_can_add(built_dir, tmp_path, embedder):
+    from PIL import Image
+
+    from index_build.galleries import Galleries
+
+    main = PatchIndex.load(built_dir, embedder)
+    first, second = (Galleries(embedder, main, tmp_path / "personal") for _ in range(2))
+    image = Image.new("RGB", (64, 64), (10, 200, 30))
+    assert first.add([image], ["mine"], ["a.png"]) == 1
+    assert second.add([image], ["mine"], ["b.png"]) == 2  # was: "an index already exists ..."
+    assert first.add([image], ["mine"], ["c.png"]) == 3  # appends to what the other server wrote
+    assert PatchIndex.load(tmp_path / "personal").sources == ["a.png", "b.png", "c.png"]
