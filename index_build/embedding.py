@@ -8,12 +8,16 @@ every chunk of rows in ``<out>/.partial/`` (so an interrupted build resumes wher
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -44,6 +48,7 @@ __all__ = [
     "ImageRowDataset",
     "build_index",
     "default_num_workers",
+    "die_with_parent",
     "embed_batches",
     "embed_dataset",
 ]
@@ -52,6 +57,28 @@ __all__ = [
 def default_num_workers() -> int:
     """DataLoader workers: all cores but one, at most 8 (0 on a single core)."""
     return min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(worker_id: int = 0, parent: Optional[int] = None) -> None:
+    """DataLoader ``worker_init_fn``: the worker gets SIGKILL when its parent dies (Linux; no-op elsewhere).
+
+    A build killed with SIGKILL cannot stop its workers; without this they are re-parented to
+    PID 1 and keep their memory forever.
+
+    Args:
+        worker_id: the DataLoader worker number (unused).
+        parent: the pid the worker belongs to; if it is already gone, the worker exits now.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        logger.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+    if parent is not None and os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 class ImageRowDataset(torch.utils.data.Dataset):
@@ -104,6 +131,7 @@ def embed_batches(
         shuffle=False,
         num_workers=workers,
         pin_memory=torch.device(embedder.device).type == "cuda",
+        worker_init_fn=functools.partial(die_with_parent, parent=os.getpid()),
     )
     with tqdm(total=len(dataset), initial=start, unit="img", desc="embedding", disable=not progress) as bar:
         for pixels, labels, sources, thumbs in loader:

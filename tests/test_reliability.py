@@ -226,3 +226,75 @@ def test_app_started_before_the_personal_gallery_existed_can_add(built_dir, tmp_
     assert second.add([image], ["mine"], ["b.png"]) == 2  # was: "an index already exists ..."
     assert first.add([image], ["mine"], ["c.png"]) == 3  # appends to what the other server wrote
     assert PatchIndex.load(tmp_path / "personal").sources == ["a.png", "b.png", "c.png"]
+
+
+# -- 4. DataLoader workers die with their parent -----------------------------------------------------
+
+linux_only = pytest.mark.skipif(not os.sys.platform.startswith("linux"), reason="prctl is Linux only")
+
+
+def _pdeathsig_after_init(queue) -> None:
+    import ctypes
+
+    from index_build.embedding import die_with_parent
+
+    die_with_parent(0, parent=os.getppid())
+    value = ctypes.c_int(-1)
+    ctypes.CDLL(None).prctl(2, ctypes.byref(value), 0, 0, 0)  # PR_GET_PDEATHSIG
+    queue.put(value.value)
+
+
+@linux_only
+def test_worker_init_sets_pdeathsig():
+    import multiprocessing
+    import signal
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_pdeathsig_after_init, args=(queue,))
+    child.start()
+    assert queue.get(timeout=30) == signal.SIGKILL
+    child.join(timeout=30)
+    assert child.exitcode == 0
+
+
+KILLED_BUILD = """
+import sys, time
+import torch
+from index_build import embedding
+
+class Slow(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+    def __getitem__(self, i):
+        import os
+        print(os.getpid(), flush=True)
+        time.sleep(600)
+        return i
+
+loader = torch.utils.data.DataLoader(Slow(), num_workers=1, worker_init_fn=embedding.die_with_parent)
+next(iter(loader))
+"""
+
+
+@linux_only
+def test_worker_dies_when_the_build_is_killed():
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    parent = subprocess.Popen([sys.executable, "-c", KILLED_BUILD], env=env, stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait(timeout=30)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        status = Path(f"/proc/{worker}/status")
+        if not status.exists() or "\nState:\tZ" in status.read_text():  # gone, or dead and not yet reaped
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the DataLoader worker outlived its killed parent")
