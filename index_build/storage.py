@@ -39,6 +39,8 @@ import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 from PIL import Image
 
+from index_build.faiss_index import check_index_type
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -377,26 +379,143 @@ def write_directory(path: Path, index: faiss.Index, metadata: pa.Table, manifest
     return manifest
 
 
+_NUMBER = (int, float)
+_OPTIONAL_STR = (str, type(None))
+_JSON_TYPES = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
+# Built-in index types -> the FAISS class they are written as (factory strings: any class).
+_INDEX_CLASSES = {"flat": "IndexFlatIP", "ivfpq": "IndexIVFPQ", "hnsw": "IndexHNSWFlat"}
+UNIT_NORM_TOLERANCE = 1e-3
+
+
+def _field(container: dict, key: str, types: tuple, name: str, required: bool = True) -> Any:
+    """``container[key]`` checked against ``types`` (``bool`` is not a number); raises ``_ManifestError``."""
+    if key not in container:
+        if required:
+            raise _ManifestError(f"no {name!r} entry")
+        return None
+    value = container[key]
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+        expected = " or ".join(_JSON_TYPES[t] for t in types)
+        got = _JSON_TYPES.get(type(value), type(value).__name__)
+        raise _ManifestError(f"{name!r} must be {expected}, got {got} {json.dumps(value)[:40]}")
+    return value
+
+
+class _ManifestError(Exception):
+    pass
+
+
+def validate_manifest(manifest: Any) -> None:
+    """Check the structure and JSON types of a manifest (the fields this code reads).
+
+    Raises:
+        _ManifestError: naming the first field that is missing or has the wrong type.
+    """
+    if not isinstance(manifest, dict):
+        raise _ManifestError(f"the manifest must be a JSON object, got {type(manifest).__name__}")
+    version = _field(manifest, "format_version", (int,), "format_version")
+    if version < 1:
+        raise _ManifestError(f"'format_version' must be at least 1, got {version}")
+    if _field(manifest, "count", (int,), "count") < 0:
+        raise _ManifestError("'count' must not be negative")
+    model = _field(manifest, "model", (dict,), "model")
+    if _field(model, "embedding_dim", (int,), "model.embedding_dim") < 1:
+        raise _ManifestError("'model.embedding_dim' must be positive")
+    for key in ("model", "config_hash", "weights_fingerprint", "revision"):
+        _field(model, key, _OPTIONAL_STR, f"model.{key}", required=False)
+    index = _field(manifest, "index", (dict,), "index")
+    index_type = _field(index, "type", (str,), "index.type")
+    try:
+        check_index_type(index_type)
+    except ValueError as err:
+        raise _ManifestError(f"'index.type': {err}") from err
+    _field(index, "class", (str,), "index.class")
+    params = _field(index, "params", (dict,), "index.params", required=False) or {}
+    for key in params:
+        _field(params, key, (int, float, str), f"index.params.{key}")
+    files = _field(manifest, "files", (dict,), "files")
+    for name in (INDEX_FILE, METADATA_FILE):
+        entry = _field(files, name, (dict,), f"files.{name}")
+        _field(entry, "bytes", (int,), f"files.{name}.bytes")
+        _field(entry, "sha256", (str,), f"files.{name}.sha256")
+    labels = _field(manifest, "labels", (dict,), "labels", required=False) or {}
+    for key in labels:
+        _field(labels, key, (int,), f"labels.{key}")
+    _field(manifest, "metric", (str,), "metric", required=False)
+    calibration = _field(manifest, "close_match", (dict, type(None)), "close_match", required=False)
+    if calibration:
+        _field(calibration, "threshold", _NUMBER, "close_match.threshold", required=False)
+
+
 def _read_manifest(path: Path, files: dict[str, Path], verify: bool) -> dict:
     try:
         manifest = json.loads(files[MANIFEST_FILE].read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise IndexLoadError(f"corrupt {MANIFEST_FILE} in {path}: {err}") from err
-    for key in ("format_version", "count", "model", "index", "files"):
-        if not isinstance(manifest, dict) or key not in manifest:
-            raise IndexLoadError(f"corrupt {MANIFEST_FILE} in {path}: no {key!r} entry")
+    try:
+        validate_manifest(manifest)
+    except _ManifestError as err:
+        raise IndexLoadError(f"corrupt {MANIFEST_FILE} in {path}: {err}") from None
     if manifest["format_version"] > FORMAT_VERSION:
         raise IndexLoadError(
             f"index {path} has format version {manifest['format_version']}; this code reads up to {FORMAT_VERSION}"
         )
     for name in (INDEX_FILE, METADATA_FILE):
-        expected = manifest["files"].get(name, {})
+        expected = manifest["files"][name]
         size = files[name].stat().st_size
-        if size != expected.get("bytes"):
-            raise IndexLoadError(f"corrupt {name} in {path}: {size} bytes, the manifest says {expected.get('bytes')}")
-        if verify and sha256_file(files[name]) != expected.get("sha256"):
+        if size != expected["bytes"]:
+            raise IndexLoadError(f"corrupt {name} in {path}: {size} bytes, the manifest says {expected['bytes']}")
+        if verify and sha256_file(files[name]) != expected["sha256"]:
             raise IndexLoadError(f"corrupt {name} in {path}: SHA-256 differs from the manifest")
     return manifest
+
+
+def _check_index(path: Path, index: faiss.Index, manifest: dict, block: int = 1 << 16) -> None:
+    """The FAISS index agrees with the manifest's type, and (cosine) holds finite unit vectors.
+
+    Flat and HNSW vectors are read back exactly and must be unit-norm; other types are checked
+    as far as is cheap: decoded vectors (or, without a direct map, the IVF and PQ centroids) must be finite.
+    """
+    declared = manifest["index"]
+    expected = _INDEX_CLASSES.get(declared["type"], declared["class"])
+    if not type(index).__name__ == declared["class"] == expected:
+        raise IndexLoadError(
+            f"corrupt {MANIFEST_FILE} in {path}: 'index.type' {declared['type']!r} / 'index.class' "
+            f"{declared['class']!r} do not match the FAISS index in {INDEX_FILE} ({type(index).__name__})"
+        )
+    if "cosine" not in manifest.get("metric", "cosine"):
+        return
+    exact = isinstance(index, (faiss.IndexFlat, faiss.IndexHNSWFlat))
+    try:
+        for start in range(0, index.ntotal, block):
+            xb = index.reconstruct_n(start, min(block, index.ntotal - start))
+            bad = ~np.isfinite(xb).all(axis=1)
+            if exact:
+                bad |= np.abs(np.linalg.norm(np.nan_to_num(xb), axis=1) - 1) > UNIT_NORM_TOLERANCE
+            if bad.any():
+                row = start + int(np.flatnonzero(bad)[0])
+                raise IndexLoadError(
+                    f"corrupt {INDEX_FILE} in {path}: {int(bad.sum())} vectors from id {row} are not finite "
+                    "unit vectors, but the metric is cosine"
+                )
+    except RuntimeError:  # an IVF index without a direct map cannot reconstruct
+        ivf = faiss.try_extract_index_ivf(index)
+        parts = []
+        if ivf is not None:
+            parts.append(ivf.quantizer.reconstruct_n(0, ivf.quantizer.ntotal))
+            pq = getattr(faiss.downcast_index(index), "pq", None)
+            if pq is not None:
+                parts.append(faiss.vector_to_array(pq.centroids))
+        if not all(np.isfinite(part).all() for part in parts):
+            raise IndexLoadError(f"corrupt {INDEX_FILE} in {path}: its centroids are not finite") from None
 
 
 def read_directory(
@@ -456,6 +575,7 @@ def read_directory(
             f"index {path} is inconsistent: {index.ntotal} vectors, {metadata.num_rows} metadata rows, "
             f"manifest count {count}"
         )
-    if index.d != manifest["model"].get("embedding_dim"):
+    if index.d != manifest["model"]["embedding_dim"]:
         raise IndexLoadError(f"index {path}: vectors have dim {index.d}, manifest says {manifest['model']}")
+    _check_index(path, index, manifest)
     return index, metadata, manifest

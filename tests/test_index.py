@@ -100,7 +100,8 @@ def _build(dataset, out, embedder, **kwargs) -> PatchIndex:
 def test_round_trip(dataset, embedder, tmp_path):
     out = tmp_path / "idx"
     built = _build(dataset, out, embedder)
-    assert sorted(os.listdir(out)) == [INDEX_FILE, MANIFEST_FILE, METADATA_FILE]  # no temp files, no .partial
+    # no temp files, no .partial; .lock is the writer lock, kept (removing a lock file races with its next user)
+    assert sorted(os.listdir(out)) == [storage.LOCK_FILE, INDEX_FILE, MANIFEST_FILE, METADATA_FILE]
     index = PatchIndex.load(out, embedder)
     assert len(index) == 12
     assert index.labels == ["blue", "green", "red"]

@@ -298,3 +298,76 @@ def test_worker_dies_when_the_build_is_killed():
     else:
         os.kill(worker, signal.SIGKILL)
         pytest.fail("the DataLoader worker outlived its killed parent")
+
+
+# -- 5. manifest types and vectors are checked on load ----------------------------------------------
+
+
+def _edit_manifest(index_dir: Path, edit) -> None:
+    manifest = json.loads((index_dir / MANIFEST_FILE).read_text())
+    edit(manifest)
+    (index_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda m: m.update(format_version="1"), "format_version"),
+        (lambda m: m.update(format_version=True), "format_version"),
+        (lambda m: m.update(files=[]), "files"),
+        (lambda m: m["files"].pop("index.faiss"), "files.index.faiss"),
+        (lambda m: m["files"]["metadata.parquet"].update(bytes="12"), "files.metadata.parquet.bytes"),
+        (lambda m: m.update(model="default"), "model"),
+        (lambda m: m["model"].update(embedding_dim=64.0), "model.embedding_dim"),
+        (lambda m: m.update(index={}), "index.type"),
+        (lambda m: m["index"].update(type="bogus"), "index.type"),
+        (lambda m: m["index"].update(params=[]), "index.params"),
+        (lambda m: m["index"].update(type="hnsw"), "index.type"),
+        (lambda m: m["index"].update(type="hnsw", **{"class": "IndexHNSWFlat"}), "index.type"),
+        (lambda m: m.update(count=None), "count"),
+        (lambda m: m.pop("count"), "count"),
+        (lambda m: m.update(labels=[]), "labels"),
+        (lambda m: m.update(close_match={"threshold": "high"}), "close_match.threshold"),
+        (lambda m: m.clear(), "format_version"),
+    ],
+)
+def test_bad_manifest_is_an_index_load_error(index_dir, edit, field):
+    _edit_manifest(index_dir, edit)
+    with pytest.raises(IndexLoadError, match=f"manifest.json.*'{field}'"):
+        PatchIndex.load(index_dir)
+
+
+def _tamper_vectors(index_dir: Path, change) -> None:
+    """Rewrite index.faiss with changed vectors and make the manifest's sizes and checksums agree."""
+    import faiss
+
+    index = faiss.read_index(str(index_dir / INDEX_FILE))
+    xb = change(index.reconstruct_n(0, index.ntotal))
+    tampered = faiss.IndexFlatIP(index.d)
+    tampered.add(np.ascontiguousarray(xb, dtype=np.float32))
+    faiss.write_index(tampered, str(index_dir / INDEX_FILE))
+    entry = {"bytes": (index_dir / INDEX_FILE).stat().st_size, "sha256": storage.sha256_file(index_dir / INDEX_FILE)}
+    _edit_manifest(index_dir, lambda m: m["files"].update({INDEX_FILE: entry}))
+
+
+def _with_nan(xb):
+    xb[2, 3] = np.nan
+    return xb
+
+
+@pytest.mark.parametrize("change", [_with_nan, lambda xb: xb * 100, lambda xb: np.zeros_like(xb)])
+def test_vectors_that_are_not_unit_vectors_are_refused(index_dir, change):
+    _tamper_vectors(index_dir, change)
+    with pytest.raises(IndexLoadError, match="not finite unit vectors"):
+        PatchIndex.load(index_dir)
+
+
+def test_app_prints_one_error_line_for_a_bad_manifest(index_dir, tmp_path, capsys, monkeypatch):
+    import app
+
+    _edit_manifest(index_dir, lambda m: m.update(model="default"))
+    monkeypatch.setattr("index_build.models.load_model", lambda *args, **kwargs: make_embedder())
+    assert app.main(["--index", str(index_dir), "--data-dir", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "'model' must be an object, got a string" in errors[0] and "Traceback" not in err
