@@ -17,6 +17,7 @@ import base64
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -60,6 +61,7 @@ ANY_LABEL = "(any label)"
 TILE_MODES = ("tile large images", "whole image")
 LABEL_PATTERN = re.compile(r"^[\w][\w .,()+\-]{0,63}$")
 DEFAULT_DATA_DIR = Path(os.path.expanduser("~/.cache/lgffem"))
+RESPONSE_FILES_TTL_S = 3600  # result images are copied by gradio right away; kept a while for slow clients
 TABLE_HEADERS = ["rank", "label", "similarity", "tile", "gallery", "source"]
 
 
@@ -90,11 +92,11 @@ def gpu(fn: Callable) -> Callable:
 class SearchOutputs(NamedTuple):
     """What one search returns, in the order of the page's output components."""
 
-    gallery: list[tuple[Image.Image, str]]
+    gallery: list[tuple[Union[Image.Image, str], str]]
     votes: Optional[dict[str, float]]
     summary: str
-    overview: Optional[Image.Image]
-    tiles: list[tuple[Image.Image, str]]
+    overview: Union[Image.Image, str, None]
+    tiles: list[tuple[Union[Image.Image, str], str]]
     table: list[list[Any]]
 
 
@@ -122,6 +124,7 @@ class SearchApp:
         self.examples: list[str] = []  # example query files shown under the upload box
         self._embed = gpu(self._embed_pixels)
         self._add = gpu(self._add_patches)
+        self._responses: Optional[Path] = None  # see :meth:`search_page`
 
     @classmethod
     def create(
@@ -263,6 +266,43 @@ class SearchApp:
             tiles=tile_views(found, self.embedder.processor),
             table=table,
         )
+
+    def search_page(
+        self, image: Optional[str], k: float = DEFAULT_K, label: Optional[str] = None, tiling: str = TILE_MODES[0]
+    ) -> SearchOutputs:
+        """The page's search handler: :meth:`search` with every image written to a fresh, unique file.
+
+        Gradio caches a returned PIL image under a name made from its content and rewrites that file
+        on every response holding the same image, while an earlier response may still be sending it
+        (h11: "Too little data for declared Content-Length"). A file path is copied into the cache
+        atomically and never rewritten, so each response gets files of its own.
+        """
+        out = self.search(image, k, label, tiling)
+        folder = Path(tempfile.mkdtemp(prefix="response-", dir=self._response_root()))
+        counter = iter(range(1_000_000))
+
+        def to_file(picture: Optional[Image.Image]) -> Optional[str]:
+            if picture is None:
+                return None
+            path = folder / f"{next(counter):03d}.png"
+            picture.save(path)
+            return str(path)
+
+        return out._replace(
+            gallery=[(to_file(picture), caption) for picture, caption in out.gallery],
+            overview=to_file(out.overview),
+            tiles=[(to_file(picture), caption) for picture, caption in out.tiles],
+        )
+
+    def _response_root(self) -> Path:
+        """This process's folder of per-response image folders; those older than an hour are removed."""
+        if self._responses is None:
+            self._responses = Path(tempfile.mkdtemp(prefix="lgffem-results-"))
+        cutoff = time.time() - RESPONSE_FILES_TTL_S
+        for old in self._responses.iterdir():
+            if old.stat().st_mtime < cutoff:
+                shutil.rmtree(old, ignore_errors=True)
+        return self._responses
 
     # ---- add your own images -----------------------------------------------------------
 
@@ -442,7 +482,7 @@ def build_demo(app: SearchApp) -> gr.Blocks:
             )
 
         button.click(
-            app.search,
+            app.search_page,
             inputs=[query, k, label, tiling],
             outputs=[results, votes, summary, overview, seen, table],
             api_name="search",
