@@ -135,6 +135,7 @@ class SearchApp:
         device: Optional[str] = None,
         index_revision: Optional[str] = None,
         embedder: Optional[Embedder] = None,
+        model_revision: Optional[str] = None,
     ) -> SearchApp:
         """Load the model and the galleries; build the starter gallery when no index is given.
 
@@ -145,13 +146,15 @@ class SearchApp:
             device: torch device; default CUDA when available.
             index_revision: Hub revision of the index repo.
             embedder: an already loaded model (tests).
+            model_revision: branch, tag or commit of a Hub model (its code runs here: pin a commit);
+                ``None``: ``$LGFFEM_MODEL_REVISION``, else the commit the index records for this model.
 
         Raises:
             StartupError: the model or index cannot be loaded, or they do not match.
         """
         from index_build.galleries import Galleries, PersonalGalleryError
         from index_build.models import load_model
-        from index_build.storage import IndexLoadError
+        from index_build.storage import IndexLoadError, recorded_model_revision
 
         data_dir = Path(data_dir or os.environ.get("LGFFEM_DATA_DIR") or DEFAULT_DATA_DIR).expanduser()
         index = index or os.environ.get("LGFFEM_INDEX") or None
@@ -163,8 +166,13 @@ class SearchApp:
             index_dir = resolve_index_dir(index, index_revision) if index is not None else None  # fail fast
         except OSError as err:
             raise StartupError(str(err)) from err
+        model_revision = model_revision or os.environ.get("LGFFEM_MODEL_REVISION") or None
+        if model_revision is None and index_dir is not None and model not in (None, "", "default"):
+            model_revision = recorded_model_revision(index_dir, model)
+            if model_revision is not None:
+                logger.info("loading model %s at revision %s, the one the index was built with", model, model_revision)
         try:
-            embedder = embedder or load_model(model, device=device)
+            embedder = embedder or load_model(model, device=device, revision=model_revision)
         except (OSError, ValueError) as err:
             raise StartupError(f"could not load the model {model or 'default'!r}: {err}") from err
         try:
@@ -505,6 +513,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="'default' (offline model), a local model folder or a Hub model id (env LGFFEM_MODEL)",
     )
     parser.add_argument(
+        "--model-revision",
+        default=os.environ.get("LGFFEM_MODEL_REVISION") or None,
+        help="branch, tag or commit of a Hub model; its code runs here, so pin a commit (env LGFFEM_MODEL_REVISION); "
+        "default: the commit the index records",
+    )
+    parser.add_argument(
         "--index",
         default=os.environ.get("LGFFEM_INDEX"),
         help="index folder written by index_build, or a Hub dataset repo id holding one (env LGFFEM_INDEX); "
@@ -548,6 +562,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             data_dir=args.data_dir,
             device=args.device,
             index_revision=args.index_revision,
+            model_revision=args.model_revision,
         )
     except StartupError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -84,6 +84,7 @@ __all__ = [
     "metadata_table",
     "model_mismatches",
     "read_directory",
+    "recorded_model_revision",
     "write_atomic",
     "write_directory",
 ]
@@ -333,6 +334,23 @@ def recover(directory: Path, interrupted: bool = True, write: bool = True) -> di
 # --------------------------------------------------------------------------------------
 # The directory: write and read
 # --------------------------------------------------------------------------------------
+
+
+def recorded_model_revision(path: Union[str, Path], model: Optional[str]) -> Optional[str]:
+    """The Hub revision (commit) of ``model`` recorded in the manifest of the index in ``path``.
+
+    ``None`` when the index records another model, no revision, or cannot be read (loading the
+    index reports that properly). Reads only; the manifest is untrusted, so only a plain
+    revision string is returned.
+    """
+    try:
+        built = json.loads((Path(path) / MANIFEST_FILE).read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(built, dict) or built.get("model") != model:
+        return None
+    revision = built.get("revision")
+    return revision if isinstance(revision, str) and re.fullmatch(r"[\w.\-/]{1,128}", revision) else None
 
 
 def has_index(path: Union[str, Path]) -> bool:

@@ -371,3 +371,45 @@ def test_app_prints_one_error_line_for_a_bad_manifest(index_dir, tmp_path, capsy
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "'model' must be an object, got a string" in errors[0] and "Traceback" not in err
+
+
+# -- 7. remote model code runs at a pinned revision ------------------------------------------------------
+
+
+def test_app_loads_the_model_commit_the_index_records(tmp_path, monkeypatch):
+    import app
+    from index_build.models import Embedder
+
+    tiny = make_embedder()
+    hub = Embedder(model=tiny.model, processor=tiny.processor, model_id="org/lgffem", revision="0123abcd")
+    folder = write_folder(tmp_path / "patches", per_class=1)
+    build_index(load_image_dataset(str(folder)), tmp_path / "idx", hub, num_workers=0, progress=False)
+    assert json.loads((tmp_path / "idx" / MANIFEST_FILE).read_text())["model"]["revision"] == "0123abcd"
+    asked = []
+
+    def fake_load_model(model=None, device=None, revision=None):
+        asked.append((model, revision))
+        return hub
+
+    monkeypatch.setattr("index_build.models.load_model", fake_load_model)
+    monkeypatch.delenv("LGFFEM_MODEL_REVISION", raising=False)
+    common = ["--model", "org/lgffem", "--index", str(tmp_path / "idx"), "--data-dir", str(tmp_path / "data")]
+    args = app.parse_args(common)
+    app.SearchApp.create(model=args.model, index=args.index, data_dir=args.data_dir, model_revision=args.model_revision)
+    args = app.parse_args([*common, "--model-revision", "v2"])
+    app.SearchApp.create(model=args.model, index=args.index, data_dir=args.data_dir, model_revision=args.model_revision)
+    monkeypatch.setenv("LGFFEM_MODEL_REVISION", "v3")
+    args = app.parse_args(common)
+    app.SearchApp.create(model=args.model, index=args.index, data_dir=args.data_dir, model_revision=args.model_revision)
+    assert asked == [("org/lgffem", "0123abcd"), ("org/lgffem", "v2"), ("org/lgffem", "v3")]
+
+
+def test_cli_model_revision_option_and_env(monkeypatch):
+    from index_build.__main__ import build_parser
+    from index_build.evaluate import build_parser as evaluate_parser
+
+    monkeypatch.delenv("LGFFEM_MODEL_REVISION", raising=False)
+    assert build_parser().parse_args(["src", "--out", "o", "--model-revision", "abc"]).model_revision == "abc"
+    monkeypatch.setenv("LGFFEM_MODEL_REVISION", "def")
+    assert build_parser().parse_args(["src", "--out", "o"]).model_revision == "def"
+    assert evaluate_parser().parse_args(["--gallery", "g"]).model_revision == "def"
