@@ -17,6 +17,7 @@ import base64
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -60,6 +61,7 @@ ANY_LABEL = "(any label)"
 TILE_MODES = ("tile large images", "whole image")
 LABEL_PATTERN = re.compile(r"^[\w][\w .,()+\-]{0,63}$")
 DEFAULT_DATA_DIR = Path(os.path.expanduser("~/.cache/lgffem"))
+RESPONSE_FILES_TTL_S = 3600  # result images are copied by gradio right away; kept a while for slow clients
 TABLE_HEADERS = ["rank", "label", "similarity", "tile", "gallery", "source"]
 
 
@@ -90,11 +92,11 @@ def gpu(fn: Callable) -> Callable:
 class SearchOutputs(NamedTuple):
     """What one search returns, in the order of the page's output components."""
 
-    gallery: list[tuple[Image.Image, str]]
+    gallery: list[tuple[Union[Image.Image, str], str]]
     votes: Optional[dict[str, float]]
     summary: str
-    overview: Optional[Image.Image]
-    tiles: list[tuple[Image.Image, str]]
+    overview: Union[Image.Image, str, None]
+    tiles: list[tuple[Union[Image.Image, str], str]]
     table: list[list[Any]]
 
 
@@ -122,6 +124,7 @@ class SearchApp:
         self.examples: list[str] = []  # example query files shown under the upload box
         self._embed = gpu(self._embed_pixels)
         self._add = gpu(self._add_patches)
+        self._responses: Optional[Path] = None  # see :meth:`search_page`
 
     @classmethod
     def create(
@@ -132,6 +135,7 @@ class SearchApp:
         device: Optional[str] = None,
         index_revision: Optional[str] = None,
         embedder: Optional[Embedder] = None,
+        model_revision: Optional[str] = None,
     ) -> SearchApp:
         """Load the model and the galleries; build the starter gallery when no index is given.
 
@@ -142,13 +146,15 @@ class SearchApp:
             device: torch device; default CUDA when available.
             index_revision: Hub revision of the index repo.
             embedder: an already loaded model (tests).
+            model_revision: branch, tag or commit of a Hub model (its code runs here: pin a commit);
+                ``None``: ``$LGFFEM_MODEL_REVISION``, else the commit the index records for this model.
 
         Raises:
             StartupError: the model or index cannot be loaded, or they do not match.
         """
         from index_build.galleries import Galleries, PersonalGalleryError
         from index_build.models import load_model
-        from index_build.storage import IndexLoadError
+        from index_build.storage import IndexLoadError, recorded_model_revision
 
         data_dir = Path(data_dir or os.environ.get("LGFFEM_DATA_DIR") or DEFAULT_DATA_DIR).expanduser()
         index = index or os.environ.get("LGFFEM_INDEX") or None
@@ -160,8 +166,13 @@ class SearchApp:
             index_dir = resolve_index_dir(index, index_revision) if index is not None else None  # fail fast
         except OSError as err:
             raise StartupError(str(err)) from err
+        model_revision = model_revision or os.environ.get("LGFFEM_MODEL_REVISION") or None
+        if model_revision is None and index_dir is not None and model not in (None, "", "default"):
+            model_revision = recorded_model_revision(index_dir, model)
+            if model_revision is not None:
+                logger.info("loading model %s at revision %s, the one the index was built with", model, model_revision)
         try:
-            embedder = embedder or load_model(model, device=device)
+            embedder = embedder or load_model(model, device=device, revision=model_revision)
         except (OSError, ValueError) as err:
             raise StartupError(f"could not load the model {model or 'default'!r}: {err}") from err
         try:
@@ -264,6 +275,43 @@ class SearchApp:
             table=table,
         )
 
+    def search_page(
+        self, image: Optional[str], k: float = DEFAULT_K, label: Optional[str] = None, tiling: str = TILE_MODES[0]
+    ) -> SearchOutputs:
+        """The page's search handler: :meth:`search` with every image written to a fresh, unique file.
+
+        Gradio caches a returned PIL image under a name made from its content and rewrites that file
+        on every response holding the same image, while an earlier response may still be sending it
+        (h11: "Too little data for declared Content-Length"). A file path is copied into the cache
+        atomically and never rewritten, so each response gets files of its own.
+        """
+        out = self.search(image, k, label, tiling)
+        folder = Path(tempfile.mkdtemp(prefix="response-", dir=self._response_root()))
+        counter = iter(range(1_000_000))
+
+        def to_file(picture: Optional[Image.Image]) -> Optional[str]:
+            if picture is None:
+                return None
+            path = folder / f"{next(counter):03d}.png"
+            picture.save(path)
+            return str(path)
+
+        return out._replace(
+            gallery=[(to_file(picture), caption) for picture, caption in out.gallery],
+            overview=to_file(out.overview),
+            tiles=[(to_file(picture), caption) for picture, caption in out.tiles],
+        )
+
+    def _response_root(self) -> Path:
+        """This process's folder of per-response image folders; those older than an hour are removed."""
+        if self._responses is None:
+            self._responses = Path(tempfile.mkdtemp(prefix="lgffem-results-"))
+        cutoff = time.time() - RESPONSE_FILES_TTL_S
+        for old in self._responses.iterdir():
+            if old.stat().st_mtime < cutoff:
+                shutil.rmtree(old, ignore_errors=True)
+        return self._responses
+
     # ---- add your own images -----------------------------------------------------------
 
     def _add_patches(self, images: list[Image.Image], labels: list[str], sources: list[str]) -> int:
@@ -279,9 +327,11 @@ class SearchApp:
         Returns:
             An :class:`AddOutputs` with a status message and the updated label filter.
         """
+        from index_build.storage import IndexBusyError
+
         try:
             status = self._add_images(files, label)
-        except InputError as err:
+        except (InputError, IndexBusyError) as err:
             gr.Warning(str(err))
             status = f"⚠️ {err}"
         return AddOutputs(status, gr.update(choices=self.label_choices()))
@@ -440,7 +490,7 @@ def build_demo(app: SearchApp) -> gr.Blocks:
             )
 
         button.click(
-            app.search,
+            app.search_page,
             inputs=[query, k, label, tiling],
             outputs=[results, votes, summary, overview, seen, table],
             api_name="search",
@@ -461,6 +511,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--model",
         default=os.environ.get("LGFFEM_MODEL", "default"),
         help="'default' (offline model), a local model folder or a Hub model id (env LGFFEM_MODEL)",
+    )
+    parser.add_argument(
+        "--model-revision",
+        default=os.environ.get("LGFFEM_MODEL_REVISION") or None,
+        help="branch, tag or commit of a Hub model; its code runs here, so pin a commit (env LGFFEM_MODEL_REVISION); "
+        "default: the commit the index records",
     )
     parser.add_argument(
         "--index",
@@ -506,6 +562,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             data_dir=args.data_dir,
             device=args.device,
             index_revision=args.index_revision,
+            model_revision=args.model_revision,
         )
     except StartupError as err:
         print(f"error: {err}", file=sys.stderr)

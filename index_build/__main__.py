@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
 from index_build.faiss_index import INDEX_TYPES, check_index_type
 from index_build.sources import check_source, parse_shard, source_kind
-from index_build.storage import DEFAULT_CHUNK_SIZE, has_index
+from index_build.storage import DEFAULT_CHUNK_SIZE, has_index, recorded_model_revision
 
 if TYPE_CHECKING:
     from index_build.patch_index import PatchIndex
@@ -49,7 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--label-column", default=None, help="column holding the class (default 'label')")
     parser.add_argument("--revision", default=None, help="Hub revision of the dataset")
     parser.add_argument("--model", default="default", help="model: 'default' (offline), a local folder or a Hub id")
-    parser.add_argument("--model-revision", default=None, help="Hub revision of the model")
+    parser.add_argument(
+        "--model-revision",
+        default=os.environ.get("LGFFEM_MODEL_REVISION") or None,
+        help="branch, tag or commit of a Hub model; its code runs here, so pin a commit (env LGFFEM_MODEL_REVISION)",
+    )
     parser.add_argument(
         "--index-type",
         default="flat",
@@ -113,7 +118,10 @@ def main(argv: Optional[Sequence[str]] = None) -> PatchIndex:
     from index_build.embedding import build_index
     from index_build.models import load_model
 
-    embedder = load_model(args.model, device=args.device, revision=args.model_revision)
+    revision = args.model_revision
+    if revision is None and args.append and args.model not in (None, "", "default"):
+        revision = recorded_model_revision(args.out, args.model)  # the commit the index was built with
+    embedder = load_model(args.model, device=args.device, revision=revision)
     dataset = load_image_dataset(
         args.source,
         split=args.split,

@@ -8,12 +8,16 @@ every chunk of rows in ``<out>/.partial/`` (so an interrupted build resumes wher
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
+import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -31,6 +35,7 @@ from index_build.storage import (
     THUMBNAIL_SIZE,
     WORK_DIR,
     has_index,
+    index_lock,
     make_thumbnail,
     metadata_table,
     write_atomic,
@@ -43,6 +48,7 @@ __all__ = [
     "ImageRowDataset",
     "build_index",
     "default_num_workers",
+    "die_with_parent",
     "embed_batches",
     "embed_dataset",
 ]
@@ -51,6 +57,28 @@ __all__ = [
 def default_num_workers() -> int:
     """DataLoader workers: all cores but one, at most 8 (0 on a single core)."""
     return min(8, max(0, (os.cpu_count() or 1) - 1))
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(worker_id: int = 0, parent: Optional[int] = None) -> None:
+    """DataLoader ``worker_init_fn``: the worker gets SIGKILL when its parent dies (Linux; no-op elsewhere).
+
+    A build killed with SIGKILL cannot stop its workers; without this they are re-parented to
+    PID 1 and keep their memory forever.
+
+    Args:
+        worker_id: the DataLoader worker number (unused).
+        parent: the pid the worker belongs to; if it is already gone, the worker exits now.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        logger.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+    if parent is not None and os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 class ImageRowDataset(torch.utils.data.Dataset):
@@ -103,6 +131,7 @@ def embed_batches(
         shuffle=False,
         num_workers=workers,
         pin_memory=torch.device(embedder.device).type == "cuda",
+        worker_init_fn=functools.partial(die_with_parent, parent=os.getpid()),
     )
     with tqdm(total=len(dataset), initial=start, unit="img", desc="embedding", disable=not progress) as bar:
         for pixels, labels, sources, thumbs in loader:
@@ -285,7 +314,9 @@ def build_index(
         resume: continue an interrupted build of the same model and dataset.
         progress: show a progress bar.
         append: add the dataset to the existing index in ``out_dir`` (same model required;
-            ``index_type`` and ``index_params`` are then those of the existing index).
+            ``index_type`` and ``index_params`` are then those of the existing index). Rows
+            already in the index (same label, source and image) are skipped, so appending is
+            idempotent.
         overwrite: replace an existing index (otherwise an existing index is an error).
         index_params: overrides of the index parameters (see
             :func:`index_build.faiss_index.default_index_params`).
@@ -295,25 +326,29 @@ def build_index(
     Raises:
         ValueError: an index already exists (without ``append``/``overwrite``), or bad input.
         IndexLoadError: ``append`` to a missing/corrupt index or one built with another model.
+        IndexBusyError: another process kept writing to ``out_dir`` longer than the lock timeout.
     """
     out = Path(out_dir)
     if append and overwrite:
         raise ValueError("append and overwrite exclude each other")
-    if has_index(out) and not (append or overwrite):
-        raise ValueError(f"an index already exists in {out}; append to it or overwrite it")
     check_index_type(index_type)
-    existing = PatchIndex.load(out, embedder) if append else None
-    work = out / (WORK_DIR + ("-append" if append else ""))
-    xb, metadata = embed_dataset(dataset, embedder, work, batch_size, num_workers, chunk_size, resume, progress)
-    if existing is not None:
-        existing.add_embeddings(
-            xb,
-            metadata.column("label").to_pylist(),
-            metadata.column("source").to_pylist(),
-            metadata.column("thumbnail").to_pylist(),
-        )
-        result = existing
-    else:
-        result = write_index(out, xb, metadata, embedder, index_type, index_params, dataset_info)
-    shutil.rmtree(work)
+    # One writer at a time: a second build or append of the same directory waits, then fails clearly.
+    with index_lock(out):
+        if has_index(out) and not (append or overwrite):
+            raise ValueError(f"an index already exists in {out}; append to it or overwrite it")
+        existing = PatchIndex.load(out, embedder) if append else None
+        work = out / (WORK_DIR + ("-append" if append else ""))
+        xb, metadata = embed_dataset(dataset, embedder, work, batch_size, num_workers, chunk_size, resume, progress)
+        if existing is not None:
+            existing.add_embeddings(
+                xb,
+                metadata.column("label").to_pylist(),
+                metadata.column("source").to_pylist(),
+                metadata.column("thumbnail").to_pylist(),
+                skip_existing=True,  # a rerun (or a run killed after its commit) adds nothing twice
+            )
+            result = existing
+        else:
+            result = write_index(out, xb, metadata, embedder, index_type, index_params, dataset_info)
+        shutil.rmtree(work)
     return result

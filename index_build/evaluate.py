@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -336,7 +337,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Retrieval evaluation: Recall@1, Recall@k, mMV@k, mAP@k, Kimia eta, queries/s.",
     )
     parser.add_argument("--model", default="default", help="model: 'default', a local folder or a Hub id")
-    parser.add_argument("--model-revision", default=None, help="Hub revision of the model")
+    parser.add_argument(
+        "--model-revision",
+        default=os.environ.get("LGFFEM_MODEL_REVISION") or None,
+        help="branch, tag or commit of a Hub model; its code runs here, so pin a commit (env LGFFEM_MODEL_REVISION)",
+    )
     parser.add_argument("--gallery", required=True, help="gallery: image folder, parquet, Hub id or index directory")
     parser.add_argument("--queries", default=None, help="queries: image folder, parquet or Hub id")
     parser.add_argument("--leave-one-out", action="store_true", help="query the gallery with itself, minus the query")

@@ -18,7 +18,7 @@ from PIL import Image
 
 from index_build.query import TiledResult, tiled_search
 from index_build.starter import ensure_starter_index, images_dataset, model_key
-from index_build.storage import IndexLoadError, has_index
+from index_build.storage import IndexLoadError, has_index, index_lock
 
 if TYPE_CHECKING:
     import torch
@@ -103,10 +103,19 @@ class Galleries:
         return tiled_search(image, self.embedder, galleries, k, label, tile_large, embed, guard=self._lock)
 
     def add(self, images: Sequence[Image.Image], labels: Sequence[str], sources: Sequence[str]) -> int:
-        """Embed patches and append them to the personal gallery on disk. Returns its new size."""
-        from index_build.embedding import build_index
+        """Embed patches and append them to the personal gallery on disk. Returns its new size.
 
-        with self._lock:
+        Raises:
+            IndexBusyError: another process kept writing to the personal gallery too long.
+        """
+        from index_build.embedding import build_index
+        from index_build.patch_index import PatchIndex
+
+        # The directory lock orders this against other processes sharing the data directory:
+        # the gallery may have been created (or grown) by another server since this one opened it.
+        with self._lock, index_lock(self.personal_dir):
+            if self.personal is None and has_index(self.personal_dir):
+                self.personal = PatchIndex.load(self.personal_dir, self.embedder)
             if self.personal is None:
                 dataset = images_dataset(images, labels, sources)
                 self.personal = build_index(dataset, self.personal_dir, self.embedder, num_workers=0, progress=False)

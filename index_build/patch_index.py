@@ -7,6 +7,8 @@ index type. :func:`write_index` builds a new index directory from vectors and me
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,11 +25,14 @@ from index_build.faiss_index import make_faiss_index, search_parameters, set_sea
 from index_build.metrics import majority_votes
 from index_build.storage import (
     FORMAT_VERSION,
+    JOURNAL_FILE,
+    MANIFEST_FILE,
     THUMBNAIL_QUALITY,
     THUMBNAIL_SIZE,
     ImageLike,
     check_model,
     decode_thumbnail,
+    index_lock,
     make_thumbnail,
     metadata_table,
     now,
@@ -120,7 +125,13 @@ class PatchIndex:
         self._label_set = frozenset(self.row_labels)
 
     @classmethod
-    def load(cls, path: Union[str, Path], embedder: Optional[EmbedderLike] = None, verify: bool = True) -> PatchIndex:
+    def load(
+        cls,
+        path: Union[str, Path],
+        embedder: Optional[EmbedderLike] = None,
+        verify: bool = True,
+        read_only: bool = False,
+    ) -> PatchIndex:
         """Open an index directory.
 
         Args:
@@ -128,13 +139,14 @@ class PatchIndex:
             embedder: the model for image queries; the manifest must match it (dimension,
                 config hash, weights fingerprint).
             verify: check the SHA-256 of the data files against the manifest.
+            read_only: never write to the directory (an unfinished write is read, not completed).
 
         Raises:
             IndexLoadError: the directory or a file is missing or corrupt, the files disagree,
                 or the index was built with another model.
         """
         model = embedder.describe() if embedder is not None else None
-        index, metadata, manifest = read_directory(path, model, verify)
+        index, metadata, manifest = read_directory(path, model, verify, read_only)
         set_search_params(index, manifest["index"].get("params", {}))
         logger.info("loaded index %s: %d vectors (%s)", path, manifest["count"], manifest["index"]["type"])
         return cls(path, index, metadata, manifest, embedder)
@@ -276,13 +288,65 @@ class PatchIndex:
         return self.add_embeddings(xb, labels, sources, thumbnails)
 
     def add_embeddings(
-        self, xb: np.ndarray, labels: Sequence[str], sources: Sequence[str], thumbnails: Sequence[bytes]
+        self,
+        xb: np.ndarray,
+        labels: Sequence[str],
+        sources: Sequence[str],
+        thumbnails: Sequence[bytes],
+        skip_existing: bool = False,
     ) -> np.ndarray:
-        """Append precomputed embeddings with their metadata and rewrite the directory atomically."""
+        """Append precomputed embeddings with their metadata and rewrite the directory atomically.
+
+        Holds the directory's writer lock and appends to what is committed on disk now (rows
+        another process added since this object was loaded are kept).
+
+        Args:
+            xb: ``N x D`` embeddings.
+            labels, sources, thumbnails: one per row.
+            skip_existing: leave out rows already in the index (same source, label and thumbnail
+                bytes, i.e. the same image from the same place), so that rerunning an append adds
+                nothing twice.
+
+        Returns:
+            The ids of the rows added (skipped rows have none).
+        """
         xb = np.array(xb, dtype=np.float32, order="C", ndmin=2)
         n = xb.shape[0]
         if xb.shape[1] != self.dim or not len(labels) == len(sources) == len(thumbnails) == n:
             raise ValueError(f"need an N x {self.dim} array and N labels, sources, thumbnails; got {xb.shape}")
+        labels, sources, thumbnails = list(labels), list(sources), list(thumbnails)
+        with index_lock(self.path):
+            self._refresh()
+            return self._append(xb, labels, sources, thumbnails, skip_existing)
+
+    def _refresh(self) -> None:
+        """Reload the directory if another writer committed since this object read it."""
+        try:
+            on_disk = json.loads((self.path / MANIFEST_FILE).read_text()).get("files")
+        except (OSError, ValueError, AttributeError):
+            on_disk = None
+        if on_disk == self.manifest.get("files") and not (self.path / JOURNAL_FILE).exists():
+            return
+        model = self.embedder.describe() if self.embedder is not None else None
+        index, metadata, manifest = read_directory(self.path, model)
+        set_search_params(index, manifest["index"].get("params", {}))
+        logger.info("%s changed on disk: %d -> %d vectors", self.path, len(self), index.ntotal)
+        self.__init__(self.path, index, metadata, manifest, self.embedder)
+
+    def _append(
+        self, xb: np.ndarray, labels: list[str], sources: list[str], thumbnails: list[bytes], skip_existing: bool
+    ) -> np.ndarray:
+        n = xb.shape[0]
+        if skip_existing:
+            present = {self.row_key(i) for i in range(len(self))}
+            keep = [i for i in range(n) if _row_key(labels[i], sources[i], thumbnails[i]) not in present]
+            if len(keep) < n:
+                logger.info("skipped %d of %d rows already in %s", n - len(keep), n, self.path)
+            xb = xb[keep]
+            labels, sources, thumbnails = ([values[i] for i in keep] for values in (labels, sources, thumbnails))
+            n = len(keep)
+            if n == 0:
+                return np.zeros(0, dtype=np.int64)
         faiss.normalize_L2(xb)
         new_ids = np.arange(len(self), len(self) + n, dtype=np.int64)
         metadata = pa.concat_tables([self.metadata_table(), metadata_table(new_ids, labels, sources, thumbnails)])
@@ -298,6 +362,14 @@ class PatchIndex:
         self.__init__(self.path, index, metadata, manifest, self.embedder)
         logger.info("appended %d vectors to %s (now %d)", n, self.path, len(self))
         return new_ids
+
+    def row_key(self, i: int) -> tuple[str, str, str]:
+        """What identifies row ``i`` for duplicate detection: label, source, SHA-256 of the thumbnail."""
+        return _row_key(self.row_labels[i], self.sources[i], self._thumbnails[int(i)].as_py() or b"")
+
+
+def _row_key(label: str, source: str, thumbnail: bytes) -> tuple[str, str, str]:
+    return str(label), str(source), hashlib.sha256(thumbnail or b"").hexdigest()
 
 
 def _preprocessing(embedder: EmbedderLike) -> dict:

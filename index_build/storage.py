@@ -22,8 +22,11 @@ import json
 import logging
 import os
 import platform
+import re
+import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -33,7 +36,10 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock, Timeout
 from PIL import Image
+
+from index_build.faiss_index import check_index_type
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +48,11 @@ INDEX_FILE = "index.faiss"
 METADATA_FILE = "metadata.parquet"
 MANIFEST_FILE = "manifest.json"
 JOURNAL_FILE = ".commit.json"
+# The only files a commit (and so its journal) may replace; staged as ``.<name>.tmp-<pid>``.
+COMMIT_FILES = (INDEX_FILE, METADATA_FILE, MANIFEST_FILE)
+_STAGED = re.compile(r"\.([A-Za-z0-9_][A-Za-z0-9_.]*)\.tmp-[0-9]+")
+LOCK_FILE = ".lock"  # held by the one process writing to the directory
+LOCK_TIMEOUT = 120.0  # seconds a writer waits for another one before giving up
 WORK_DIR = ".partial"  # where a build keeps its embedded chunks until the index is written
 DEFAULT_CHUNK_SIZE = 4096  # rows per persisted chunk: the resume granularity of a build
 THUMBNAIL_SIZE = 128
@@ -64,13 +75,16 @@ __all__ = [
     "METADATA_SCHEMA",
     "MODEL_KEYS",
     "WORK_DIR",
+    "IndexBusyError",
     "IndexLoadError",
     "decode_thumbnail",
     "has_index",
+    "index_lock",
     "make_thumbnail",
     "metadata_table",
     "model_mismatches",
     "read_directory",
+    "recorded_model_revision",
     "write_atomic",
     "write_directory",
 ]
@@ -78,6 +92,10 @@ __all__ = [
 
 class IndexLoadError(ValueError):
     """An index directory cannot be used: missing or corrupt files, or a different model."""
+
+
+class IndexBusyError(TimeoutError):
+    """Another process kept writing to the index directory for longer than the lock timeout."""
 
 
 # --------------------------------------------------------------------------------------
@@ -150,6 +168,40 @@ def check_model(manifest: dict, given: dict, path: Union[str, Path] = "index") -
 # --------------------------------------------------------------------------------------
 
 
+_locks: dict[str, FileLock] = {}
+_locks_guard = threading.Lock()
+
+
+@contextmanager
+def index_lock(directory: Union[str, Path], timeout: Optional[float] = None) -> Iterator[None]:
+    """Hold the writer lock of an index directory (created if needed) for the ``with`` block.
+
+    One process writes at a time; a writer re-reads the committed state under the lock, so
+    concurrent writers (processes or threads) append to each other's rows instead of losing them.
+    Re-entrant within a thread.
+
+    Raises:
+        IndexBusyError: another writer held the lock for ``timeout`` seconds (default :data:`LOCK_TIMEOUT`).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    key = str(directory.resolve())
+    with _locks_guard:
+        lock = _locks.setdefault(key, FileLock(directory / LOCK_FILE))
+    timeout = LOCK_TIMEOUT if timeout is None else timeout
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout as err:
+        raise IndexBusyError(
+            f"another process is writing to the index {directory} (it holds {directory / LOCK_FILE}); "
+            f"gave up after {timeout:g} s: try again when it has finished"
+        ) from err
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file, read in 4 MB blocks."""
     digest = hashlib.sha256()
@@ -191,11 +243,17 @@ def commit(directory: Path, writers: dict[str, Callable[[Path], None]]) -> dict[
     atomically, the renames are done in order (the manifest last) and the journal is removed.
     A crash before the journal leaves the old files; after it, :func:`recover` finishes the job.
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    with index_lock(directory):
+        return _commit(directory, writers)
+
+
+def _commit(directory: Path, writers: dict[str, Callable[[Path], None]]) -> dict[str, Path]:
     recover(directory)
     renames: list[tuple[str, str]] = []
     for name, write in writers.items():
-        tmp = directory / f".{name}.tmp-{os.getpid()}"
+        if name not in COMMIT_FILES:
+            raise ValueError(f"{name!r} is not a file of an index directory ({', '.join(COMMIT_FILES)})")
+        tmp = directory / _staged_name(name)
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
@@ -205,26 +263,94 @@ def commit(directory: Path, writers: dict[str, Callable[[Path], None]]) -> dict[
     return {name: directory / name for name in writers}
 
 
-def recover(directory: Path, interrupted: bool = True) -> None:
-    """Finish an interrupted :func:`commit` (roll forward), if its journal is present."""
-    journal = directory / JOURNAL_FILE
-    if not journal.exists():
-        return
+def _staged_name(name: str) -> str:
+    return f".{name}.tmp-{os.getpid()}"
+
+
+def _journal_renames(directory: Path, journal: Path) -> list[tuple[str, str]]:
+    """The renames of a commit journal, checked: an index folder is untrusted input.
+
+    Only a staged name written by :func:`commit` (``.<name>.tmp-<pid>``, a regular file in
+    ``directory``) may be renamed, and only to its known final name (:data:`COMMIT_FILES`).
+
+    Raises:
+        IndexLoadError: the journal is unreadable or names anything else.
+    """
     try:
         renames = json.loads(journal.read_text())["renames"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise IndexLoadError(f"corrupt commit journal {journal}: {err}") from err
+    if not isinstance(renames, list):
+        raise IndexLoadError(f"corrupt commit journal {journal}: 'renames' is not a list")
+    checked: list[tuple[str, str]] = []
+    for entry in renames:
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(v, str) for v in entry)):
+            raise IndexLoadError(f"corrupt commit journal {journal}: bad entry {entry!r}")
+        tmp, name = entry
+        match = _STAGED.fullmatch(tmp)
+        if name not in COMMIT_FILES or match is None or match.group(1) != name:
+            raise IndexLoadError(
+                f"refusing the commit journal {journal}: it renames {tmp!r} to {name!r}, but a journal may only "
+                f"rename a staged .<name>.tmp-<pid> file to <name>, one of {', '.join(COMMIT_FILES)}"
+            )
+        staged = directory / tmp
+        if staged.is_symlink() or (staged.exists() and not staged.is_file()):
+            raise IndexLoadError(f"refusing the commit journal {journal}: {tmp} is not a regular file")
+        checked.append((tmp, name))
+    return checked
+
+
+def recover(directory: Path, interrupted: bool = True, write: bool = True) -> dict[str, Path]:
+    """Finish an interrupted :func:`commit` (roll forward), if its journal is present.
+
+    Args:
+        directory: the index directory.
+        interrupted: log that an interrupted write was completed.
+        write: do the renames; ``False`` (a read-only load) leaves the folder untouched and
+            only says where the committed files are.
+
+    Returns:
+        The path to read for each committed file whose staged copy is still pending
+        (only when ``write`` is ``False``; otherwise the files are in place: empty).
+
+    Raises:
+        IndexLoadError: the journal is corrupt or names files other than the staged index files.
+    """
+    journal = directory / JOURNAL_FILE
+    if not journal.exists():
+        return {}
+    renames = _journal_renames(directory, journal)
+    if not write:
+        return {name: directory / tmp for tmp, name in renames if (directory / tmp).is_file()}
     for tmp, name in renames:
         if (directory / tmp).exists():
             os.replace(directory / tmp, directory / name)
     journal.unlink()
     if interrupted:
         logger.warning("completed an interrupted write in %s", directory)
+    return {}
 
 
 # --------------------------------------------------------------------------------------
 # The directory: write and read
 # --------------------------------------------------------------------------------------
+
+
+def recorded_model_revision(path: Union[str, Path], model: Optional[str]) -> Optional[str]:
+    """The Hub revision (commit) of ``model`` recorded in the manifest of the index in ``path``.
+
+    ``None`` when the index records another model, no revision, or cannot be read (loading the
+    index reports that properly). Reads only; the manifest is untrusted, so only a plain
+    revision string is returned.
+    """
+    try:
+        built = json.loads((Path(path) / MANIFEST_FILE).read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(built, dict) or built.get("model") != model:
+        return None
+    revision = built.get("revision")
+    return revision if isinstance(revision, str) and re.fullmatch(r"[\w.\-/]{1,128}", revision) else None
 
 
 def has_index(path: Union[str, Path]) -> bool:
@@ -271,37 +397,159 @@ def write_directory(path: Path, index: faiss.Index, metadata: pa.Table, manifest
     return manifest
 
 
-def _read_manifest(path: Path, verify: bool) -> dict:
+_NUMBER = (int, float)
+_OPTIONAL_STR = (str, type(None))
+_JSON_TYPES = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
+# Built-in index types -> the FAISS class they are written as (factory strings: any class).
+_INDEX_CLASSES = {"flat": "IndexFlatIP", "ivfpq": "IndexIVFPQ", "hnsw": "IndexHNSWFlat"}
+UNIT_NORM_TOLERANCE = 1e-3
+
+
+def _field(container: dict, key: str, types: tuple, name: str, required: bool = True) -> Any:
+    """``container[key]`` checked against ``types`` (``bool`` is not a number); raises ``_ManifestError``."""
+    if key not in container:
+        if required:
+            raise _ManifestError(f"no {name!r} entry")
+        return None
+    value = container[key]
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+        expected = " or ".join(_JSON_TYPES[t] for t in types)
+        got = _JSON_TYPES.get(type(value), type(value).__name__)
+        raise _ManifestError(f"{name!r} must be {expected}, got {got} {json.dumps(value)[:40]}")
+    return value
+
+
+class _ManifestError(Exception):
+    pass
+
+
+def validate_manifest(manifest: Any) -> None:
+    """Check the structure and JSON types of a manifest (the fields this code reads).
+
+    Raises:
+        _ManifestError: naming the first field that is missing or has the wrong type.
+    """
+    if not isinstance(manifest, dict):
+        raise _ManifestError(f"the manifest must be a JSON object, got {type(manifest).__name__}")
+    version = _field(manifest, "format_version", (int,), "format_version")
+    if version < 1:
+        raise _ManifestError(f"'format_version' must be at least 1, got {version}")
+    if _field(manifest, "count", (int,), "count") < 0:
+        raise _ManifestError("'count' must not be negative")
+    model = _field(manifest, "model", (dict,), "model")
+    if _field(model, "embedding_dim", (int,), "model.embedding_dim") < 1:
+        raise _ManifestError("'model.embedding_dim' must be positive")
+    for key in ("model", "config_hash", "weights_fingerprint", "revision"):
+        _field(model, key, _OPTIONAL_STR, f"model.{key}", required=False)
+    index = _field(manifest, "index", (dict,), "index")
+    index_type = _field(index, "type", (str,), "index.type")
     try:
-        manifest = json.loads((path / MANIFEST_FILE).read_text())
+        check_index_type(index_type)
+    except ValueError as err:
+        raise _ManifestError(f"'index.type': {err}") from err
+    _field(index, "class", (str,), "index.class")
+    params = _field(index, "params", (dict,), "index.params", required=False) or {}
+    for key in params:
+        _field(params, key, (int, float, str), f"index.params.{key}")
+    files = _field(manifest, "files", (dict,), "files")
+    for name in (INDEX_FILE, METADATA_FILE):
+        entry = _field(files, name, (dict,), f"files.{name}")
+        _field(entry, "bytes", (int,), f"files.{name}.bytes")
+        _field(entry, "sha256", (str,), f"files.{name}.sha256")
+    labels = _field(manifest, "labels", (dict,), "labels", required=False) or {}
+    for key in labels:
+        _field(labels, key, (int,), f"labels.{key}")
+    _field(manifest, "metric", (str,), "metric", required=False)
+    calibration = _field(manifest, "close_match", (dict, type(None)), "close_match", required=False)
+    if calibration:
+        _field(calibration, "threshold", _NUMBER, "close_match.threshold", required=False)
+
+
+def _read_manifest(path: Path, files: dict[str, Path], verify: bool) -> dict:
+    try:
+        manifest = json.loads(files[MANIFEST_FILE].read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise IndexLoadError(f"corrupt {MANIFEST_FILE} in {path}: {err}") from err
-    for key in ("format_version", "count", "model", "index", "files"):
-        if not isinstance(manifest, dict) or key not in manifest:
-            raise IndexLoadError(f"corrupt {MANIFEST_FILE} in {path}: no {key!r} entry")
+    try:
+        validate_manifest(manifest)
+    except _ManifestError as err:
+        raise IndexLoadError(f"corrupt {MANIFEST_FILE} in {path}: {err}") from None
     if manifest["format_version"] > FORMAT_VERSION:
         raise IndexLoadError(
             f"index {path} has format version {manifest['format_version']}; this code reads up to {FORMAT_VERSION}"
         )
     for name in (INDEX_FILE, METADATA_FILE):
-        expected = manifest["files"].get(name, {})
-        size = (path / name).stat().st_size
-        if size != expected.get("bytes"):
-            raise IndexLoadError(f"corrupt {name} in {path}: {size} bytes, the manifest says {expected.get('bytes')}")
-        if verify and sha256_file(path / name) != expected.get("sha256"):
+        expected = manifest["files"][name]
+        size = files[name].stat().st_size
+        if size != expected["bytes"]:
+            raise IndexLoadError(f"corrupt {name} in {path}: {size} bytes, the manifest says {expected['bytes']}")
+        if verify and sha256_file(files[name]) != expected["sha256"]:
             raise IndexLoadError(f"corrupt {name} in {path}: SHA-256 differs from the manifest")
     return manifest
 
 
+def _check_index(path: Path, index: faiss.Index, manifest: dict, block: int = 1 << 16) -> None:
+    """The FAISS index agrees with the manifest's type, and (cosine) holds finite unit vectors.
+
+    Flat and HNSW vectors are read back exactly and must be unit-norm; other types are checked
+    as far as is cheap: decoded vectors (or, without a direct map, the IVF and PQ centroids) must be finite.
+    """
+    declared = manifest["index"]
+    expected = _INDEX_CLASSES.get(declared["type"], declared["class"])
+    if not type(index).__name__ == declared["class"] == expected:
+        raise IndexLoadError(
+            f"corrupt {MANIFEST_FILE} in {path}: 'index.type' {declared['type']!r} / 'index.class' "
+            f"{declared['class']!r} do not match the FAISS index in {INDEX_FILE} ({type(index).__name__})"
+        )
+    if "cosine" not in manifest.get("metric", "cosine"):
+        return
+    exact = isinstance(index, (faiss.IndexFlat, faiss.IndexHNSWFlat))
+    try:
+        for start in range(0, index.ntotal, block):
+            xb = index.reconstruct_n(start, min(block, index.ntotal - start))
+            bad = ~np.isfinite(xb).all(axis=1)
+            if exact:
+                bad |= np.abs(np.linalg.norm(np.nan_to_num(xb), axis=1) - 1) > UNIT_NORM_TOLERANCE
+            if bad.any():
+                row = start + int(np.flatnonzero(bad)[0])
+                raise IndexLoadError(
+                    f"corrupt {INDEX_FILE} in {path}: {int(bad.sum())} vectors from id {row} are not finite "
+                    "unit vectors, but the metric is cosine"
+                )
+    except RuntimeError:  # an IVF index without a direct map cannot reconstruct
+        ivf = faiss.try_extract_index_ivf(index)
+        parts = []
+        if ivf is not None:
+            parts.append(ivf.quantizer.reconstruct_n(0, ivf.quantizer.ntotal))
+            pq = getattr(faiss.downcast_index(index), "pq", None)
+            if pq is not None:
+                parts.append(faiss.vector_to_array(pq.centroids))
+        if not all(np.isfinite(part).all() for part in parts):
+            raise IndexLoadError(f"corrupt {INDEX_FILE} in {path}: its centroids are not finite") from None
+
+
 def read_directory(
-    path: Union[str, Path], model: Optional[dict] = None, verify: bool = True
+    path: Union[str, Path], model: Optional[dict] = None, verify: bool = True, read_only: bool = False
 ) -> tuple[faiss.Index, pa.Table, dict]:
     """Open an index directory and check it: files present, sizes and checksums, counts, model.
+
+    The directory is untrusted input: an unfinished write is completed only by renaming staged
+    index files inside it, and only when it is writable and ``read_only`` is not set (otherwise
+    the staged files are read where they are and nothing is written).
 
     Args:
         path: the directory.
         model: the ``describe()`` of the model that will query it; must match the manifest.
         verify: check the SHA-256 of the data files against the manifest.
+        read_only: never write to the directory.
 
     Returns:
         ``(index, metadata, manifest)``.
@@ -313,22 +561,28 @@ def read_directory(
     path = Path(path)
     if not path.is_dir():
         raise IndexLoadError(f"index directory not found: {path}")
+    write = not read_only and os.access(path, os.W_OK)
     try:
-        recover(path)
+        if write and (path / JOURNAL_FILE).exists():
+            with index_lock(path):  # roll forward only what no writer is doing right now
+                pending = recover(path)
+        else:
+            pending = recover(path, write=False)
     except OSError as err:
         raise IndexLoadError(f"index {path} has an unfinished write that cannot be completed: {err}") from err
-    missing = [name for name in (INDEX_FILE, METADATA_FILE, MANIFEST_FILE) if not (path / name).is_file()]
+    files = {name: pending.get(name, path / name) for name in COMMIT_FILES}
+    missing = [name for name, file in files.items() if not file.is_file()]
     if missing:
         raise IndexLoadError(f"index {path} is incomplete: missing {', '.join(missing)}")
-    manifest = _read_manifest(path, verify)
+    manifest = _read_manifest(path, files, verify)
     if model is not None:
         check_model(manifest, model, path)
     try:
-        index = faiss.read_index(str(path / INDEX_FILE))
+        index = faiss.read_index(str(files[INDEX_FILE]))
     except RuntimeError as err:
         raise IndexLoadError(f"corrupt {INDEX_FILE} in {path}: {err}") from err
     try:
-        metadata = pq.read_table(path / METADATA_FILE)
+        metadata = pq.read_table(files[METADATA_FILE])
     except (pa.ArrowException, OSError) as err:
         raise IndexLoadError(f"corrupt {METADATA_FILE} in {path}: {err}") from err
     if not METADATA_SCHEMA.equals(metadata.schema, check_metadata=False):
@@ -339,6 +593,7 @@ def read_directory(
             f"index {path} is inconsistent: {index.ntotal} vectors, {metadata.num_rows} metadata rows, "
             f"manifest count {count}"
         )
-    if index.d != manifest["model"].get("embedding_dim"):
+    if index.d != manifest["model"]["embedding_dim"]:
         raise IndexLoadError(f"index {path}: vectors have dim {index.d}, manifest says {manifest['model']}")
+    _check_index(path, index, manifest)
     return index, metadata, manifest

@@ -289,6 +289,24 @@ def test_search_finds_itself(search_app, starter_subset, tmp_path):
     assert np.abs(np.asarray(out.tiles[0][0], int) - np.asarray(images[3], int)).max() <= 1  # undone normalisation
 
 
+def test_page_search_writes_fresh_files_per_response(search_app, tmp_path):
+    """Two identical searches never share (and so never rewrite) a result file: gradio would cache a
+    PIL image under a content hash and rewrite it while an earlier response is still sending it."""
+    import gradio as gr
+
+    path = save(tissue(128), tmp_path / "q.png")
+    first, second = (search_app.search_page(path, 8, app.ANY_LABEL) for _ in range(2))
+    files = [[p for p, _ in out.gallery] + [out.overview] + [p for p, _ in out.tiles] for out in (first, second)]
+    assert all(isinstance(f, str) and Path(f).is_file() for f in files[0] + files[1])
+    assert not set(files[0]) & set(files[1]) and len(set(files[0])) == len(files[0])
+    plain = search_app.search(path, 8, app.ANY_LABEL)
+    assert [c for _, c in first.gallery] == [c for _, c in plain.gallery] and first.table == plain.table
+    assert Image.open(first.gallery[0][0]).size == plain.gallery[0][0].size
+    demo = app.build_demo(search_app)
+    assert {fn.api_name: fn for fn in demo.fns.values()}["search"].fn == search_app.search_page
+    assert isinstance(demo, gr.Blocks)
+
+
 def test_label_filter(search_app, tmp_path):
     path = save(tissue(64), tmp_path / "q.png")
     out = search_app.search(path, 8, "background")

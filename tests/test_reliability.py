@@ -1,0 +1,415 @@
+"""Reliability: untrusted index folders, idempotent appends, concurrent writers, worker clean-up,
+manifest validation, unique result files, pinned model revisions."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from index_build import storage
+from index_build.data import load_image_dataset
+from index_build.embedding import build_index
+from index_build.patch_index import PatchIndex
+from index_build.storage import INDEX_FILE, JOURNAL_FILE, MANIFEST_FILE, METADATA_FILE, IndexLoadError
+from tests.test_index import make_embedder, write_folder
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    torch.set_num_threads(1)
+    return make_embedder()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("data") / "patches", per_class=2)
+
+
+@pytest.fixture(scope="module")
+def built_dir(tmp_path_factory, folder, embedder) -> Path:
+    out = tmp_path_factory.mktemp("built") / "idx"
+    build_index(load_image_dataset(str(folder)), out, embedder, num_workers=0, progress=False, batch_size=8)
+    return out
+
+
+@pytest.fixture()
+def index_dir(built_dir, tmp_path) -> Path:
+    return Path(shutil.copytree(built_dir, tmp_path / "idx"))
+
+
+# -- 1. a commit journal may only rename staged index files inside the folder -----------------
+
+
+@pytest.mark.parametrize(
+    "renames",
+    [
+        [["payload.txt", "{victim}"]],
+        [["{secret}", "stolen.txt"]],
+        [[".index.faiss.tmp-1", "../victim.txt"]],
+        [[".index.faiss.tmp-1", "sub/index.faiss"]],
+        [["payload.txt", "index.faiss"]],
+        [[".notes.tmp-1", "notes"]],
+        [[".metadata.parquet.tmp-1", "index.faiss"]],
+        [["../payload.txt", "manifest.json"]],
+        "not a list",
+        [["only one"]],
+    ],
+)
+def test_malicious_journal_is_refused(index_dir, tmp_path, renames):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("secret")
+    (index_dir / "payload.txt").write_text("evil")
+    if isinstance(renames, list):
+        renames = [[part.format(victim=victim, secret=secret) for part in entry] for entry in renames]
+    (index_dir / JOURNAL_FILE).write_text(json.dumps({"renames": renames}))
+    before = sorted(p.name for p in index_dir.iterdir())
+    with pytest.raises(IndexLoadError, match="journal"):
+        PatchIndex.load(index_dir)
+    assert victim.read_text() == "precious" and secret.read_text() == "secret"
+    assert sorted(p.name for p in index_dir.iterdir()) == before
+
+
+def test_journal_symlink_pointing_out_is_refused(index_dir, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("secret")
+    staged = index_dir / ".index.faiss.tmp-7"
+    staged.symlink_to(secret)
+    (index_dir / JOURNAL_FILE).write_text(json.dumps({"renames": [[staged.name, INDEX_FILE]]}))
+    with pytest.raises(IndexLoadError, match="not a regular file"):
+        PatchIndex.load(index_dir)
+    assert staged.is_symlink() and secret.read_text() == "secret"
+
+
+def _interrupted_commit(index_dir: Path, embedder) -> None:
+    """Leave ``index_dir`` as a crash after writing the journal of an add (no rename done)."""
+    index = PatchIndex.load(index_dir, embedder)
+    real_replace = os.replace
+
+    def crash(src, dst):
+        if Path(dst).name in (INDEX_FILE, METADATA_FILE, MANIFEST_FILE):
+            raise OSError("power cut")
+        return real_replace(src, dst)
+
+    storage.os.replace = crash
+    try:
+        with pytest.raises(OSError, match="power cut"):
+            index.add_embeddings(np.ones((1, index.dim), np.float32), ["x"], ["x.png"], [b""])
+    finally:
+        storage.os.replace = real_replace
+    assert (index_dir / JOURNAL_FILE).exists()
+
+
+def test_read_only_load_writes_nothing(index_dir, embedder):
+    _interrupted_commit(index_dir, embedder)
+    snapshot = {p.name: p.read_bytes() for p in index_dir.iterdir()}
+    loaded = PatchIndex.load(index_dir, embedder, read_only=True)
+    assert len(loaded) == 7  # the committed (journalled) state is read where it lies
+    assert {p.name: p.read_bytes() for p in index_dir.iterdir()} == snapshot
+    if os.geteuid() != 0:  # a folder without write permission is read the same way
+        index_dir.chmod(0o555)
+        try:
+            assert len(PatchIndex.load(index_dir, embedder)) == 7
+        finally:
+            index_dir.chmod(0o755)
+        assert {p.name: p.read_bytes() for p in index_dir.iterdir()} == snapshot
+    assert len(PatchIndex.load(index_dir, embedder)) == 7  # writable: rolled forward
+    assert not (index_dir / JOURNAL_FILE).exists()
+
+
+# -- 2. appends are idempotent ------------------------------------------------------------------
+
+
+def _append(folder: Path, out: Path, embedder) -> PatchIndex:
+    return build_index(
+        load_image_dataset(str(folder)), out, embedder, append=True, num_workers=0, progress=False, batch_size=8
+    )
+
+
+def test_append_twice_adds_once(index_dir, tmp_path, embedder, caplog):
+    extra = write_folder(tmp_path / "extra", per_class=1, size=40)
+    assert len(_append(extra, index_dir, embedder)) == 9
+    caplog.set_level("INFO", logger="index_build.patch_index")
+    assert len(_append(extra, index_dir, embedder)) == 9
+    assert "skipped 3 of 3 rows already in" in caplog.text
+    assert PatchIndex.load(index_dir).manifest["count"] == 9
+
+
+def test_append_killed_after_commit_is_not_repeated(index_dir, tmp_path, embedder, monkeypatch):
+    extra = write_folder(tmp_path / "extra", per_class=1, size=40)
+    real_rmtree = shutil.rmtree
+
+    def killed(path, *args, **kwargs):  # the process dies after the commit, before removing .partial-append
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("index_build.embedding.shutil.rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _append(extra, index_dir, embedder)
+    monkeypatch.setattr("index_build.embedding.shutil.rmtree", real_rmtree)
+    assert (index_dir / ".partial-append").is_dir() and len(PatchIndex.load(index_dir)) == 9
+    assert len(_append(extra, index_dir, embedder)) == 9
+    assert not (index_dir / ".partial-append").exists()
+
+
+# -- 3. concurrent writers ------------------------------------------------------------------------
+
+WRITER = """
+import sys, time
+from pathlib import Path
+import numpy as np
+from index_build.patch_index import PatchIndex
+
+path, name, go = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+index = PatchIndex.load(path)  # both writers load the same (soon stale) state
+(path.parent / f"ready-{name}").touch()
+while not go.exists():
+    time.sleep(0.01)
+rng = np.random.default_rng(abs(hash(name)) % 1000)
+for i in range(12):
+    index.add_embeddings(rng.normal(size=(1, index.dim)), [name], [f"{name}:{i}"], [b""])
+"""
+
+
+def test_two_processes_adding_keep_every_row(index_dir, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    go = tmp_path / "go"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(index_dir), name, str(go)], env=env) for name in ("a", "b")
+    ]
+    deadline = time.time() + 120
+    while not all((tmp_path / f"ready-{n}").exists() for n in "ab") and time.time() < deadline:
+        time.sleep(0.05)
+    go.touch()
+    assert [p.wait(timeout=180) for p in procs] == [0, 0]
+    loaded = PatchIndex.load(index_dir)
+    assert len(loaded) == 6 + 24 and loaded.manifest["count"] == 30
+    assert sorted(loaded.sources[6:]) == sorted(f"{n}:{i}" for n in "ab" for i in range(12))
+
+
+def test_second_writer_times_out_with_a_clear_error(index_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from index_build.storage import IndexBusyError, index_lock
+
+    index = PatchIndex.load(index_dir)
+    with ThreadPoolExecutor(1) as pool, index_lock(index_dir):  # held by this thread; another one waits
+
+        def add():
+            with index_lock(index_dir, timeout=0.2):
+                pass
+
+        with pytest.raises(IndexBusyError, match="another process is writing"):
+            pool.submit(add).result()
+    assert len(index.add_embeddings(np.ones((1, index.dim)), ["x"], ["x"], [b""])) == 1
+
+
+def test_app_started_before_the_personal_gallery_existed_can_add(built_dir, tmp_path, embedder):
+    from PIL import Image
+
+    from index_build.galleries import Galleries
+
+    main = PatchIndex.load(built_dir, embedder)
+    first, second = (Galleries(embedder, main, tmp_path / "personal") for _ in range(2))
+    image = Image.new("RGB", (64, 64), (10, 200, 30))
+    assert first.add([image], ["mine"], ["a.png"]) == 1
+    assert second.add([image], ["mine"], ["b.png"]) == 2  # was: "an index already exists ..."
+    assert first.add([image], ["mine"], ["c.png"]) == 3  # appends to what the other server wrote
+    assert PatchIndex.load(tmp_path / "personal").sources == ["a.png", "b.png", "c.png"]
+
+
+# -- 4. DataLoader workers die with their parent -----------------------------------------------------
+
+linux_only = pytest.mark.skipif(not os.sys.platform.startswith("linux"), reason="prctl is Linux only")
+
+
+def _pdeathsig_after_init(queue) -> None:
+    import ctypes
+
+    from index_build.embedding import die_with_parent
+
+    die_with_parent(0, parent=os.getppid())
+    value = ctypes.c_int(-1)
+    ctypes.CDLL(None).prctl(2, ctypes.byref(value), 0, 0, 0)  # PR_GET_PDEATHSIG
+    queue.put(value.value)
+
+
+@linux_only
+def test_worker_init_sets_pdeathsig():
+    import multiprocessing
+    import signal
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_pdeathsig_after_init, args=(queue,))
+    child.start()
+    assert queue.get(timeout=30) == signal.SIGKILL
+    child.join(timeout=30)
+    assert child.exitcode == 0
+
+
+KILLED_BUILD = """
+import sys, time
+import torch
+from index_build import embedding
+
+class Slow(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+    def __getitem__(self, i):
+        import os
+        print(os.getpid(), flush=True)
+        time.sleep(600)
+        return i
+
+loader = torch.utils.data.DataLoader(Slow(), num_workers=1, worker_init_fn=embedding.die_with_parent)
+next(iter(loader))
+"""
+
+
+@linux_only
+def test_worker_dies_when_the_build_is_killed():
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    parent = subprocess.Popen([sys.executable, "-c", KILLED_BUILD], env=env, stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait(timeout=30)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        status = Path(f"/proc/{worker}/status")
+        if not status.exists() or "\nState:\tZ" in status.read_text():  # gone, or dead and not yet reaped
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the DataLoader worker outlived its killed parent")
+
+
+# -- 5. manifest types and vectors are checked on load ----------------------------------------------
+
+
+def _edit_manifest(index_dir: Path, edit) -> None:
+    manifest = json.loads((index_dir / MANIFEST_FILE).read_text())
+    edit(manifest)
+    (index_dir / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda m: m.update(format_version="1"), "format_version"),
+        (lambda m: m.update(format_version=True), "format_version"),
+        (lambda m: m.update(files=[]), "files"),
+        (lambda m: m["files"].pop("index.faiss"), "files.index.faiss"),
+        (lambda m: m["files"]["metadata.parquet"].update(bytes="12"), "files.metadata.parquet.bytes"),
+        (lambda m: m.update(model="default"), "model"),
+        (lambda m: m["model"].update(embedding_dim=64.0), "model.embedding_dim"),
+        (lambda m: m.update(index={}), "index.type"),
+        (lambda m: m["index"].update(type="bogus"), "index.type"),
+        (lambda m: m["index"].update(params=[]), "index.params"),
+        (lambda m: m["index"].update(type="hnsw"), "index.type"),
+        (lambda m: m["index"].update(type="hnsw", **{"class": "IndexHNSWFlat"}), "index.type"),
+        (lambda m: m.update(count=None), "count"),
+        (lambda m: m.pop("count"), "count"),
+        (lambda m: m.update(labels=[]), "labels"),
+        (lambda m: m.update(close_match={"threshold": "high"}), "close_match.threshold"),
+        (lambda m: m.clear(), "format_version"),
+    ],
+)
+def test_bad_manifest_is_an_index_load_error(index_dir, edit, field):
+    _edit_manifest(index_dir, edit)
+    with pytest.raises(IndexLoadError, match=f"manifest.json.*'{field}'"):
+        PatchIndex.load(index_dir)
+
+
+def _tamper_vectors(index_dir: Path, change) -> None:
+    """Rewrite index.faiss with changed vectors and make the manifest's sizes and checksums agree."""
+    import faiss
+
+    index = faiss.read_index(str(index_dir / INDEX_FILE))
+    xb = change(index.reconstruct_n(0, index.ntotal))
+    tampered = faiss.IndexFlatIP(index.d)
+    tampered.add(np.ascontiguousarray(xb, dtype=np.float32))
+    faiss.write_index(tampered, str(index_dir / INDEX_FILE))
+    entry = {"bytes": (index_dir / INDEX_FILE).stat().st_size, "sha256": storage.sha256_file(index_dir / INDEX_FILE)}
+    _edit_manifest(index_dir, lambda m: m["files"].update({INDEX_FILE: entry}))
+
+
+def _with_nan(xb):
+    xb[2, 3] = np.nan
+    return xb
+
+
+@pytest.mark.parametrize("change", [_with_nan, lambda xb: xb * 100, lambda xb: np.zeros_like(xb)])
+def test_vectors_that_are_not_unit_vectors_are_refused(index_dir, change):
+    _tamper_vectors(index_dir, change)
+    with pytest.raises(IndexLoadError, match="not finite unit vectors"):
+        PatchIndex.load(index_dir)
+
+
+def test_app_prints_one_error_line_for_a_bad_manifest(index_dir, tmp_path, capsys, monkeypatch):
+    import app
+
+    _edit_manifest(index_dir, lambda m: m.update(model="default"))
+    monkeypatch.setattr("index_build.models.load_model", lambda *args, **kwargs: make_embedder())
+    assert app.main(["--index", str(index_dir), "--data-dir", str(tmp_path / "data")]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "'model' must be an object, got a string" in errors[0] and "Traceback" not in err
+
+
+# -- 7. remote model code runs at a pinned revision ------------------------------------------------------
+
+
+def test_app_loads_the_model_commit_the_index_records(tmp_path, monkeypatch):
+    import app
+    from index_build.models import Embedder
+
+    tiny = make_embedder()
+    hub = Embedder(model=tiny.model, processor=tiny.processor, model_id="org/lgffem", revision="0123abcd")
+    folder = write_folder(tmp_path / "patches", per_class=1)
+    build_index(load_image_dataset(str(folder)), tmp_path / "idx", hub, num_workers=0, progress=False)
+    assert json.loads((tmp_path / "idx" / MANIFEST_FILE).read_text())["model"]["revision"] == "0123abcd"
+    asked = []
+
+    def fake_load_model(model=None, device=None, revision=None):
+        asked.append((model, revision))
+        return hub
+
+    monkeypatch.setattr("index_build.models.load_model", fake_load_model)
+    monkeypatch.delenv("LGFFEM_MODEL_REVISION", raising=False)
+    common = ["--model", "org/lgffem", "--index", str(tmp_path / "idx"), "--data-dir", str(tmp_path / "data")]
+    args = app.parse_args(common)
+    app.SearchApp.create(model=args.model, index=args.index, data_dir=args.data_dir, model_revision=args.model_revision)
+    args = app.parse_args([*common, "--model-revision", "v2"])
+    app.SearchApp.create(model=args.model, index=args.index, data_dir=args.data_dir, model_revision=args.model_revision)
+    monkeypatch.setenv("LGFFEM_MODEL_REVISION", "v3")
+    args = app.parse_args(common)
+    app.SearchApp.create(model=args.model, index=args.index, data_dir=args.data_dir, model_revision=args.model_revision)
+    assert asked == [("org/lgffem", "0123abcd"), ("org/lgffem", "v2"), ("org/lgffem", "v3")]
+
+
+def test_cli_model_revision_option_and_env(monkeypatch):
+    from index_build.__main__ import build_parser
+    from index_build.evaluate import build_parser as evaluate_parser
+
+    monkeypatch.delenv("LGFFEM_MODEL_REVISION", raising=False)
+    assert build_parser().parse_args(["src", "--out", "o", "--model-revision", "abc"]).model_revision == "abc"
+    monkeypatch.setenv("LGFFEM_MODEL_REVISION", "def")
+    assert build_parser().parse_args(["src", "--out", "o"]).model_revision == "def"
+    assert evaluate_parser().parse_args(["--gallery", "g"]).model_revision == "def"
