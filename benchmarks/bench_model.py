@@ -5,7 +5,7 @@ configuration, same weights). Every variant is timed interleaved with the others
 (round-robin over repetitions, median taken), so a busy shared machine slows all of them alike.
 
 Variants:
-    reference      permute-based LayerNorm and the literal gate formula (``LayerNorm2d.reference``)
+    reference      the neck written straight from the specification (``tests/reference_lgffem.py``)
     fast           the default code path, NCHW (contiguous) tensors
     channels_last  the default code path with model and input in ``torch.channels_last``
     compile        ``torch.compile`` of the channels_last model (optional, slow to compile)
@@ -25,16 +25,18 @@ import logging
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from modeling_lgffem import LayerNorm2d, LgffemConfig, LgffemModel  # noqa: E402
+import reference_lgffem  # noqa: E402  (the neck written straight from the specification)
+
+from modeling_lgffem import LgffemConfig, LgffemModel  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +51,7 @@ def build_model(name: str, seed: int = 0) -> LgffemModel:
     """A seeded model of a named configuration (random backbone: speed does not depend on weights)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return LgffemModel(LgffemConfig(**CONFIGS[name], backbone_weights=None)).eval()
+        return LgffemModel(LgffemConfig(**CONFIGS[name])).eval()
 
 
 def count_gflop(fn: Callable[[], object]) -> float:
@@ -58,17 +60,6 @@ def count_gflop(fn: Callable[[], object]) -> float:
     with counter, torch.inference_mode():
         fn()
     return counter.get_total_flops() / 1e9
-
-
-@contextmanager
-def reference_path(enabled: bool) -> Iterator[None]:
-    """Switch LayerNorm2d and the gates to the straightforward reference form."""
-    old = LayerNorm2d.reference
-    LayerNorm2d.reference = enabled
-    try:
-        yield
-    finally:
-        LayerNorm2d.reference = old
 
 
 class Variant:
@@ -81,6 +72,8 @@ class Variant:
         self.model = copy.deepcopy(model).to(memory_format=torch.channels_last) if cl else model
         self.x = x.contiguous(memory_format=torch.channels_last) if cl else x.contiguous()
         self.whole: Callable[[torch.Tensor], object] = self.model
+        if self.reference:
+            self.whole = lambda x: reference_lgffem.embed(self.model, x)
         self.backbone: Callable[[torch.Tensor], object] = self.model.backbone
         if name == "compile":
             self.whole = torch.compile(self.model)
@@ -89,7 +82,7 @@ class Variant:
     def run(self, part: str) -> float:
         """Seconds for one forward pass of ``part`` ("whole" or "backbone")."""
         fn = self.whole if part == "whole" else self.backbone
-        with reference_path(self.reference), torch.inference_mode():
+        with torch.inference_mode():
             start = time.perf_counter()
             fn(self.x)
             return time.perf_counter() - start
@@ -100,9 +93,8 @@ def bench_config(name: str, variants: list[str], batch: int, iters: int, warmup:
     model = build_model(name)
     size = model.config.image_size
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
-    with reference_path(False):
-        gflop_whole = count_gflop(lambda: model(x[:1]))
-        gflop_backbone = count_gflop(lambda: model.backbone(x[:1]))
+    gflop_whole = count_gflop(lambda: model(x[:1]))
+    gflop_backbone = count_gflop(lambda: model.backbone(x[:1]))
     runs = [Variant(v, model, x) for v in variants]
     times: dict[tuple[str, str], list[float]] = {(v.name, p): [] for v in runs for p in ("backbone", "whole")}
     for v in runs:  # warm-up (and compilation)
@@ -141,12 +133,10 @@ def check_outputs(name: str) -> float:
     size = model.config.image_size
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
-        with reference_path(True):
-            ref = model(x, normalize=False).embeddings
-        with reference_path(False):
-            fast = model.to(memory_format=torch.channels_last)(
-                x.contiguous(memory_format=torch.channels_last), normalize=False
-            ).embeddings
+        ref = reference_lgffem.embed(model, x)
+        fast = model.to(memory_format=torch.channels_last)(
+            x.contiguous(memory_format=torch.channels_last), normalize=False
+        ).embeddings
     return float((ref - fast).abs().max() / ref.abs().max())
 
 

@@ -55,7 +55,6 @@ def main() -> None:
             out_indices=(0, 1, 2, 3),
             neck_channels=512,
             neck_layers=3,
-            backbone_weights=None,
             image_mean=(0.485, 0.456, 0.406),
             image_std=(0.229, 0.224, 0.225),
         )

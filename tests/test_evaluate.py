@@ -124,7 +124,7 @@ def test_format_table():
 @pytest.fixture(scope="module")
 def tiny_embedder() -> Embedder:
     torch.set_num_threads(2)
-    config = LgffemConfig(neck_channels=16, neck_layers=1, image_size=64, backbone_weights=None)
+    config = LgffemConfig(neck_channels=16, neck_layers=1, image_size=64)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = LgffemModel(config).eval()

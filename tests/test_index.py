@@ -34,7 +34,7 @@ COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
 
 
 def make_embedder(neck_channels: int = 16, seed: int = 0) -> Embedder:
-    config = LgffemConfig(neck_channels=neck_channels, neck_layers=1, image_size=64, backbone_weights=None)
+    config = LgffemConfig(neck_channels=neck_channels, neck_layers=1, image_size=64)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LgffemModel(config).eval()

@@ -24,7 +24,7 @@ COMMON = ["--num-workers", "0", "--no-progress", "--batch-size", "4"]
 def model_dir(tmp_path_factory) -> str:
     """A tiny random LGFFEM saved as a model folder (what --model takes)."""
     torch.set_num_threads(2)
-    config = LgffemConfig(neck_channels=16, neck_layers=1, image_size=64, backbone_weights=None)
+    config = LgffemConfig(neck_channels=16, neck_layers=1, image_size=64)
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model")
     LgffemModel(config).save_pretrained(path)

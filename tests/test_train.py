@@ -244,7 +244,7 @@ def test_tiny_training_run_learns(trained):
     from modeling_lgffem import LgffemConfig, LgffemModel
 
     torch.manual_seed(0)
-    start = LgffemModel(LgffemConfig(**{**TINY, "backbone_weights": None}))
+    start = LgffemModel(LgffemConfig(**{k: v for k, v in TINY.items() if k != "backbone_weights"}))
     for name, tensor in start.backbone.state_dict().items():
         torch.testing.assert_close(result.model.backbone.state_dict()[name], tensor, rtol=0, atol=0)
     assert not torch.equal(start.neck.proj[0][0].weight, result.model.neck.proj[0][0].weight)

@@ -117,8 +117,9 @@ def model_card(
         ("loss", f"Sub-center ArcFace: margin {cfg.margin}°, scale {cfg.scale}, {cfg.sub_centers} sub-centres"),
         (
             "generality",
-            f"relational distillation from the backbone's GAP descriptor, weight {cfg.distill_weight}, "
-            f"temperature {cfg.distill_temperature}"
+            f"relational distillation ({cfg.distill_mode}) from the backbone's GAP descriptor, "
+            f"weight {cfg.distill_weight}"
+            + (f", temperature {cfg.distill_temperature}" if cfg.distill_mode == "kl" else "")
             if cfg.distill_weight > 0
             else "none (class loss only)",
         ),

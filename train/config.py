@@ -65,6 +65,7 @@ TRAJECTORY_FIELDS = (
     "feature_cache_dtype",
     "distill_weight",
     "distill_temperature",
+    "distill_mode",
 )
 
 
@@ -106,6 +107,7 @@ class TrainConfig:
     # generality: relational distillation from the bare backbone's GAP descriptor (0 = off)
     distill_weight: float = 0.0
     distill_temperature: float = 0.05
+    distill_mode: str = "kl"
     # optimisation
     epochs: int = 30
     batch_size: int = 32
@@ -182,6 +184,8 @@ class TrainConfig:
             )
         if self.distill_weight < 0:
             raise ValueError(f"distill_weight must be >= 0, got {self.distill_weight}")
+        if self.distill_mode not in ("kl", "mse"):
+            raise ValueError(f"distill_mode must be 'kl' or 'mse', got {self.distill_mode!r}")
         if not self.distill_temperature > 0:
             raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -288,7 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=default("distill_weight"),
         help="weight of the relational distillation from the backbone's GAP descriptor (0 = off)",
     )
-    g.add_argument("--distill-temperature", type=float, default=default("distill_temperature"))
+    g.add_argument("--distill-temperature", type=float, default=default("distill_temperature"), help="kl mode")
+    g.add_argument(
+        "--distill-mode",
+        choices=("kl", "mse"),
+        default=default("distill_mode"),
+        help="kl: match in-batch neighbour distributions; mse: match the cosine similarities themselves",
+    )
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=default("epochs"))

@@ -47,7 +47,9 @@ def export(model_dir: Path, out: Path = models.DEFAULT_WEIGHTS, models_py: Optio
             raise AssertionError(f"{out} does not rebuild {key}")
     models_py = models_py or Path(models.__file__)
     text = models_py.read_text()
-    new_text, count = re.subn(r'DEFAULT_WEIGHTS_SHA256 = "[^"]*"', f'DEFAULT_WEIGHTS_SHA256 = "{digest}"', text)
+    new_text, count = re.subn(
+        r"^DEFAULT_WEIGHTS_SHA256 = .*$", f'DEFAULT_WEIGHTS_SHA256 = "{digest}"', text, flags=re.M
+    )
     if count != 1:
         raise ValueError(f"{models_py}: no single DEFAULT_WEIGHTS_SHA256 assignment to update")
     models_py.write_text(new_text)

@@ -175,6 +175,7 @@ class FeatureCache:
             shuffle=False,
             num_workers=num_workers,
             pin_memory=device.type == "cuda",
+            worker_init_fn=_worker_init,
         )
         done = 0
         bar = tqdm(total=len(pairs), desc="backbone features", disable=not progress, dynamic_ncols=True, leave=False)
@@ -189,6 +190,13 @@ class FeatureCache:
             done += len(pixels)
             bar.update(len(pixels))
         bar.close()
+
+
+def _worker_init(worker_id: int) -> None:
+    from index_build.embedding import die_with_parent
+
+    torch.set_num_threads(1)
+    die_with_parent(worker_id)
 
 
 def gap_descriptor(maps: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -502,7 +502,9 @@ def train(cfg: TrainConfig, train_dataset=None, eval_gallery=None, eval_queries=
             embeddings, teacher = embed_batch(batch, views)
             loss = loss_fn(embeddings, labels)
             if teacher is not None:
-                loss = loss + cfg.distill_weight * relational_distillation(embeddings, teacher, cfg.distill_temperature)
+                loss = loss + cfg.distill_weight * relational_distillation(
+                    embeddings, teacher, cfg.distill_temperature, cfg.distill_mode
+                )
             optimizer.zero_grad(set_to_none=True)
             loss_optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
@@ -600,7 +602,11 @@ class IndexDataset(torch.utils.data.Dataset):
 
 def _worker_init(worker_id: int) -> None:
     # Each DataLoader worker decodes and augments; one thread each leaves the cores to the model.
+    # A worker dies with the trainer, even when the trainer is killed.
+    from index_build.embedding import die_with_parent
+
     torch.set_num_threads(1)
+    die_with_parent(worker_id)
 
 
 def _eval_columns(metrics: dict, k: int) -> dict:

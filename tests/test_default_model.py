@@ -1,0 +1,124 @@
+"""The shipped default model: its weights file, what it loads into, and what its scores mean."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from index_build import models
+from modeling_lgffem import LgffemConfig, LgffemModel
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_data = pytest.mark.skipif(not (DATA / "lc25000_lung").is_dir(), reason="needs ../shared/data")
+
+
+@pytest.fixture(scope="module")
+def default():
+    return models.default_model()
+
+
+def test_shipped_file_is_the_recorded_one_and_small():
+    assert models.DEFAULT_WEIGHTS.is_file()
+    assert models.file_sha256(models.DEFAULT_WEIGHTS) == models.DEFAULT_WEIGHTS_SHA256
+    assert models.DEFAULT_WEIGHTS.stat().st_size <= 5_000_000
+    assert (models.DEFAULT_WEIGHTS.parent / "README.md").is_file()  # the model card
+
+
+def test_shipped_file_loads_into_exactly_the_declared_architecture(default):
+    from safetensors import safe_open
+
+    with safe_open(str(models.DEFAULT_WEIGHTS), framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert json.loads(meta["config"]) == {k: getattr(LgffemConfig(), k) for k in models._ARCH_KEYS}
+    expected = {k for k in LgffemModel(LgffemConfig()).state_dict() if not k.startswith("backbone.")}
+    assert keys == expected
+    trained = sum(default.state_dict()[k].numel() for k in keys)
+    assert 900_000 < trained < 1_100_000  # neck 842,116 + head 133,124 parameters, plus BatchNorm buffers
+    # the backbone is the PyPI package's ImageNet Lite0, untouched
+    untrained = models.untrained_model()
+    for key, value in untrained.backbone.state_dict().items():
+        assert torch.equal(default.backbone.state_dict()[key], value), key
+    # the neck and head are trained: not the seeded initialisation
+    assert not torch.equal(default.neck.proj[0][0].weight, untrained.neck.proj[0][0].weight)
+
+
+def test_a_changed_file_is_refused(tmp_path, monkeypatch):
+    copy = tmp_path / "lgffem-default.safetensors"
+    data = bytearray(models.DEFAULT_WEIGHTS.read_bytes())
+    data[-1] ^= 1
+    copy.write_bytes(bytes(data))
+    monkeypatch.setattr(models, "DEFAULT_WEIGHTS", copy)
+    with pytest.raises(ValueError, match="SHA-256"):
+        models.default_model()
+    copy.unlink()
+    with pytest.raises(FileNotFoundError, match="make model"):
+        models.default_model()
+
+
+def test_load_model_names(default):
+    assert models.load_model("default", device="cpu").fingerprint == models.state_fingerprint(default)
+    untrained = models.load_model("untrained", device="cpu")
+    assert untrained.model_id == "untrained"
+    assert untrained.fingerprint == models.state_fingerprint(models.untrained_model())
+    assert untrained.fingerprint != models.state_fingerprint(default)
+
+
+def test_save_pretrained_of_the_default_is_a_complete_hub_folder(default, tmp_path):
+    default.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "modeling_lgffem.py",
+    }
+    loaded = LgffemModel.from_pretrained(tmp_path)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x).embeddings, default(x).embeddings, rtol=0, atol=1e-6)
+
+
+def _crops(seed: int = 0, per_image: int = 5) -> list[Image.Image]:
+    """Random square crops of skimage's photographs (no tissue), resized to 224 px."""
+    import skimage.data as sd
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "camera", "coins", "brick"):
+        image = Image.fromarray(getattr(sd, name)()).convert("RGB")
+        w, h = image.size
+        for _ in range(per_image):
+            side = int(rng.integers(min(w, h) // 4, min(w, h) // 2 + 1))
+            x0, y0 = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+            out.append(image.crop((x0, y0, x0 + side, y0 + side)).resize((224, 224)))
+    return out
+
+
+def _files(folder: Path, every: int) -> list[Path]:
+    return sorted(p for p in folder.rglob("*.jpg"))[::every]
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """P(a positive scores above a negative), ties counting half."""
+    greater = (positive[:, None] > negative[None, :]).mean()
+    ties = (positive[:, None] == negative[None, :]).mean()
+    return float(greater + 0.5 * ties)
+
+
+@needs_data
+def test_top1_similarity_separates_tissue_queries_from_photographs(default):
+    """In-domain queries (never trained on) against a third of the lung and colon galleries vs crops
+    of photographs: the best similarity tells them apart (AUROC >= 0.95)."""
+    embedder = models.Embedder(model=default, processor=models.LgffemImageProcessor.from_config(default.config))
+    gallery = _files(DATA / "lc25000_lung" / "gallery", 3) + _files(DATA / "lc25000_colon" / "gallery", 3)
+    queries = _files(DATA / "lc25000_lung" / "query", 9) + _files(DATA / "lc25000_colon" / "query", 4)
+    xb = embedder.embed_images([Image.open(p) for p in gallery])
+    xq = embedder.embed_images([Image.open(p) for p in queries])
+    xo = embedder.embed_images(_crops())
+    top_in, top_out = (xq @ xb.T).max(axis=1), (xo @ xb.T).max(axis=1)
+    assert len(top_in) == 100 and len(top_out) == 40
+    assert auroc(top_in, top_out) >= 0.95
