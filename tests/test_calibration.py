@@ -54,7 +54,9 @@ def test_index_records_the_threshold_and_search_reports_close_match(tmp_path, ti
     from index_build.storage import metadata_table
 
     rng = np.random.default_rng(2)
-    xb = unit(rng.normal(size=(30, tiny_embedder.dim)))
+    centre = np.zeros(tiny_embedder.dim)
+    centre[0] = 3.0
+    xb = unit(centre + rng.normal(size=(30, tiny_embedder.dim)))  # one cluster: the opposite direction is far
     meta = metadata_table(np.arange(30), ["a"] * 15 + ["b"] * 15, [f"s{i}" for i in range(30)], [b""] * 30)
     assert isinstance(meta, pa.Table)
     written = write_index(tmp_path / "idx", xb, meta, tiny_embedder)

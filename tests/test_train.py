@@ -435,8 +435,14 @@ def test_relational_distillation_is_zero_for_the_teacher_and_positive_otherwise(
 
     gen = torch.Generator().manual_seed(0)
     teacher = torch.randn(6, 5, generator=gen)
-    assert relational_distillation(teacher * 3.0, teacher, 0.1).item() == pytest.approx(0.0, abs=1e-6)
-    assert relational_distillation(torch.randn(6, 8, generator=gen), teacher, 0.1).item() > 0.01
+    for mode in ("kl", "mse"):
+        assert relational_distillation(teacher * 3.0, teacher, 0.1, mode).item() == pytest.approx(0.0, abs=1e-6)
+        assert relational_distillation(torch.randn(6, 8, generator=gen), teacher, 0.1, mode).item() > 0.01
+    # mse: the mean squared difference of the off-diagonal cosines; two orthogonal vs two equal -> 1
+    pair = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert relational_distillation(pair, torch.tensor([[1.0, 0.0], [1.0, 0.0]]), 0.1, "mse").item() == 1.0
+    with pytest.raises(ValueError, match="'kl' or 'mse'"):
+        relational_distillation(pair, pair, 0.1, "l1")
 
 
 def test_several_datasets_are_concatenated_with_their_class_names(tmp_path):

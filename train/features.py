@@ -205,17 +205,25 @@ def gap_descriptor(maps: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.nn.functional.normalize(maps[-1].float().mean(dim=(2, 3)), dim=1)
 
 
-def relational_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """KL divergence between the teacher's and the student's in-batch neighbour distributions.
+def relational_distillation(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, mode: str = "kl"
+) -> torch.Tensor:
+    """How far the student's in-batch similarity structure is from the teacher's.
 
-    For each image, ``softmax(cos(anchor, others) / temperature)`` over the other images of the
-    batch is computed from both descriptors; the loss is the mean KL(teacher || student). It
-    keeps the student's neighbourhoods close to the generic backbone's, which holds the
-    embedding general while the class loss separates the classes.
+    ``mode="kl"``: for each image, ``softmax(cos(anchor, others) / temperature)`` over the other
+    images of the batch is computed from both descriptors; the loss is the mean
+    KL(teacher || student) (neighbourhoods only). ``mode="mse"``: the mean squared difference of
+    the two cosine-similarity matrices off the diagonal (the similarity values themselves).
+    Either keeps the student close to the generic backbone, which holds the embedding general
+    while the class loss separates the classes.
     """
     s = torch.nn.functional.normalize(student.float(), dim=1)
     t = torch.nn.functional.normalize(teacher.float(), dim=1)
     eye = torch.eye(len(s), dtype=torch.bool, device=s.device)
+    if mode == "mse":
+        return ((s @ s.T - t @ t.T)[~eye] ** 2).mean()
+    if mode != "kl":
+        raise ValueError(f"distillation mode must be 'kl' or 'mse', got {mode!r}")
     log_s = torch.log_softmax((s @ s.T / temperature).masked_fill(eye, -1e4), dim=1)
     log_t = torch.log_softmax((t @ t.T / temperature).masked_fill(eye, -1e4), dim=1)
     return torch.nn.functional.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
