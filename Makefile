@@ -16,12 +16,12 @@ app: $(STAMP)
 	$(PY) app.py $(ARGS)
 
 # Re-create the shipped default model (weights/lgffem-default.safetensors) from ../shared/data:
-# the recipe of weights/README.md on the LC25000 lung + colon galleries (about 40 min on 2 CPU cores).
+# the recipe of weights/README.md on the LC25000 lung + colon galleries (about 70 min on 2 CPU cores).
 DATA ?= ../shared/data
 MODEL_OUT ?= artifacts/default-model
 model: $(STAMP)
 	$(PY) -m train --dataset $(DATA)/lc25000_lung/gallery $(DATA)/lc25000_colon/gallery \
-	  --epochs 5 --t0 5 --distill-mode mse --distill-weight 100 --threads 2 \
+	  --epochs 10 --t0 10 --distill-mode mse --distill-weight 1000 --threads 2 \
 	  --output-dir $(MODEL_OUT) --checkpoint-dir $(MODEL_OUT)-checkpoints \
 	  --model-name lgffem-lite0-lc25000 --license other --tags lc25000 lung colon $(ARGS)
 	$(PY) -m train.export_default $(MODEL_OUT)

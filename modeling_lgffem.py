@@ -14,8 +14,9 @@ be uploaded to the Hugging Face Hub next to the weights and loaded with
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 import timm
@@ -633,7 +634,7 @@ class LgffemModel(LgffemPreTrainedModel):
         self.eval()
 
     @classmethod
-    def from_backbone_weights(cls, config: LgffemConfig, source: Optional[str] = EFFICIENTNET_LITE) -> "LgffemModel":
+    def from_backbone_weights(cls, config: LgffemConfig, source: Optional[str] = EFFICIENTNET_LITE) -> LgffemModel:
         """A fresh model (neck and head newly initialised) on a pretrained backbone.
 
         Args:
@@ -650,7 +651,7 @@ class LgffemModel(LgffemPreTrainedModel):
         super().save_pretrained(save_directory, *args, **kwargs)
         LgffemImageProcessor.from_config(self.config).save_pretrained(save_directory)
 
-    def train(self, mode: bool = True) -> "LgffemModel":
+    def train(self, mode: bool = True) -> LgffemModel:
         """Set train mode for neck and head; the frozen backbone stays in eval mode."""
         super().train(mode)
         self.backbone.eval()
@@ -771,7 +772,7 @@ class LgffemImageProcessor(BaseImageProcessor):
         self.image_std = [float(v) for v in image_std]
 
     @classmethod
-    def from_config(cls, config: LgffemConfig) -> "LgffemImageProcessor":
+    def from_config(cls, config: LgffemConfig) -> LgffemImageProcessor:
         """The processor matching a model config."""
         return cls(image_size=config.image_size, image_mean=config.image_mean, image_std=config.image_std)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from huggingface_hub import EvalResult, ModelCardData
 
@@ -136,8 +137,9 @@ def model_card(
         (
             "augmentation",
             (
-                f"h/v flips p={cfg.hflip_p}/{cfg.vflip_p}, rot90 p={cfg.rot90_p}, Gaussian blur p={cfg.gaussian_blur_p} "
-                f"sigma {cfg.gaussian_sigma}, median blur p={cfg.median_blur_p} sizes {cfg.median_sizes}"
+                f"h/v flips p={cfg.hflip_p}/{cfg.vflip_p}, rot90 p={cfg.rot90_p}, "
+                f"Gaussian blur p={cfg.gaussian_blur_p} sigma {cfg.gaussian_sigma}, "
+                f"median blur p={cfg.median_blur_p} sizes {cfg.median_sizes}"
             )
             if cfg.augment
             else "none",
@@ -176,7 +178,8 @@ processor = AutoImageProcessor.from_pretrained("{repo}", trust_remote_code=True)
 
 images = [Image.open("patch1.png"), Image.open("patch2.png")]
 with torch.inference_mode():
-    emb = model(**processor(images, return_tensors="pt")).embeddings  # N x {4 * model_config["neck_channels"]}, L2-normalised
+    emb = model(**processor(images, return_tensors="pt")).embeddings
+print(emb.shape)  # N x {4 * model_config["neck_channels"]}, unit-norm rows
 print(emb @ emb.T)  # cosine similarities
 ```
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 # Model-config fields that the command line may override for a freshly created model.
 MODEL_OVERRIDES = (

@@ -9,8 +9,9 @@ uninterrupted run would have seen.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ class AugmentConfig:
     median_sizes: tuple[int, ...] = (3, 5)
 
     @classmethod
-    def off(cls) -> "AugmentConfig":
+    def off(cls) -> AugmentConfig:
         return cls(0.0, 0.0, 0.0, 0.0, (0.1, 2.0), 0.0, (3,))
 
 

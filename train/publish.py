@@ -15,9 +15,10 @@ import argparse
 import fnmatch
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from huggingface_hub import HfApi
 
