@@ -16,8 +16,6 @@ import argparse
 import base64
 import logging
 import os
-import re
-import shutil
 import sys
 import tempfile
 import time
@@ -31,15 +29,25 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from index_build.display import draw_tile_grid, result_rows, result_summary, tile_views
+from index_build.display import (
+    HOW_TO_LOAD,
+    ResponseFiles,
+    draw_tile_grid,
+    index_info,
+    result_rows,
+    result_summary,
+    tile_views,
+)
+from index_build.galleries import StartupError, open_galleries
 from index_build.query import MIN_SIDE, tiling_rule
-from index_build.sources import check_source, resolve_index_dir
+from index_build.sources import check_source
 from index_build.starter import starter_description, write_starter_examples
 from index_build.uploads import (
     MAX_ADD_PATCHES,
     MAX_PIXELS,
     MAX_UPLOAD_BYTES,
     InputError,
+    check_label,
     configure_pillow,
     decode_image,
     file_path,
@@ -59,14 +67,8 @@ DEFAULT_K = 8
 MAX_K = 50
 ANY_LABEL = "(any label)"
 TILE_MODES = ("tile large images", "whole image")
-LABEL_PATTERN = re.compile(r"^[\w][\w .,()+\-]{0,63}$")
 DEFAULT_DATA_DIR = Path(os.path.expanduser("~/.cache/lgffem"))
-RESPONSE_FILES_TTL_S = 3600  # result images are copied by gradio right away; kept a while for slow clients
 TABLE_HEADERS = ["rank", "label", "similarity", "tile", "gallery", "source"]
-
-
-class StartupError(RuntimeError):
-    """The app cannot start (model, index or data directory problem); the message says why."""
 
 
 # --------------------------------------------------------------------------------------
@@ -124,7 +126,7 @@ class SearchApp:
         self.examples: list[str] = []  # example query files shown under the upload box
         self._embed = gpu(self._embed_pixels)
         self._add = gpu(self._add_patches)
-        self._responses: Optional[Path] = None  # see :meth:`search_page`
+        self._responses = ResponseFiles()  # see :meth:`search_page`
 
     @classmethod
     def create(
@@ -137,60 +139,23 @@ class SearchApp:
         embedder: Optional[Embedder] = None,
         model_revision: Optional[str] = None,
     ) -> SearchApp:
-        """Load the model and the galleries; build the starter gallery when no index is given.
-
-        Args:
-            model: ``None``/``"default"``, a local model folder or a Hub id (ignored when ``embedder`` is given).
-            index: a local index folder or a Hub dataset repo id; ``None``: ``$LGFFEM_INDEX``, else the starter.
-            data_dir: cache for the starter and personal galleries (default ``$LGFFEM_DATA_DIR`` or ~/.cache/lgffem).
-            device: torch device; default CUDA when available.
-            index_revision: Hub revision of the index repo.
-            embedder: an already loaded model (tests).
-            model_revision: branch, tag or commit of a Hub model (its code runs here: pin a commit);
-                ``None``: ``$LGFFEM_MODEL_REVISION``, else the commit the index records for this model.
+        """Load the model and the galleries (:func:`index_build.galleries.open_galleries`, whose
+        docstring gives the arguments); build the starter gallery when no index is given.
 
         Raises:
             StartupError: the model or index cannot be loaded, or they do not match.
         """
-        from index_build.galleries import Galleries, PersonalGalleryError
-        from index_build.models import load_model
-        from index_build.storage import IndexLoadError, recorded_model_revision
-
-        data_dir = Path(data_dir or os.environ.get("LGFFEM_DATA_DIR") or DEFAULT_DATA_DIR).expanduser()
-        index = index or os.environ.get("LGFFEM_INDEX") or None
-        try:
-            data_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise StartupError(f"cannot create the data directory {data_dir}: {err}") from err
-        try:
-            index_dir = resolve_index_dir(index, index_revision) if index is not None else None  # fail fast
-        except OSError as err:
-            raise StartupError(str(err)) from err
-        model_revision = model_revision or os.environ.get("LGFFEM_MODEL_REVISION") or None
-        if model_revision is None and index_dir is not None and model not in (None, "", "default"):
-            model_revision = recorded_model_revision(index_dir, model)
-            if model_revision is not None:
-                logger.info("loading model %s at revision %s, the one the index was built with", model, model_revision)
-        try:
-            embedder = embedder or load_model(model, device=device, revision=model_revision)
-        except (OSError, ValueError) as err:
-            raise StartupError(f"could not load the model {model or 'default'!r}: {err}") from err
-        try:
-            galleries = Galleries.open(embedder, index_dir, data_dir)
-        except PersonalGalleryError as err:
-            raise StartupError(str(err)) from err
-        except IndexLoadError as err:
-            raise StartupError(
-                f"the index {index or 'starter gallery'!r} cannot be used with this model: {err}"
-            ) from err
-        main = galleries.main
+        galleries, index_dir = open_galleries(
+            model, index, data_dir, device, index_revision, embedder, model_revision, DEFAULT_DATA_DIR
+        )
+        main, size = galleries.main, galleries.embedder.config.image_size
         if index_dir is None:
-            info = starter_description(len(main), Counter(main.row_labels), embedder.config.image_size, HOW_TO_LOAD)
+            info = starter_description(len(main), Counter(main.row_labels), size, HOW_TO_LOAD)
         else:
-            info = index_info(index, main)
-        app = cls(galleries, data_dir, info)
+            info = index_info(index or os.environ.get("LGFFEM_INDEX", ""), main)
+        app = cls(galleries, galleries.data_dir, info)
         if index_dir is None:
-            app.examples = write_starter_examples(data_dir / "examples")
+            app.examples = write_starter_examples(galleries.data_dir / "examples")
         return app
 
     @property
@@ -286,31 +251,12 @@ class SearchApp:
         atomically and never rewritten, so each response gets files of its own.
         """
         out = self.search(image, k, label, tiling)
-        folder = Path(tempfile.mkdtemp(prefix="response-", dir=self._response_root()))
-        counter = iter(range(1_000_000))
-
-        def to_file(picture: Optional[Image.Image]) -> Optional[str]:
-            if picture is None:
-                return None
-            path = folder / f"{next(counter):03d}.png"
-            picture.save(path)
-            return str(path)
-
+        to_file = self._responses.writer()
         return out._replace(
             gallery=[(to_file(picture), caption) for picture, caption in out.gallery],
             overview=to_file(out.overview),
             tiles=[(to_file(picture), caption) for picture, caption in out.tiles],
         )
-
-    def _response_root(self) -> Path:
-        """This process's folder of per-response image folders; those older than an hour are removed."""
-        if self._responses is None:
-            self._responses = Path(tempfile.mkdtemp(prefix="lgffem-results-"))
-        cutoff = time.time() - RESPONSE_FILES_TTL_S
-        for old in self._responses.iterdir():
-            if old.stat().st_mtime < cutoff:
-                shutil.rmtree(old, ignore_errors=True)
-        return self._responses
 
     # ---- add your own images -----------------------------------------------------------
 
@@ -337,11 +283,7 @@ class SearchApp:
         return AddOutputs(status, gr.update(choices=self.label_choices()))
 
     def _add_images(self, files: Optional[Sequence[Any]], label: Optional[str]) -> str:
-        label = (label or "").strip()
-        if not LABEL_PATTERN.match(label) or label == ANY_LABEL:
-            raise InputError(
-                "give a label of 1-64 characters (letters, digits, space and . , ( ) + - _), e.g. 'my_case_12'"
-            )
+        label = check_label(label, reserved=(ANY_LABEL,))
         paths = [file_path(f) for f in (files or [])]
         if not paths:
             raise InputError("no files: upload one or more images, or a .zip of images")
@@ -356,30 +298,6 @@ class SearchApp:
             f"gallery ({total} in all, kept in `{self.personal_dir}`); they are searched together with the "
             f"gallery from now on, also after a restart.{skipped_text}"
         )
-
-
-# --------------------------------------------------------------------------------------
-# Page text
-# --------------------------------------------------------------------------------------
-
-HOW_TO_LOAD = (
-    "To search a real reference collection, build an index with `index_build` (for example Kimia Path24C "
-    "from its `s0..s23` folders, or PanNuke from the Hub with the tissue type as label; see the README) and "
-    "start the app with `python app.py --index DIR` (or `LGFFEM_INDEX=DIR`; a Hub dataset repo id holding an "
-    "index works too)."
-)
-
-
-def index_info(spec: str, index: PatchIndex) -> str:
-    """Page text for a loaded index."""
-    manifest = getattr(index, "manifest", {}) or {}
-    model = manifest.get("model", {})
-    model_name = model.get("model") if isinstance(model, dict) else model
-    labels = list(index.labels)
-    shown = ", ".join(f"`{lab}`" for lab in labels[:30]) + (" …" if len(labels) > 30 else "")
-    return f"**Gallery:** {len(index):,} patches from `{spec}`, {len(labels)} labels: {shown}." + (
-        f" Indexed with model `{model_name}`." if model_name else ""
-    )
 
 
 # --------------------------------------------------------------------------------------

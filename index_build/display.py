@@ -1,12 +1,17 @@
 """A query result for people: the tile grid drawn on the query, what the model saw, captions and summary.
 
 Pure functions of images, tiles and a :class:`~index_build.query.TiledResult` (no model, no
-index), shared by the app and scripts.
+index), shared by the app and scripts; plus the page text of a loaded index and the fresh files a
+web page's responses are written to (:class:`ResponseFiles`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
@@ -17,6 +22,8 @@ from index_build.query import Tile, TiledResult
 
 if TYPE_CHECKING:
     import torch
+
+    from index_build.patch_index import PatchIndex
 
 __all__ = ["draw_tile_grid", "result_rows", "result_summary", "short_source", "tensor_to_images", "tile_views"]
 
@@ -131,3 +138,68 @@ def tile_views(found: TiledResult, processor: Any) -> list[tuple[Image.Image, st
         )
         for image, t, hits in zip(seen, found.tiles, found.per_tile)
     ]
+
+
+# --------------------------------------------------------------------------------------
+# Page text and response files
+# --------------------------------------------------------------------------------------
+
+HOW_TO_LOAD = (
+    "To search a real reference collection, build an index with `index_build` (for example Kimia Path24C "
+    "from its `s0..s23` folders, or PanNuke from the Hub with the tissue type as label; see the README) and "
+    "start the app with `python app.py --index DIR` (or `LGFFEM_INDEX=DIR`; a Hub dataset repo id holding an "
+    "index works too)."
+)
+
+
+def index_info(spec: str, index: PatchIndex) -> str:
+    """Page text for a loaded index."""
+    manifest = getattr(index, "manifest", {}) or {}
+    model = manifest.get("model", {})
+    model_name = model.get("model") if isinstance(model, dict) else model
+    labels = list(index.labels)
+    shown = ", ".join(f"`{lab}`" for lab in labels[:30]) + (" …" if len(labels) > 30 else "")
+    return f"**Gallery:** {len(index):,} patches from `{spec}`, {len(labels)} labels: {shown}." + (
+        f" Indexed with model `{model_name}`." if model_name else ""
+    )
+
+
+class ResponseFiles:
+    """Fresh, never-rewritten image files for each response of a web page.
+
+    Each :meth:`writer` call makes a new folder under this process's root folder; folders older
+    than ``ttl_s`` are removed then (a client has fetched its images long before).
+    """
+
+    def __init__(self, ttl_s: float = 3600.0) -> None:
+        self.ttl_s = float(ttl_s)
+        self._root: Optional[Path] = None
+
+    @property
+    def root(self) -> Path:
+        """The per-process folder holding the response folders (created on first use)."""
+        if self._root is None:
+            self._root = Path(tempfile.mkdtemp(prefix="lgffem-results-"))
+        return self._root
+
+    def prune(self) -> None:
+        """Remove response folders older than ``ttl_s``."""
+        cutoff = time.time() - self.ttl_s
+        for old in self.root.iterdir():
+            if old.stat().st_mtime < cutoff:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def writer(self) -> Callable[[Optional[Image.Image]], Optional[str]]:
+        """A function that saves each picture it is given as the next PNG of a new folder (``None`` stays ``None``)."""
+        self.prune()
+        folder = Path(tempfile.mkdtemp(prefix="response-", dir=self.root))
+        counter = iter(range(1_000_000))
+
+        def to_file(picture: Optional[Image.Image]) -> Optional[str]:
+            if picture is None:
+                return None
+            path = folder / f"{next(counter):03d}.png"
+            picture.save(path)
+            return str(path)
+
+        return to_file

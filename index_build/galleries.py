@@ -8,10 +8,11 @@ across restarts. A lock serialises additions against searches.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 from PIL import Image
@@ -37,6 +38,10 @@ class PersonalGalleryError(IndexLoadError):
     """The personal gallery on disk cannot be read."""
 
 
+class StartupError(RuntimeError):
+    """A search service cannot start (model, index or data directory problem); the message says why."""
+
+
 class Galleries:
     """A main gallery and the personal gallery of one model.
 
@@ -45,12 +50,19 @@ class Galleries:
         main: the main gallery.
         personal_dir: where the personal gallery lives (created on the first addition).
         personal: the personal gallery, when it already exists.
+        data_dir: the folder of the starter and personal galleries (default: two levels above ``personal_dir``).
     """
 
     def __init__(
-        self, embedder: Embedder, main: PatchIndex, personal_dir: Path, personal: Optional[PatchIndex] = None
+        self,
+        embedder: Embedder,
+        main: PatchIndex,
+        personal_dir: Path,
+        personal: Optional[PatchIndex] = None,
+        data_dir: Optional[Path] = None,
     ) -> None:
         self.embedder = embedder
+        self.data_dir = Path(data_dir) if data_dir is not None else Path(personal_dir).parent.parent
         self.main = main
         self.personal_dir = Path(personal_dir)
         self.personal = personal
@@ -79,7 +91,7 @@ class Galleries:
                     f"your personal gallery at {personal_dir} is unreadable ({err}); move it away to start a new one"
                 ) from err
             logger.info("personal gallery: %d patches from %s", len(personal), personal_dir)
-        return cls(embedder, main, personal_dir, personal)
+        return cls(embedder, main, personal_dir, personal, data_dir)
 
     def labels(self) -> list[str]:
         """Every label of both galleries, sorted."""
@@ -122,3 +134,63 @@ class Galleries:
             else:
                 self.personal.add(images, labels, sources)
             return len(self.personal)
+
+
+def open_galleries(
+    model: Optional[str],
+    index: Optional[str],
+    data_dir: Optional[Union[str, Path]],
+    device: Optional[str] = None,
+    index_revision: Optional[str] = None,
+    embedder: Optional[Embedder] = None,
+    model_revision: Optional[str] = None,
+    default_data_dir: Union[str, Path] = "~/.cache/lgffem",
+) -> tuple[Galleries, Optional[Path]]:
+    """Everything a search service loads at start-up: the model, the main gallery and the personal one.
+
+    Args:
+        model: ``None``/``"default"``, a local model folder or a Hub id (ignored when ``embedder`` is given).
+        index: a local index folder or a Hub dataset repo id; ``None``: ``$LGFFEM_INDEX``, else the starter.
+        data_dir: cache for the starter and personal galleries (default ``$LGFFEM_DATA_DIR``, else
+            ``default_data_dir``).
+        device: torch device; default CUDA when available.
+        index_revision: Hub revision of the index repo.
+        embedder: an already loaded model (tests).
+        model_revision: branch, tag or commit of a Hub model (its code runs here: pin a commit);
+            ``None``: ``$LGFFEM_MODEL_REVISION``, else the commit the index records for this model.
+
+    Returns:
+        The galleries and the main index folder (``None`` for the starter gallery).
+
+    Raises:
+        StartupError: the model or index cannot be loaded, or they do not match.
+    """
+    from index_build.models import load_model
+    from index_build.sources import resolve_index_dir
+    from index_build.storage import recorded_model_revision
+
+    data_dir = Path(data_dir or os.environ.get("LGFFEM_DATA_DIR") or default_data_dir).expanduser()
+    index = index or os.environ.get("LGFFEM_INDEX") or None
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StartupError(f"cannot create the data directory {data_dir}: {err}") from err
+    try:
+        index_dir = resolve_index_dir(index, index_revision) if index is not None else None  # fail fast
+    except OSError as err:
+        raise StartupError(str(err)) from err
+    model_revision = model_revision or os.environ.get("LGFFEM_MODEL_REVISION") or None
+    if model_revision is None and index_dir is not None and model not in (None, "", "default"):
+        model_revision = recorded_model_revision(index_dir, model)
+        if model_revision is not None:
+            logger.info("loading model %s at revision %s, the one the index was built with", model, model_revision)
+    try:
+        embedder = embedder or load_model(model, device=device, revision=model_revision)
+    except (OSError, ValueError) as err:
+        raise StartupError(f"could not load the model {model or 'default'!r}: {err}") from err
+    try:
+        return Galleries.open(embedder, index_dir, data_dir), index_dir
+    except PersonalGalleryError as err:
+        raise StartupError(str(err)) from err
+    except IndexLoadError as err:
+        raise StartupError(f"the index {index or 'starter gallery'!r} cannot be used with this model: {err}") from err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
@@ -24,6 +25,7 @@ MAX_UPLOAD_BYTES = 100 * 2**20  # per file
 MAX_ZIP_MEMBERS = 2000
 MAX_ZIP_BYTES = 500 * 2**20  # total uncompressed size of one zip
 MAX_ADD_PATCHES = 500  # patches added to a gallery in one go (after tiling)
+LABEL_PATTERN = re.compile(r"^[\w][\w .,()+\-]{0,63}$")
 
 __all__ = [
     "MAX_ADD_PATCHES",
@@ -42,6 +44,17 @@ __all__ = [
 
 class InputError(ValueError):
     """A user input that cannot be used; the message is meant to be shown as is."""
+
+
+def check_label(label: Optional[str], reserved: Sequence[str] = ()) -> str:
+    """A label for added patches, stripped; :class:`InputError` unless it has 1-64 characters of letters,
+    digits, space and ``. , ( ) + - _`` (starting with a letter or digit) and is none of ``reserved``."""
+    label = (label or "").strip()
+    if not LABEL_PATTERN.match(label) or label in reserved:
+        raise InputError(
+            "give a label of 1-64 characters (letters, digits, space and . , ( ) + - _), e.g. 'my_case_12'"
+        )
+    return label
 
 
 def configure_pillow() -> None:
