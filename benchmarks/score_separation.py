@@ -81,9 +81,9 @@ def run(name: str, data: Path) -> list[tuple]:
     photos = embedder.embed_images(photo_crops(), batch_size=32)
     both = np.concatenate([sets["lung_g"][0], sets["colon_g"][0]])
     thresholds = {
-        "lung": close_match_threshold(sets["lung_g"][0]),
-        "colon": close_match_threshold(sets["colon_g"][0]),
-        "lung+colon": close_match_threshold(both),
+        "lung": close_match_threshold(sets["lung_g"][0])["threshold"],
+        "colon": close_match_threshold(sets["colon_g"][0])["threshold"],
+        "lung+colon": close_match_threshold(both)["threshold"],
     }
     crc, crc_labels = sets["crc"]
     rows = [
