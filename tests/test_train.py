@@ -330,8 +330,22 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     # a changed trajectory setting is refused
     with pytest.raises(ValueError, match="lr"):
         _run(tmp_path / "part", epochs=4, resume="latest", lr=0.5)
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        _run(tmp_path / "none", epochs=1, resume="latest")
+
+
+def test_resume_without_a_complete_checkpoint_starts_from_scratch(tmp_path, caplog):
+    # killed during epoch 1, or while its checkpoint was written: only the temporary folder is there
+    checkpoints = tmp_path / "part" / "checkpoints"
+    (checkpoints / "checkpoint-epoch-001.tmp").mkdir(parents=True)
+    (checkpoints / "checkpoint-epoch-001.tmp" / "model.safetensors").write_bytes(b"half written")
+    caplog.set_level("WARNING", logger="train.trainer")
+    resumed = _run(tmp_path / "part", epochs=1, resume="latest")
+    assert f"--resume: no complete checkpoint in {checkpoints}; starting from scratch" in caplog.text
+    fresh = _run(tmp_path / "fresh", epochs=1)
+    assert [r["epoch"] for r in resumed.history] == [1]
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in fresh.history]
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["checkpoint-epoch-001"]
+    with pytest.raises(FileNotFoundError, match="is not a checkpoint folder"):  # a folder named explicitly
+        _run(tmp_path / "none", epochs=1, resume=str(tmp_path / "none" / "checkpoint-epoch-001"))
 
 
 def test_cli_end_to_end_on_an_image_folder(tmp_path):

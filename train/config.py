@@ -343,7 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-dir", default=None, help="default: OUTPUT_DIR/checkpoints")
     g.add_argument("--keep-checkpoints", type=int, default=default("keep_checkpoints"), help="0 = keep all")
     g.add_argument(
-        "--resume", nargs="?", const="latest", default=None, help="continue from the latest (or the given) checkpoint"
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="continue from the latest complete (or the given) checkpoint; none yet: start from scratch",
     )
     g.add_argument("--no-progress", dest="progress", action="store_false")
     g.add_argument("--model-name", default=None, help="name in the model card")

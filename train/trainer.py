@@ -179,12 +179,18 @@ def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
 
 
 def _resolve_resume(cfg: TrainConfig) -> Optional[Path]:
+    """The checkpoint to resume from: ``None`` without ``--resume``, or when ``--resume`` (latest) finds none.
+
+    Raises:
+        FileNotFoundError: ``--resume PATH`` names a folder that is not a complete checkpoint.
+    """
     if cfg.resume is None:
         return None
     if cfg.resume == "latest":
         found = list_checkpoints(cfg.checkpoints)
-        if not found:
-            raise FileNotFoundError(f"--resume: no checkpoint in {cfg.checkpoints}")
+        if not found:  # e.g. killed during epoch 1 or while its first checkpoint was written
+            logger.warning("--resume: no complete checkpoint in %s; starting from scratch", cfg.checkpoints)
+            return None
         return found[-1]
     path = Path(cfg.resume)
     if not (path / "trainer_state.json").is_file():
