@@ -51,6 +51,7 @@ from index_build.uploads import (
     configure_pillow,
     decode_image,
     file_path,
+    summarize_errors,
     upload_patches,
 )
 
@@ -288,7 +289,7 @@ class SearchApp:
         if not paths:
             raise InputError("no files: upload one or more images, or a .zip of images")
         patches, sources, skipped = upload_patches(paths, self.input_size, MAX_ADD_PATCHES)
-        skipped_text = (" Skipped: " + "; ".join(skipped)) if skipped else ""
+        skipped_text = (" Skipped: " + summarize_errors(skipped)) if skipped else ""
         if not patches:
             raise InputError("none of the files could be added." + skipped_text)
         total = self._add(patches, [label] * len(patches), sources)

@@ -25,7 +25,14 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_LOCAL_SPLIT = "train"  # the split name imagefolder / parquet give a folder without split subfolders
 
-__all__ = ["IMAGE_EXTENSIONS", "label_strings", "load_image_dataset", "parse_shard", "source_kind"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "folder_layout_problem",
+    "label_strings",
+    "load_image_dataset",
+    "parse_shard",
+    "source_kind",
+]
 
 
 def _pick_split(loaded: datasets.Dataset | datasets.DatasetDict, source: str) -> tuple[datasets.Dataset, str]:
@@ -88,7 +95,40 @@ def label_strings(ds: datasets.Dataset, label_column: Optional[str] = None, sour
     bad = [i for i, v in enumerate(values) if v is None]
     if bad:
         raise ValueError(f"label column {label_column!r} is empty in rows {bad[:10]}")
-    return [str(v) for v in values]
+    strings = [str(v) for v in values]
+    blank = [i for i, v in enumerate(strings) if not v.strip()]
+    if blank:
+        raise ValueError(
+            f"label column {label_column!r} has an empty label in {len(blank)} rows ({blank[:10]}); "
+            "every image needs a class name"
+        )
+    return strings
+
+
+def folder_layout_problem(root: Path) -> str:
+    """Why the imagefolder loader found no classes in ``root``: what is wrong with its layout, and the fix."""
+    files = sorted(p.relative_to(root) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    expected = f"put each class's images directly in its own sub-folder ({root}/<class>/*.png)"
+    nested = sorted({str(f.parent) for f in files if len(f.parts) > 2})
+    loose = [str(f) for f in files if len(f.parts) == 1]
+    classes = sorted({f.parts[0] for f in files if len(f.parts) == 2})
+    if nested:
+        shown = ", ".join(nested[:3]) + (f" and {len(nested) - 3} more" if len(nested) > 3 else "")
+        return (
+            f"{root} has images in nested sub-folders ({shown}), so no class can be told from the folders: {expected}"
+        )
+    if loose and not classes:
+        return f"{root} has its {len(loose)} images directly in the folder, without class sub-folders: {expected}"
+    if loose:
+        shown = ", ".join(loose[:3]) + (f" and {len(loose) - 3} more" if len(loose) > 3 else "")
+        return f"{root} has images outside its class sub-folders ({shown}): {expected}"
+    if len(classes) == 1:
+        return (
+            f"{root} has a single class sub-folder ({classes[0]!r}); classes are taken from the sub-folder names "
+            "only when there are at least two: add the other classes' sub-folders, or use a parquet file with a "
+            "'label' column"
+        )
+    return f"{root}: no classes could be told from its sub-folders ({len(files)} images): {expected}"
 
 
 def _sources(ds: datasets.Dataset, image_column: str, kind: str, source: str, split: str) -> list[str]:
@@ -130,8 +170,9 @@ def load_image_dataset(
         (Hub datasets; ``"{file}:{row}"`` for parquet).
 
     Raises:
-        ValueError: a column is missing (the message names the available ones), the split is
-            ambiguous, or ``shard`` is invalid.
+        ValueError: a column is missing (the message names the available ones), an image folder
+            is not laid out as one sub-folder per class (the message says what is wrong), a label
+            is empty, the split is ambiguous, or ``shard`` is invalid.
         FileNotFoundError: a local path does not exist.
     """
     if shard is not None:
@@ -139,6 +180,8 @@ def load_image_dataset(
     kind = source_kind(source)
     raw, split_name = _load_raw(source, kind, split, revision)
     image_col = _image_column(raw, image_column)
+    if kind == "imagefolder" and label_column is None and "label" not in raw.column_names:
+        raise ValueError(folder_layout_problem(Path(os.path.expanduser(source))))
     labels = label_strings(raw, label_column, source)
     sources = _sources(raw, image_col, kind, source, split_name)
     ds = raw.select_columns([image_col])

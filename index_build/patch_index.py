@@ -315,6 +315,9 @@ class PatchIndex:
         if xb.shape[1] != self.dim or not len(labels) == len(sources) == len(thumbnails) == n:
             raise ValueError(f"need an N x {self.dim} array and N labels, sources, thumbnails; got {xb.shape}")
         labels, sources, thumbnails = list(labels), list(sources), list(thumbnails)
+        blank = [i for i, label in enumerate(labels) if not str(label).strip()]
+        if blank:
+            raise ValueError(f"every row needs a label (a class name); rows {blank[:10]} have an empty one")
         with index_lock(self.path):
             self._refresh()
             return self._append(xb, labels, sources, thumbnails, skip_existing)

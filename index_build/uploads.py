@@ -25,10 +25,12 @@ MAX_UPLOAD_BYTES = 100 * 2**20  # per file
 MAX_ZIP_MEMBERS = 2000
 MAX_ZIP_BYTES = 500 * 2**20  # total uncompressed size of one zip
 MAX_ADD_PATCHES = 500  # patches added to a gallery in one go (after tiling)
+MAX_LISTED_ERRORS = 5  # unreadable files named in one message; the rest are counted
 LABEL_PATTERN = re.compile(r"^[\w][\w .,()+\-]{0,63}$")
 
 __all__ = [
     "MAX_ADD_PATCHES",
+    "MAX_LISTED_ERRORS",
     "MAX_PIXELS",
     "MAX_UPLOAD_BYTES",
     "MAX_ZIP_BYTES",
@@ -38,6 +40,7 @@ __all__ = [
     "decode_image",
     "file_path",
     "iter_upload",
+    "summarize_errors",
     "upload_patches",
 ]
 
@@ -165,6 +168,15 @@ def iter_upload(path: str) -> Iterator[tuple[str, Union[Image.Image, InputError]
                     yield member_name, err
     except (zipfile.BadZipFile, OSError) as err:
         yield name, InputError(f"{name}: corrupt zip file ({err})")
+
+
+def summarize_errors(messages: Sequence[str], shown: int = MAX_LISTED_ERRORS) -> str:
+    """The first ``shown`` messages joined with ``"; "``, then how many more there are (a bad zip
+    may hold thousands of unreadable files)."""
+    text = "; ".join(messages[:shown])
+    if len(messages) > shown:
+        text += f"; and {len(messages) - shown} more ({len(messages)} files skipped in all)"
+    return text
 
 
 def upload_patches(

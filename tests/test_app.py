@@ -417,6 +417,19 @@ def test_add_images_bad_input(tmp_path, search_app, files, label, message):
     assert (None if search_app.personal is None else len(search_app.personal)) == before
 
 
+def test_add_images_summarises_a_zip_of_many_bad_files(tmp_path, search_app):
+    with zipfile.ZipFile(tmp_path / "many.zip", "w") as archive:
+        for i in range(1900):
+            archive.writestr(f"notes/{i:04d}.png", "not an image")
+    with pytest.warns(UserWarning):
+        out = search_app.add_images([str(tmp_path / "many.zip")], "ok")
+    reason = "not an image file (format not recognised); upload PNG, JPEG or TIFF"
+    listed = "; ".join(f"many.zip/notes/{i:04d}.png: {reason}" for i in range(5))
+    assert out.status == (
+        f"⚠️ none of the files could be added. Skipped: {listed}; and 1895 more (1900 files skipped in all)"
+    )
+
+
 # --------------------------------------------------------------------------------------
 # Start-up: starter gallery, Hub index, mismatch, CLI
 # --------------------------------------------------------------------------------------

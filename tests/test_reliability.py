@@ -413,3 +413,78 @@ def test_cli_model_revision_option_and_env(monkeypatch):
     monkeypatch.setenv("LGFFEM_MODEL_REVISION", "def")
     assert build_parser().parse_args(["src", "--out", "o"]).model_revision == "def"
     assert evaluate_parser().parse_args(["--gallery", "g"]).model_revision == "def"
+
+
+# -- should fix: messages that say what is wrong ---------------------------------------------------
+
+
+def _images(root: Path, *paths: str) -> Path:
+    from PIL import Image
+
+    for path in paths:
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (200, 40, 40)).save(root / path)
+    return root
+
+
+@pytest.mark.parametrize(
+    ("paths", "message"),
+    [
+        (
+            ["tumour/1.png", "tumour/2.png"],
+            "{root} has a single class sub-folder ('tumour'); classes are taken from the sub-folder names only when "
+            "there are at least two: add the other classes' sub-folders, or use a parquet file with a 'label' column",
+        ),
+        (
+            ["1.png", "2.png", "3.png"],
+            "{root} has its 3 images directly in the folder, without class sub-folders: put each class's images "
+            "directly in its own sub-folder ({root}/<class>/*.png)",
+        ),
+        (
+            ["a/1.png", "b/deep/2.png", "b/deeper/3.png"],
+            "{root} has images in nested sub-folders (b/deep, b/deeper), so no class can be told from the folders: "
+            "put each class's images directly in its own sub-folder ({root}/<class>/*.png)",
+        ),
+        (
+            ["a/1.png", "b/2.png", "3.png"],
+            "{root} has images outside its class sub-folders (3.png): put each class's images directly in its own "
+            "sub-folder ({root}/<class>/*.png)",
+        ),
+    ],
+)
+def test_image_folder_layout_problems_are_named(tmp_path, paths, message):
+    root = _images(tmp_path / "images", *paths)
+    with pytest.raises(ValueError) as err:
+        load_image_dataset(str(root))
+    assert str(err.value) == message.format(root=root)
+
+
+def test_empty_labels_are_refused(tmp_path, embedder, index_dir):
+    import datasets
+    from PIL import Image
+
+    image = Image.new("RGB", (8, 8))
+    rows = {"image": [image] * 4, "label": ["tumour", "", "  ", "stroma"]}
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).to_parquet(tmp_path / "rows.parquet")
+    with pytest.raises(ValueError, match=r"label column 'label' has an empty label in 2 rows \(\[1, 2\]\)"):
+        load_image_dataset(str(tmp_path / "rows.parquet"))
+    index = PatchIndex.load(index_dir)
+    with pytest.raises(ValueError, match=r"rows \[1\] have an empty one"):
+        index.add_embeddings(np.ones((2, index.dim)), ["x", ""], ["a", "b"], [b"", b""])
+    assert len(PatchIndex.load(index_dir)) == 6
+
+
+def test_many_bad_zip_members_are_summarised(tmp_path):
+    import zipfile
+
+    from index_build.uploads import summarize_errors, upload_patches
+
+    with zipfile.ZipFile(tmp_path / "many.zip", "w") as archive:
+        for i in range(1900):
+            archive.writestr(f"notes/{i:04d}.png", "not an image")
+    patches, _, skipped = upload_patches([str(tmp_path / "many.zip")], 64)
+    assert patches == [] and len(skipped) == 1900
+    reason = "not an image file (format not recognised); upload PNG, JPEG or TIFF"
+    listed = "; ".join(f"many.zip/notes/{i:04d}.png: {reason}" for i in range(5))
+    assert summarize_errors(skipped) == f"{listed}; and 1895 more (1900 files skipped in all)"
+    assert summarize_errors(skipped[:2]) == "; ".join(skipped[:2])
