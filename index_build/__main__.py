@@ -14,11 +14,12 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from index_build.faiss_index import INDEX_TYPES, check_index_type
 from index_build.sources import check_source, parse_shard, source_kind
-from index_build.storage import DEFAULT_CHUNK_SIZE, has_index, recorded_model_revision
+from index_build.storage import DEFAULT_CHUNK_SIZE, WORK_DIR, has_index, recorded_model_revision
 
 if TYPE_CHECKING:
     from index_build.patch_index import PatchIndex
@@ -76,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing index in --out")
     parser.add_argument("--no-resume", action="store_true", help="discard a partial build instead of resuming it")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="rows per resumable chunk")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first unreadable image (default: skip it, log it and list it in the manifest)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--shard",
@@ -101,7 +107,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Opt
         parser.error("--append and --overwrite exclude each other")
     if args.append and not has_index(args.out):
         parser.error(f"--append: no index in {args.out}")
-    if not (args.append or args.overwrite) and has_index(args.out):
+    interrupted = (Path(args.out) / WORK_DIR / "state.json").is_file()  # maybe killed after writing the index
+    if not (args.append or args.overwrite) and has_index(args.out) and not interrupted:
         parser.error(f"an index already exists in {args.out}; pass --append or --overwrite")
     if args.batch_size < 1 or args.chunk_size < 1:
         parser.error("--batch-size and --chunk-size must be at least 1")
@@ -154,6 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> PatchIndex:
         index_params=dict(args.index_param) or None,
         chunk_size=args.chunk_size,
         dataset_info=info,
+        strict=args.strict,
     )
     logger.info("index %s: %d vectors, %d labels (%s)", args.out, len(index), len(index.labels), index.index_type)
     return index

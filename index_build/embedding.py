@@ -8,6 +8,7 @@ every chunk of rows in ``<out>/.partial/`` (so an interrupted build resumes wher
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import functools
 import hashlib
@@ -26,18 +27,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from index_build.faiss_index import check_index_type
 from index_build.patch_index import EmbedderLike, PatchIndex, write_index
 from index_build.storage import (
     DEFAULT_CHUNK_SIZE,
+    MANIFEST_FILE,
     THUMBNAIL_SIZE,
     WORK_DIR,
     has_index,
     index_lock,
     make_thumbnail,
     metadata_table,
+    model_mismatches,
+    remove_stale_temporaries,
     write_atomic,
 )
 
@@ -81,33 +86,101 @@ def die_with_parent(worker_id: int = 0, parent: Optional[int] = None) -> None:
         os._exit(1)
 
 
+UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, TypeError, Image.DecompressionBombError)
+"""What decoding a bad file raises: not an image, empty, truncated or corrupt, or a decompression bomb."""
+
+
 class ImageRowDataset(torch.utils.data.Dataset):
-    """Rows ``start..`` of a dataset -> ``(pixel_values, label, source, thumbnail JPEG)``.
+    """Rows ``start..`` of a dataset -> ``(row, pixel_values, label, source, thumbnail JPEG, error)``.
 
     Runs in DataLoader workers: decoding, preprocessing and thumbnailing happen there.
-    ``thumbnail_size <= 0`` skips the thumbnail (empty bytes).
+    ``thumbnail_size <= 0`` skips the thumbnail (empty bytes). An unreadable image raises a
+    ``ValueError`` naming its row and file; with ``strict=False`` it gives ``pixel_values=None``
+    and the reason in ``error`` instead (the row is then skipped by :func:`collate_rows`).
     """
 
-    def __init__(self, dataset, processor: Any, start: int = 0, thumbnail_size: int = THUMBNAIL_SIZE) -> None:
+    def __init__(
+        self, dataset, processor: Any, start: int = 0, thumbnail_size: int = THUMBNAIL_SIZE, strict: bool = True
+    ) -> None:
         self.dataset = dataset
         self.processor = processor
         self.start = start
         self.thumbnail_size = thumbnail_size
+        self.strict = strict
 
     def __len__(self) -> int:
         return len(self.dataset) - self.start
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str, str, bytes]:
+    def __getitem__(self, i: int) -> tuple[int, Optional[torch.Tensor], str, str, bytes, Optional[str]]:
         row = self.start + i
         try:
             item = self.dataset[row]
             image = item["image"]
             pixels = torch.from_numpy(self.processor.to_array(image))
             thumbnail = make_thumbnail(image, self.thumbnail_size) if self.thumbnail_size > 0 else b""
-        except (OSError, ValueError, SyntaxError) as err:
-            source = self.dataset.select([row]).select_columns(["source"])[0]["source"]
-            raise ValueError(f"cannot read image at row {row} ({source}): {err}") from err
-        return pixels, item["label"], item["source"], thumbnail
+        except UNREADABLE as err:
+            reason = f"{type(err).__name__}: {err}"
+            columns = self.dataset.select([row]).select_columns(["label", "source"])[0]
+            if self.strict:
+                raise ValueError(f"cannot read image at row {row} ({columns['source']}): {reason}") from err
+            return row, None, columns["label"], columns["source"], b"", reason
+        return row, pixels, item["label"], item["source"], thumbnail, None
+
+
+def collate_rows(items: list[tuple]) -> dict[str, Any]:
+    """DataLoader ``collate_fn`` for :class:`ImageRowDataset`: stacks the readable rows, lists the others.
+
+    Returns:
+        ``end`` (the row after the batch); for the readable rows ``rows``, ``pixels`` (stacked;
+        ``None`` when there are none), ``labels``, ``sources`` and ``thumbs``; and ``skipped``:
+        ``(row, source, reason)`` per unreadable row.
+    """
+    good = [item for item in items if item[5] is None]
+    return {
+        "end": max(item[0] for item in items) + 1,
+        "rows": [item[0] for item in good],
+        "pixels": torch.stack([item[1] for item in good]) if good else None,
+        "labels": [item[2] for item in good],
+        "sources": [item[3] for item in good],
+        "thumbs": [item[4] for item in good],
+        "skipped": [(item[0], item[3], item[5]) for item in items if item[5] is not None],
+    }
+
+
+def _embed_rows(
+    dataset,
+    embedder: EmbedderLike,
+    batch_size: int,
+    num_workers: Optional[int],
+    start: int,
+    thumbnail_size: int,
+    progress: bool,
+    strict: bool,
+) -> Iterator[tuple[int, np.ndarray, dict[str, Any]]]:
+    """Embed rows ``start..`` batch by batch; yields ``(end, xb, batch)``, ``end`` = the row after the batch."""
+    workers = default_num_workers() if num_workers is None else num_workers
+    loader = torch.utils.data.DataLoader(
+        ImageRowDataset(dataset, embedder.processor, start, thumbnail_size, strict),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=collate_rows,
+        pin_memory=torch.device(embedder.device).type == "cuda",
+        worker_init_fn=functools.partial(die_with_parent, parent=os.getpid()),
+    )
+    with tqdm(total=len(dataset), initial=start, unit="img", desc="embedding", disable=not progress) as bar:
+        for batch in loader:
+            n = len(batch["labels"])
+            if n:
+                xb = embedder.embed_pixels(batch["pixels"])
+                if xb.shape != (n, embedder.dim):
+                    raise ValueError(f"embedder returned shape {xb.shape} for {n} images")
+            else:
+                xb = np.zeros((0, embedder.dim), np.float32)
+            for row, source, reason in batch["skipped"]:
+                logger.warning("skipped unreadable image at row %d (%s): %s", row, source, reason)
+            bar.update(n + len(batch["skipped"]))
+            yield batch["end"], xb, batch
 
 
 def embed_batches(
@@ -123,23 +196,14 @@ def embed_batches(
 
     Yields:
         ``(xb, labels, sources, thumbnails)`` per batch; ``xb`` is ``B x D`` float32.
+
+    Raises:
+        ValueError: an image cannot be read (the message names its row and file).
     """
-    workers = default_num_workers() if num_workers is None else num_workers
-    loader = torch.utils.data.DataLoader(
-        ImageRowDataset(dataset, embedder.processor, start, thumbnail_size),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=torch.device(embedder.device).type == "cuda",
-        worker_init_fn=functools.partial(die_with_parent, parent=os.getpid()),
-    )
-    with tqdm(total=len(dataset), initial=start, unit="img", desc="embedding", disable=not progress) as bar:
-        for pixels, labels, sources, thumbs in loader:
-            xb = embedder.embed_pixels(pixels)
-            if xb.shape != (len(labels), embedder.dim):
-                raise ValueError(f"embedder returned shape {xb.shape} for {len(labels)} images")
-            bar.update(len(labels))
-            yield xb, list(labels), list(sources), list(thumbs)
+    for _end, xb, batch in _embed_rows(
+        dataset, embedder, batch_size, num_workers, start, thumbnail_size, progress, strict=True
+    ):
+        yield xb, batch["labels"], batch["sources"], batch["thumbs"]
 
 
 # --------------------------------------------------------------------------------------
@@ -156,19 +220,42 @@ def _data_hash(dataset) -> str:
     return digest.hexdigest()[:16]
 
 
-def _chunk_paths(work: Path, chunk: int) -> tuple[Path, Path]:
-    return work / f"chunk-{chunk:06d}.parquet", work / f"chunk-{chunk:06d}.npy"
+def _work_state(dataset, desc: dict, chunk_size: int, skip_unreadable: bool) -> dict:
+    """What a partial build depends on: it is resumed only when all of it is unchanged."""
+    return {
+        "model": {k: desc.get(k) for k in ("model", "config_hash", "weights_fingerprint", "embedding_dim")},
+        "rows": len(dataset),
+        "data_hash": _data_hash(dataset),
+        "chunk_size": chunk_size,
+        "thumbnail_size": THUMBNAIL_SIZE,
+        "skip_unreadable": skip_unreadable,
+    }
+
+
+def _chunk_paths(work: Path, chunk: int) -> tuple[Path, Path, Path]:
+    """Metadata, vectors and skipped rows of one chunk."""
+    name = f"chunk-{chunk:06d}"
+    return work / f"{name}.parquet", work / f"{name}.npy", work / f"{name}.skipped.json"
+
+
+def _read_skipped(path: Path) -> list[dict]:
+    """The unreadable rows of a chunk (``row``, ``source``, ``reason``); raises ``ValueError`` when corrupt."""
+    skipped = json.loads(path.read_text())
+    if not isinstance(skipped, list) or not all(isinstance(entry, dict) for entry in skipped):
+        raise ValueError(f"{path} is not a list of objects")
+    return skipped
 
 
 def _complete_chunks(work: Path, n: int, chunk_size: int) -> int:
     """Number of leading chunks that are fully on disk (later leftovers are removed)."""
     done = 0
     while done * chunk_size < n:
-        meta, vecs = _chunk_paths(work, done)
+        meta, vecs, skipped = _chunk_paths(work, done)
         rows = min(chunk_size, n - done * chunk_size)
-        if not (meta.exists() and vecs.exists()):
+        if not (meta.exists() and vecs.exists() and skipped.exists()):
             break
         try:
+            rows -= len(_read_skipped(skipped))
             if np.load(vecs, mmap_mode="r").shape[0] != rows or pq.read_metadata(meta).num_rows != rows:
                 break
         except (ValueError, OSError, pa.ArrowException):
@@ -193,18 +280,22 @@ def _prepare_work_dir(work: Path, state: dict, resume: bool) -> None:
             logger.info("not resuming: removing partial build in %s", work)
             shutil.rmtree(work)
         elif old != state:
-            logger.warning("partial build in %s is for another model or dataset; starting over", work)
+            logger.warning("partial build in %s is for another model, dataset or setting; starting over", work)
             shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(work)
     write_atomic(state_file, lambda p: p.write_text(json.dumps(state, indent=2)))
 
 
-def _write_chunk(work: Path, chunk: int, xb: np.ndarray, labels: list, sources: list, thumbs: list) -> None:
-    meta, vecs = _chunk_paths(work, chunk)
+def _write_chunk(
+    work: Path, chunk: int, xb: np.ndarray, labels: list, sources: list, thumbs: list, skipped: list[dict]
+) -> None:
+    meta, vecs, skipped_file = _chunk_paths(work, chunk)
+    write_atomic(skipped_file, lambda p: p.write_text(json.dumps(skipped)))
     table = metadata_table(np.zeros(len(labels), np.int64), labels, sources, thumbs)
     write_atomic(meta, lambda p: pq.write_table(table, p))
 
-    # The vectors go last: a chunk counts as done only when both files exist.
+    # The vectors go last: a chunk counts as done only when all three files exist.
     def save_vectors(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             np.save(fh, xb)
@@ -221,6 +312,7 @@ def embed_dataset(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     resume: bool = True,
     progress: bool = True,
+    skipped: Optional[list[dict]] = None,
 ) -> tuple[np.ndarray, pa.Table]:
     """Embed every row of ``dataset``, persisting each chunk of ``chunk_size`` rows in ``work_dir``.
 
@@ -236,9 +328,16 @@ def embed_dataset(
         chunk_size: rows per persisted chunk.
         resume: reuse chunks of an earlier, interrupted run.
         progress: show a progress bar.
+        skipped: when given, unreadable images (not an image, empty, truncated, decompression
+            bomb) are left out and appended here as ``{"source", "reason"}``, each also logged;
+            otherwise the first one raises.
 
     Returns:
         ``(xb, metadata)``: ``N x D`` float32 embeddings and the metadata table (ids 0..N-1).
+
+    Raises:
+        ValueError: an unreadable image (without ``skipped``; the message names the file), or
+            no readable image at all.
     """
     if batch_size < 1 or chunk_size < 1:
         raise ValueError(f"batch_size and chunk_size must be >= 1, got {batch_size}, {chunk_size}")
@@ -246,44 +345,49 @@ def embed_dataset(
     if n == 0:
         raise ValueError("the dataset is empty: nothing to index")
     work = Path(work_dir)
-    desc = embedder.describe()
-    state = {
-        "model": {k: desc.get(k) for k in ("model", "config_hash", "weights_fingerprint", "embedding_dim")},
-        "rows": n,
-        "data_hash": _data_hash(dataset),
-        "chunk_size": chunk_size,
-        "thumbnail_size": THUMBNAIL_SIZE,
-    }
+    state = _work_state(dataset, embedder.describe(), chunk_size, skip_unreadable=skipped is not None)
     _prepare_work_dir(work, state, resume)
     done = _complete_chunks(work, n, chunk_size)
-    start = done * chunk_size
+    start = min(done * chunk_size, n)
     if done:
         logger.info("resuming: %d of %d rows already embedded in %s", start, n, work)
     if start < n:
-        buffers: dict[str, list] = {"xb": [], "labels": [], "sources": [], "thumbs": []}
-        pending = 0
+        buffers: dict[str, list] = {"xb": [], "rows": [], "labels": [], "sources": [], "thumbs": [], "skipped": []}
         chunk = done
-        for xb, labels, sources, thumbs in embed_batches(
-            dataset, embedder, batch_size, num_workers, start, progress=progress
+        for end, xb, batch in _embed_rows(
+            dataset, embedder, batch_size, num_workers, start, THUMBNAIL_SIZE, progress, strict=skipped is None
         ):
             buffers["xb"].append(xb)
-            buffers["labels"].extend(labels)
-            buffers["sources"].extend(sources)
-            buffers["thumbs"].extend(thumbs)
-            pending += len(labels)
-            while pending >= chunk_size or (pending and chunk * chunk_size + pending == n):
-                take = min(pending, chunk_size)
+            for key in ("rows", "labels", "sources", "thumbs"):
+                buffers[key].extend(batch[key])
+            buffers["skipped"].extend({"row": r, "source": s, "reason": e} for r, s, e in batch["skipped"])
+            while chunk * chunk_size < n and min((chunk + 1) * chunk_size, n) <= end:
+                stop = (chunk + 1) * chunk_size
+                take = bisect.bisect_left(buffers["rows"], stop)
                 stacked = np.concatenate(buffers["xb"])
                 rows = {key: buffers[key][:take] for key in ("labels", "sources", "thumbs")}
-                _write_chunk(work, chunk, stacked[:take], rows["labels"], rows["sources"], rows["thumbs"])
-                buffers = {key: buffers[key][take:] for key in ("labels", "sources", "thumbs")}
+                bad = [entry for entry in buffers["skipped"] if entry["row"] < stop]
+                _write_chunk(work, chunk, stacked[:take], rows["labels"], rows["sources"], rows["thumbs"], bad)
+                later = [entry for entry in buffers["skipped"] if entry["row"] >= stop]
+                buffers = {key: buffers[key][take:] for key in ("rows", "labels", "sources", "thumbs")}
                 buffers["xb"] = [stacked[take:]]
-                pending -= take
+                buffers["skipped"] = later
                 chunk += 1
     chunks = math.ceil(n / chunk_size)
+    unreadable = [entry for c in range(chunks) for entry in _read_skipped(_chunk_paths(work, c)[2])]
+    if len(unreadable) == n:
+        raise ValueError(
+            f"none of the {n} images could be read (first: {unreadable[0]['source']}: {unreadable[0]['reason']})"
+        )
+    if unreadable:
+        logger.warning(
+            "skipped %d unreadable images of %d (listed in the manifest under 'skipped')", len(unreadable), n
+        )
+    if skipped is not None:
+        skipped.extend({"source": entry["source"], "reason": entry["reason"]} for entry in unreadable)
     xb = np.concatenate([np.load(_chunk_paths(work, c)[1]) for c in range(chunks)])
     metadata = pa.concat_tables([pq.read_table(_chunk_paths(work, c)[0]) for c in range(chunks)])
-    metadata = metadata.set_column(0, "id", pa.array(np.arange(n, dtype=np.int64)))
+    metadata = metadata.set_column(0, "id", pa.array(np.arange(metadata.num_rows, dtype=np.int64)))
     return np.ascontiguousarray(xb, dtype=np.float32), metadata
 
 
@@ -301,6 +405,7 @@ def build_index(
     index_params: Optional[dict] = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     dataset_info: Optional[dict] = None,
+    strict: bool = False,
 ) -> PatchIndex:
     """Reader -> embedder -> writer: embed ``dataset`` and write (or append to) an index directory.
 
@@ -322,9 +427,16 @@ def build_index(
             :func:`index_build.faiss_index.default_index_params`).
         chunk_size: rows per persisted chunk (the resume granularity).
         dataset_info: recorded in the manifest.
+        strict: stop at the first unreadable image; by default unreadable images (not an image,
+            empty, truncated, decompression bomb) are skipped, logged and listed in the manifest
+            under ``"skipped"`` (``{"source", "reason"}`` each).
+
+    A rerun of a build that was interrupted after its index was written (same model, same
+    dataset, its partial build still in ``out_dir``) finishes the clean-up and returns that index.
 
     Raises:
-        ValueError: an index already exists (without ``append``/``overwrite``), or bad input.
+        ValueError: an index already exists (without ``append``/``overwrite``), an unreadable
+            image with ``strict``, no readable image, or bad input.
         IndexLoadError: ``append`` to a missing/corrupt index or one built with another model.
         IndexBusyError: another process kept writing to ``out_dir`` longer than the lock timeout.
     """
@@ -334,11 +446,17 @@ def build_index(
     check_index_type(index_type)
     # One writer at a time: a second build or append of the same directory waits, then fails clearly.
     with index_lock(out):
+        work = out / (WORK_DIR + ("-append" if append else ""))
         if has_index(out) and not (append or overwrite):
+            finished = _finished_build(out, work, dataset, embedder, chunk_size, strict)
+            if finished is not None:
+                return finished
             raise ValueError(f"an index already exists in {out}; append to it or overwrite it")
         existing = PatchIndex.load(out, embedder) if append else None
-        work = out / (WORK_DIR + ("-append" if append else ""))
-        xb, metadata = embed_dataset(dataset, embedder, work, batch_size, num_workers, chunk_size, resume, progress)
+        skipped: Optional[list[dict]] = None if strict else []
+        xb, metadata = embed_dataset(
+            dataset, embedder, work, batch_size, num_workers, chunk_size, resume, progress, skipped
+        )
         if existing is not None:
             existing.add_embeddings(
                 xb,
@@ -346,9 +464,34 @@ def build_index(
                 metadata.column("source").to_pylist(),
                 metadata.column("thumbnail").to_pylist(),
                 skip_existing=True,  # a rerun (or a run killed after its commit) adds nothing twice
+                skipped=skipped,
             )
             result = existing
         else:
-            result = write_index(out, xb, metadata, embedder, index_type, index_params, dataset_info)
+            info = dict(dataset_info or {}, data_hash=_data_hash(dataset))
+            result = write_index(out, xb, metadata, embedder, index_type, index_params, info, skipped)
         shutil.rmtree(work)
     return result
+
+
+def _finished_build(
+    out: Path, work: Path, dataset, embedder: EmbedderLike, chunk_size: int, strict: bool
+) -> Optional[PatchIndex]:
+    """The index in ``out`` when it was written by an earlier run of this very build that was killed
+    before it removed its partial build ``work`` (which is removed now); otherwise ``None``."""
+    if not (work / "state.json").is_file():
+        return None
+    try:
+        state = json.loads((work / "state.json").read_text())
+        manifest = json.loads((out / MANIFEST_FILE).read_text())
+        data_hash = manifest["dataset"]["data_hash"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    desc = embedder.describe()
+    expected = _work_state(dataset, desc, chunk_size, skip_unreadable=not strict)
+    if state != expected or data_hash != expected["data_hash"] or model_mismatches(manifest["model"], desc):
+        return None
+    index = PatchIndex.load(out, embedder)
+    logger.info("%s already holds this build (it was interrupted after writing the index); removed %s", out, work)
+    shutil.rmtree(work)
+    return index

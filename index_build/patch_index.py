@@ -294,6 +294,7 @@ class PatchIndex:
         sources: Sequence[str],
         thumbnails: Sequence[bytes],
         skip_existing: bool = False,
+        skipped: Optional[Sequence[dict]] = None,
     ) -> np.ndarray:
         """Append precomputed embeddings with their metadata and rewrite the directory atomically.
 
@@ -306,6 +307,8 @@ class PatchIndex:
             skip_existing: leave out rows already in the index (same source, label and thumbnail
                 bytes, i.e. the same image from the same place), so that rerunning an append adds
                 nothing twice.
+            skipped: unreadable images left out of this append (``{"source", "reason"}`` each),
+                added to the manifest's ``"skipped"`` list (once each).
 
         Returns:
             The ids of the rows added (skipped rows have none).
@@ -320,7 +323,7 @@ class PatchIndex:
             raise ValueError(f"every row needs a label (a class name); rows {blank[:10]} have an empty one")
         with index_lock(self.path):
             self._refresh()
-            return self._append(xb, labels, sources, thumbnails, skip_existing)
+            return self._append(xb, labels, sources, thumbnails, skip_existing, list(skipped or ()))
 
     def _refresh(self) -> None:
         """Reload the directory if another writer committed since this object read it."""
@@ -337,9 +340,17 @@ class PatchIndex:
         self.__init__(self.path, index, metadata, manifest, self.embedder)
 
     def _append(
-        self, xb: np.ndarray, labels: list[str], sources: list[str], thumbnails: list[bytes], skip_existing: bool
+        self,
+        xb: np.ndarray,
+        labels: list[str],
+        sources: list[str],
+        thumbnails: list[bytes],
+        skip_existing: bool,
+        skipped: list[dict],
     ) -> np.ndarray:
         n = xb.shape[0]
+        recorded = self.manifest.get("skipped", [])
+        skipped = [dict(entry) for entry in skipped if entry not in recorded]
         if skip_existing:
             present = {self.row_key(i) for i in range(len(self))}
             keep = [i for i in range(n) if _row_key(labels[i], sources[i], thumbnails[i]) not in present]
@@ -348,7 +359,7 @@ class PatchIndex:
             xb = xb[keep]
             labels, sources, thumbnails = ([values[i] for i in keep] for values in (labels, sources, thumbnails))
             n = len(keep)
-            if n == 0:
+            if n == 0 and not skipped:
                 return np.zeros(0, dtype=np.int64)
         faiss.normalize_L2(xb)
         new_ids = np.arange(len(self), len(self) + n, dtype=np.int64)
@@ -357,6 +368,8 @@ class PatchIndex:
         index.add(xb)
         set_search_params(index, self.manifest["index"].get("params", {}))
         manifest = dict(self.manifest, updated=now())
+        if skipped:
+            manifest["skipped"] = [*recorded, *skipped]
         try:  # recalibrate on the grown gallery (exact for flat and HNSW, decoded codes otherwise)
             manifest["close_match"] = close_match_threshold(index.reconstruct_n(0, index.ntotal))
         except RuntimeError:  # an IVF index without a direct map cannot reconstruct: keep the old value
@@ -395,6 +408,7 @@ def write_index(
     index_type: str = "flat",
     index_params: Optional[dict] = None,
     dataset_info: Optional[dict] = None,
+    skipped: Optional[Sequence[dict]] = None,
 ) -> PatchIndex:
     """Writer: FAISS index over ``xb`` + ``metadata`` (schema ``id, label, source, thumbnail``) + manifest.
 
@@ -406,6 +420,7 @@ def write_index(
         index_type: see :func:`index_build.faiss_index.make_faiss_index`.
         index_params: overrides of the index parameters.
         dataset_info: what the vectors came from (source, split, columns), recorded as is.
+        skipped: the unreadable images left out (``{"source", "reason"}`` each), recorded as ``"skipped"``.
     """
     path = Path(path)
     if metadata.num_rows != len(xb):
@@ -430,6 +445,7 @@ def write_index(
         "count": int(index.ntotal),
         "thumbnail": {"max_side": THUMBNAIL_SIZE, "format": "JPEG", "quality": THUMBNAIL_QUALITY},
         "dataset": dataset_info or {},
+        "skipped": [dict(entry) for entry in skipped or ()],
         "packages": package_versions(),
         "close_match": close_match_threshold(xb),
     }

@@ -136,10 +136,12 @@ def merge_shards(
     metadata = pa.concat_tables([shard.metadata_table() for shard in shards])
     info = dict(shards[0].manifest.get("dataset", {}))
     info.pop("shard", None)
+    info.pop("data_hash", None)  # of the first shard's rows only
     info["rows"] = int(len(xb))
     info["merged_from"] = [str(shard.path) for shard in shards]
+    skipped = [entry for shard in shards for entry in shard.manifest.get("skipped", [])]
     logger.info("merging %d shards, %d vectors, into a %s index at %s", len(shards), len(xb), index_type, out)
-    return write_index(out, xb, metadata, embedder, index_type, index_params, info)
+    return write_index(out, xb, metadata, embedder, index_type, index_params, info, skipped)
 
 
 def _rank_and_world() -> tuple[int, int, Optional[str]]:

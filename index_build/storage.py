@@ -51,6 +51,7 @@ JOURNAL_FILE = ".commit.json"
 # The only files a commit (and so its journal) may replace; staged as ``.<name>.tmp-<pid>``.
 COMMIT_FILES = (INDEX_FILE, METADATA_FILE, MANIFEST_FILE)
 _STAGED = re.compile(r"\.([A-Za-z0-9_][A-Za-z0-9_.]*)\.tmp-[0-9]+")
+_TEMPORARY = re.compile(r"\..+\.tmp-([0-9]+)")  # any file of write_atomic or commit, with its writer's pid
 LOCK_FILE = ".lock"  # held by the one process writing to the directory
 LOCK_TIMEOUT = 120.0  # seconds a writer waits for another one before giving up
 WORK_DIR = ".partial"  # where a build keeps its embedded chunks until the index is written
@@ -85,6 +86,7 @@ __all__ = [
     "model_mismatches",
     "read_directory",
     "recorded_model_revision",
+    "remove_stale_temporaries",
     "write_atomic",
     "write_directory",
 ]
@@ -236,6 +238,45 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     os.replace(tmp, path)
 
 
+def _process_alive(pid: int) -> bool:
+    """Whether a process with this id exists (one of another user counts as alive)."""
+    if pid <= 0:
+        return True  # not a writer's pid: leave its file alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OverflowError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists
+        return True
+    return True
+
+
+def remove_stale_temporaries(directory: Path) -> list[str]:
+    """Remove the ``.<name>.tmp-<pid>`` files that killed writers left in ``directory``.
+
+    Only files whose writer process is gone are removed (a live writer may still be writing
+    its own). Call it while holding the directory's writer lock, after :func:`recover`.
+
+    Returns:
+        The names removed.
+    """
+    removed = []
+    for path in directory.iterdir():
+        match = _TEMPORARY.fullmatch(path.name)
+        if match is None or (path.is_dir() and not path.is_symlink()) or _process_alive(int(match.group(1))):
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(path.name)
+    if removed:
+        logger.info("removed %d temporary files of interrupted writes in %s: %s", len(removed), directory, removed)
+    return sorted(removed)
+
+
 def commit(directory: Path, writers: dict[str, Callable[[Path], None]]) -> dict[str, Path]:
     """Write several files of ``directory`` so that readers see all old or (after recovery) all new.
 
@@ -249,6 +290,7 @@ def commit(directory: Path, writers: dict[str, Callable[[Path], None]]) -> dict[
 
 def _commit(directory: Path, writers: dict[str, Callable[[Path], None]]) -> dict[str, Path]:
     recover(directory)
+    remove_stale_temporaries(directory)
     renames: list[tuple[str, str]] = []
     for name, write in writers.items():
         if name not in COMMIT_FILES:
@@ -468,6 +510,12 @@ def validate_manifest(manifest: Any) -> None:
     for key in labels:
         _field(labels, key, (int,), f"labels.{key}")
     _field(manifest, "metric", (str,), "metric", required=False)
+    skipped = _field(manifest, "skipped", (list,), "skipped", required=False) or []
+    for i, entry in enumerate(skipped):
+        if not isinstance(entry, dict):
+            raise _ManifestError(f"'skipped[{i}]' must be an object, got {_JSON_TYPES.get(type(entry), 'a value')}")
+        for key in ("source", "reason"):
+            _field(entry, key, (str,), f"skipped[{i}].{key}")
     calibration = _field(manifest, "close_match", (dict, type(None)), "close_match", required=False)
     if calibration:
         _field(calibration, "threshold", _NUMBER, "close_match.threshold", required=False)

@@ -167,7 +167,8 @@ def test_resume_after_interruption(dataset, embedder, built_dir, tmp_path, monke
     with pytest.raises(RuntimeError, match="simulated crash"):
         _build(dataset, out, embedder, batch_size=2, chunk_size=4)
     assert not (out / MANIFEST_FILE).exists() and not (out / INDEX_FILE).exists()
-    assert sorted(p.name for p in (out / ".partial").glob("chunk-*")) == ["chunk-000000.npy", "chunk-000000.parquet"]
+    chunk = sorted(p.name for p in (out / ".partial").glob("chunk-*"))
+    assert chunk == ["chunk-000000.npy", "chunk-000000.parquet", "chunk-000000.skipped.json"]
     with pytest.raises(IndexLoadError, match="missing"):
         PatchIndex.load(out)
 

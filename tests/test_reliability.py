@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -413,6 +414,248 @@ def test_cli_model_revision_option_and_env(monkeypatch):
     monkeypatch.setenv("LGFFEM_MODEL_REVISION", "def")
     assert build_parser().parse_args(["src", "--out", "o"]).model_revision == "def"
     assert evaluate_parser().parse_args(["--gallery", "g"]).model_revision == "def"
+
+
+# -- should fix: bad images are skipped, not fatal ---------------------------------------------------
+
+
+def _bomb_png(width: int = 20000, height: int = 20000) -> bytes:
+    """A 1-pixel PNG whose header claims ``width`` x ``height`` pixels (Pillow refuses it as a decompression bomb)."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    header = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + header))
+    return bytes(data)
+
+
+def _add_bad_images(folder: Path) -> list[dict]:
+    """A text file named .png, an empty JPEG, a truncated JPEG and a bomb; returns their expected manifest entries."""
+    from PIL import Image
+
+    notes, empty, half, bomb = (
+        folder / "red/notes.png",
+        folder / "green/empty.jpg",
+        folder / "blue/half.jpg",
+        folder / "blue/bomb.png",
+    )
+    notes.write_text("not an image\n")
+    empty.write_bytes(b"")
+    jpeg = (folder / "blue" / "blue_0.jpg").read_bytes()
+    half.write_bytes(jpeg[: len(jpeg) // 2])
+    bomb.write_bytes(_bomb_png())
+    with pytest.raises(OSError) as truncated:
+        Image.open(half).load()
+    return [
+        {"source": str(notes), "reason": f"UnidentifiedImageError: cannot identify image file {str(notes)!r}"},
+        {"source": str(empty), "reason": f"UnidentifiedImageError: cannot identify image file {str(empty)!r}"},
+        {"source": str(half), "reason": f"OSError: {truncated.value}"},
+        {
+            "source": str(bomb),
+            "reason": "DecompressionBombError: Image size (400000000 pixels) exceeds limit of "
+            f"{2 * Image.MAX_IMAGE_PIXELS} pixels, could be decompression bomb DOS attack.",  # the app lowers it
+        },
+    ]
+
+
+def _build(folder: Path, out: Path, embedder, **kwargs) -> PatchIndex:
+    kwargs = {"num_workers": 0, "progress": False, "batch_size": 3, "chunk_size": 4, **kwargs}
+    return build_index(load_image_dataset(str(folder)), out, embedder, **kwargs)
+
+
+def _by_source(entries: list[dict]) -> list[dict]:
+    return sorted(entries, key=lambda entry: entry["source"])
+
+
+def test_unreadable_images_are_skipped_logged_and_listed(tmp_path, embedder, caplog):
+    clean = write_folder(tmp_path / "clean", per_class=2)
+    source = write_folder(tmp_path / "source", per_class=2)
+    expected = _add_bad_images(source)
+    caplog.set_level("WARNING", logger="index_build.embedding")
+    index = _build(source, tmp_path / "idx", embedder, num_workers=1)  # decoded in a DataLoader worker
+    reference = _build(clean, tmp_path / "ref", embedder)
+    assert len(index) == 6 and index.manifest["count"] == 6
+    assert [Path(s).relative_to(source) for s in index.sources] == [
+        Path(s).relative_to(clean) for s in reference.sources
+    ]
+    np.testing.assert_allclose(index.reconstruct_all(), reference.reconstruct_all(), rtol=0, atol=1e-6)
+    manifest = json.loads((tmp_path / "idx" / MANIFEST_FILE).read_text())
+    assert _by_source(manifest["skipped"]) == _by_source(expected)
+    assert _by_source(PatchIndex.load(tmp_path / "idx").manifest["skipped"]) == _by_source(expected)  # valid schema
+    assert reference.manifest["skipped"] == []
+    for entry in expected:
+        assert f"({entry['source']}): {entry['reason']}" in caplog.text
+    assert "skipped 4 unreadable images of 10 (listed in the manifest under 'skipped')" in caplog.text
+
+
+def test_strict_build_stops_at_a_bomb_and_names_the_file(tmp_path, embedder):
+    source = write_folder(tmp_path / "source", per_class=1)
+    (source / "blue" / "bomb.png").write_bytes(_bomb_png())
+    bomb = re.escape(str(source / "blue" / "bomb.png"))
+    pattern = rf"cannot read image at row \d+ \({bomb}\): DecompressionBombError: Image size"
+    with pytest.raises(ValueError, match=pattern):
+        _build(source, tmp_path / "idx", embedder, strict=True)
+    assert not storage.has_index(tmp_path / "idx")
+
+
+def test_cli_strict_option(tmp_path, embedder, monkeypatch):
+    from index_build.__main__ import main
+
+    monkeypatch.setattr("index_build.models.load_model", lambda *args, **kwargs: embedder)
+    source = write_folder(tmp_path / "source", per_class=1)
+    (source / "red" / "notes.png").write_text("not an image\n")
+    args = [str(source), "--out", str(tmp_path / "idx"), "--num-workers", "0", "--no-progress"]
+    with pytest.raises(
+        ValueError, match=rf"\({re.escape(str(source / 'red' / 'notes.png'))}\): UnidentifiedImageError"
+    ):
+        main([*args, "--strict"])
+    index = main(args)
+    assert len(index) == 3 and [entry["source"] for entry in index.manifest["skipped"]] == [
+        str(source / "red/notes.png")
+    ]
+
+
+def test_build_killed_between_chunks_resumes_with_its_skipped_images(tmp_path, embedder, monkeypatch, caplog):
+    from index_build import embedding
+
+    source = write_folder(tmp_path / "source", per_class=2)
+    expected = _add_bad_images(source)
+    real = embedding._write_chunk
+
+    def killed(work, chunk, *args):
+        if chunk == 1:
+            raise KeyboardInterrupt
+        real(work, chunk, *args)
+
+    monkeypatch.setattr(embedding, "_write_chunk", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _build(source, tmp_path / "idx", embedder, batch_size=2)  # batches line up with chunks: same sums
+    monkeypatch.setattr(embedding, "_write_chunk", real)
+    caplog.set_level("INFO", logger="index_build.embedding")
+    index = _build(source, tmp_path / "idx", embedder, batch_size=2)
+    assert f"resuming: 4 of 10 rows already embedded in {tmp_path / 'idx' / '.partial'}" in caplog.text
+    whole = _build(source, tmp_path / "whole", embedder, batch_size=2)
+    assert index.sources == whole.sources and len(index) == 6
+    np.testing.assert_array_equal(index.reconstruct_all(), whole.reconstruct_all())
+    assert index.manifest["skipped"] == whole.manifest["skipped"] and _by_source(
+        whole.manifest["skipped"]
+    ) == _by_source(expected)
+
+
+def test_manifest_skipped_entries_are_checked(index_dir):
+    _edit_manifest(index_dir, lambda m: m.update(skipped=[{"source": "a.png", "reason": 3}]))
+    with pytest.raises(IndexLoadError, match=r"manifest.json.*'skipped\[0\].reason' must be a string, got an integer"):
+        PatchIndex.load(index_dir)
+
+
+# -- should fix: resume messages and reruns after a kill -----------------------------------------------
+
+
+def test_resume_after_every_chunk_was_embedded_counts_rows_right(tmp_path, embedder, monkeypatch, caplog):
+    source = write_folder(tmp_path / "source", per_class=2)  # 6 rows, chunks of 4: the last one is short
+
+    def killed(*args, **kwargs):  # killed after embedding everything, before the index was written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("index_build.embedding.write_index", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _build(source, tmp_path / "idx", embedder)
+    monkeypatch.undo()
+    caplog.set_level("INFO", logger="index_build.embedding")
+    assert len(_build(source, tmp_path / "idx", embedder)) == 6
+    assert f"resuming: 6 of 6 rows already embedded in {tmp_path / 'idx' / '.partial'}" in caplog.text  # was 8 of 6
+
+
+def test_rerun_of_a_build_killed_after_its_commit_succeeds(tmp_path, embedder, monkeypatch, caplog):
+    from index_build.__main__ import main
+
+    monkeypatch.setattr("index_build.models.load_model", lambda *args, **kwargs: embedder)
+    source, out = write_folder(tmp_path / "source", per_class=1), tmp_path / "idx"
+    args = [str(source), "--out", str(out), "--num-workers", "0", "--no-progress"]
+    real_rmtree = shutil.rmtree
+
+    def killed(path, *args, **kwargs):  # the process dies after the commit, before removing .partial
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("index_build.embedding.shutil.rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    monkeypatch.setattr("index_build.embedding.shutil.rmtree", real_rmtree)
+    assert storage.has_index(out) and (out / ".partial").is_dir()
+    caplog.set_level("INFO", logger="index_build.embedding")
+    index = main(args)  # was: "an index already exists in ...; pass --append or --overwrite"
+    assert len(index) == 3 and not (out / ".partial").exists()
+    assert f"{out} already holds this build (it was interrupted after writing the index); removed" in caplog.text
+    with pytest.raises(SystemExit):  # nothing left to finish: the same command is refused again
+        main(args)
+
+
+def test_partial_build_of_other_data_does_not_pass_for_the_index(tmp_path, embedder, monkeypatch):
+    first, second = write_folder(tmp_path / "first", per_class=1), write_folder(tmp_path / "second", per_class=2)
+    _build(first, tmp_path / "idx", embedder)
+
+    def killed(*args, **kwargs):  # an --overwrite with other data, killed before its commit
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("index_build.embedding.write_index", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _build(second, tmp_path / "idx", embedder, overwrite=True)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="an index already exists"):
+        _build(second, tmp_path / "idx", embedder)
+    assert len(PatchIndex.load(tmp_path / "idx")) == 3
+
+
+KILLED_COMMIT = """
+import os, signal, sys
+from pathlib import Path
+import numpy as np
+from index_build import storage
+from index_build.patch_index import PatchIndex
+
+index = PatchIndex.load(Path(sys.argv[1]))
+real_replace = os.replace
+
+def replace(src, dst):
+    if Path(dst).name == storage.JOURNAL_FILE:  # staged files written, journal not yet committed
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst)
+
+storage.os.replace = replace
+index.add_embeddings(np.ones((1, index.dim)), ["x"], ["x.png"], [b""])
+"""
+
+
+def test_temporary_files_of_a_killed_writer_are_removed_at_the_next_write(index_dir):
+    import signal
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    killed = subprocess.run([sys.executable, "-c", KILLED_COMMIT, str(index_dir)], env=env, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    leftovers = sorted(p.name for p in index_dir.iterdir() if ".tmp-" in p.name)
+    assert [name.rsplit("-", 1)[0] for name in leftovers] == [
+        "..commit.json.tmp",
+        ".index.faiss.tmp",
+        ".manifest.json.tmp",
+        ".metadata.parquet.tmp",
+    ]
+    assert (index_dir / leftovers[1]).stat().st_size > 0
+    live = index_dir / f".index.faiss.tmp-{os.getppid()}"  # a writer that is still running keeps its file
+    live.write_bytes(b"in progress")
+    index = PatchIndex.load(index_dir)
+    assert len(index) == 6  # the killed add never committed
+    index.add_embeddings(np.ones((1, index.dim)), ["y"], ["y.png"], [b""])
+    assert sorted(p.name for p in index_dir.iterdir() if ".tmp-" in p.name) == [live.name]
+    assert len(PatchIndex.load(index_dir)) == 7
 
 
 # -- should fix: messages that say what is wrong ---------------------------------------------------
