@@ -105,9 +105,20 @@ def label_strings(ds: datasets.Dataset, label_column: Optional[str] = None, sour
     return strings
 
 
+def _image_files(root: Path) -> list[Path]:
+    return sorted(p.relative_to(root) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def single_class(root: Path) -> Optional[str]:
+    """The class name when every image of ``root`` sits directly in one and the same sub-folder, else ``None``."""
+    files = _image_files(root)
+    folders = {f.parts[0] if len(f.parts) == 2 else None for f in files}
+    return next(iter(folders)) if len(folders) == 1 and None not in folders else None
+
+
 def folder_layout_problem(root: Path) -> str:
     """Why the imagefolder loader found no classes in ``root``: what is wrong with its layout, and the fix."""
-    files = sorted(p.relative_to(root) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = _image_files(root)
     expected = f"put each class's images directly in its own sub-folder ({root}/<class>/*.png)"
     nested = sorted({str(f.parent) for f in files if len(f.parts) > 2})
     loose = [str(f) for f in files if len(f.parts) == 1]
@@ -122,12 +133,6 @@ def folder_layout_problem(root: Path) -> str:
     if loose:
         shown = ", ".join(loose[:3]) + (f" and {len(loose) - 3} more" if len(loose) > 3 else "")
         return f"{root} has images outside its class sub-folders ({shown}): {expected}"
-    if len(classes) == 1:
-        return (
-            f"{root} has a single class sub-folder ({classes[0]!r}); classes are taken from the sub-folder names "
-            "only when there are at least two: add the other classes' sub-folders, or use a parquet file with a "
-            "'label' column"
-        )
     return f"{root}: no classes could be told from its sub-folders ({len(files)} images): {expected}"
 
 
@@ -181,8 +186,14 @@ def load_image_dataset(
     raw, split_name = _load_raw(source, kind, split, revision)
     image_col = _image_column(raw, image_column)
     if kind == "imagefolder" and label_column is None and "label" not in raw.column_names:
-        raise ValueError(folder_layout_problem(Path(os.path.expanduser(source))))
-    labels = label_strings(raw, label_column, source)
+        # datasets' loader gives no labels for a single class folder: that one class is the label
+        # (e.g. ``--append more/new_class``); any other layout is an error that says what is wrong
+        single = single_class(Path(os.path.expanduser(source)))
+        if single is None:
+            raise ValueError(folder_layout_problem(Path(os.path.expanduser(source))))
+        labels = [single] * len(raw)
+    else:
+        labels = label_strings(raw, label_column, source)
     sources = _sources(raw, image_col, kind, source, split_name)
     ds = raw.select_columns([image_col])
     if image_col != "image":

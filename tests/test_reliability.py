@@ -674,11 +674,6 @@ def _images(root: Path, *paths: str) -> Path:
     ("paths", "message"),
     [
         (
-            ["tumour/1.png", "tumour/2.png"],
-            "{root} has a single class sub-folder ('tumour'); classes are taken from the sub-folder names only when "
-            "there are at least two: add the other classes' sub-folders, or use a parquet file with a 'label' column",
-        ),
-        (
             ["1.png", "2.png", "3.png"],
             "{root} has its 3 images directly in the folder, without class sub-folders: put each class's images "
             "directly in its own sub-folder ({root}/<class>/*.png)",
@@ -700,6 +695,14 @@ def test_image_folder_layout_problems_are_named(tmp_path, paths, message):
     with pytest.raises(ValueError) as err:
         load_image_dataset(str(root))
     assert str(err.value) == message.format(root=root)
+
+
+def test_a_single_class_folder_is_that_class(tmp_path):
+    """One class sub-folder (e.g. ``--append more/new_class``): every image gets that folder's name."""
+    root = _images(tmp_path / "images", "tumour/1.png", "tumour/2.png")
+    ds = load_image_dataset(str(root))
+    assert ds["label"] == ["tumour", "tumour"]
+    assert [Path(s).name for s in ds["source"]] == ["1.png", "2.png"]
 
 
 def test_empty_labels_are_refused(tmp_path, embedder, index_dir):
