@@ -122,3 +122,34 @@ def test_top1_similarity_separates_tissue_queries_from_photographs(default):
     top_in, top_out = (xq @ xb.T).max(axis=1), (xo @ xb.T).max(axis=1)
     assert len(top_in) == 100 and len(top_out) == 40
     assert auroc(top_in, top_out) >= 0.95
+
+
+@needs_data
+def test_the_page_says_no_close_match_for_lymphocytes_and_suggests_lung_classes(default, tmp_path):
+    """End to end on the whole lung gallery, indexed as ``python -m index_build`` does and searched
+    through the app: colon lymphocyte tiles (another dataset, a tissue the gallery lacks) get "no close
+    match"; lung queries (never trained on) get a suggestion, and it is their class."""
+    from app import SearchApp
+    from index_build.data import load_image_dataset
+    from index_build.embedding import build_index
+
+    embedder = models.Embedder(model=default, processor=models.LgffemImageProcessor.from_config(default.config))
+    gallery = load_image_dataset(str(DATA / "lc25000_lung" / "gallery"))
+    build_index(gallery, tmp_path / "lung", embedder, num_workers=1, progress=False)
+    app = SearchApp.create(index=str(tmp_path / "lung"), data_dir=tmp_path / "data", embedder=embedder)
+    threshold = app.index.close_match_threshold
+    assert 0.8 < threshold < 0.95
+
+    no_match = "### No close match in this gallery"
+    lymphocytes = sorted((DATA / "crc_samples" / "LYM").iterdir())
+    outcomes = [app.search(str(p)).summary.startswith(no_match) for p in lymphocytes]
+    assert outcomes == [True, True, True, True, False]  # the fifth tile scores 0.870, just above the threshold
+
+    suggested = {}
+    for cls in ("lung_aca", "lung_n", "lung_scc"):
+        for path in sorted((DATA / "lc25000_lung" / "query" / cls).glob("*.jpg"))[:10]:
+            summary = app.search(str(path)).summary
+            assert summary.startswith("### Suggestion: **"), summary
+            suggested[path.name] = (cls, summary.split("**")[1])
+    right = sum(cls == guess for cls, guess in suggested.values())
+    assert (len(suggested), right) == (30, RIGHT_OF_30)
