@@ -169,9 +169,17 @@ class FeatureCache:
         progress: bool = False,
         autocast=None,
     ) -> None:
-        """Run the backbone over ``pairs`` and store its maps."""
+        """Run the backbone over ``pairs`` and store its maps.
+
+        Runs on a forked CPU RNG: its DataLoader draws a seed from torch's generator, which would
+        otherwise shift the training's dropout masks away from the plain path's.
+        """
         if not pairs:
             return
+        with torch.random.fork_rng(devices=[]):
+            self._fill(model, dataset, pairs, processor, cfg, seed, device, batch_size, num_workers, progress, autocast)
+
+    def _fill(self, model, dataset, pairs, processor, cfg, seed, device, batch_size, num_workers, progress, autocast):
         from tqdm.auto import tqdm
 
         loader = torch.utils.data.DataLoader(

@@ -429,8 +429,8 @@ def train(cfg: TrainConfig, train_dataset=None, eval_gallery=None, eval_queries=
         if cache is not None:
             indices, _ = batch
             maps = cache.get(indices.cpu(), torch.from_numpy(views[indices.cpu().numpy()]), accelerator.device)
-        elif accelerator.num_processes == 1:
-            maps = raw_model.backbone_features(batch[0])
+        elif accelerator.num_processes == 1:  # channels-last as the cache gives them: same arithmetic, same model
+            maps = [m.contiguous(memory_format=torch.channels_last) for m in raw_model.backbone_features(batch[0])]
         else:  # the wrapped model's forward keeps the gradients synchronised across processes
             pixels = batch[0]
             embeddings = model(pixels, normalize=False).embeddings.float()
