@@ -230,11 +230,12 @@ class SearchApp:
         if not found.hits:
             raise InputError(f"no gallery patch has the label {label!r}")
         gallery, table = result_rows(found)
+        shares = {lab: n / sum(n for _, n in found.votes) for lab, n in found.votes}
         elapsed = 1000 * (time.perf_counter() - started)
         logger.info("search: %s px, %d tiles, k=%d, %.0f ms", query.size, len(found.tiles), k_int, elapsed)
         return SearchOutputs(
             gallery=gallery,
-            votes={lab: n / sum(n for _, n in found.votes) for lab, n in found.votes},
+            votes=None if found.close_match is False else shares,  # no close match: no chart that reads as a suggestion
             summary=result_summary(found, query.size, self.input_size, label),
             overview=draw_tile_grid(found.work, found.tiles),
             tiles=tile_views(found, self.embedder.processor),

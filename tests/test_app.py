@@ -289,6 +289,26 @@ def test_search_finds_itself(search_app, starter_subset, tmp_path):
     assert np.abs(np.asarray(out.tiles[0][0], int) - np.asarray(images[3], int)).max() <= 1  # undone normalisation
 
 
+def test_no_close_match_shows_no_suggestion(search_app, starter_subset, tmp_path, monkeypatch):
+    """Below the gallery's close-match threshold: the headline says so, no vote chart, results kept for reference."""
+    images, _, _ = starter_subset
+    path = save(images[3], tmp_path / "q.png")
+    threshold = search_app.index.close_match_threshold
+    assert threshold is not None
+    out = search_app.search(path, 8, app.ANY_LABEL)  # the query is a gallery patch: similarity 1.0
+    assert out.summary.startswith("### Suggestion: **") and out.votes is not None
+    assert f"Best similarity 1.000 (close-match threshold {threshold:.3f})" in out.summary
+    calibration = dict(search_app.index.manifest["close_match"], threshold=1.5)  # nothing reaches it
+    monkeypatch.setitem(search_app.index.manifest, "close_match", calibration)
+    out = search_app.search(path, 8, app.ANY_LABEL)
+    assert out.summary.startswith(
+        "### No close match in this gallery\nThe best similarity, 1.000, is below this gallery's close-match "
+        "threshold 1.500"
+    )
+    assert out.votes is None and "### Suggestion" not in out.summary
+    assert len(out.gallery) == 8 and len(out.table) == 8
+
+
 def test_page_search_writes_fresh_files_per_response(search_app, tmp_path):
     """Two identical searches never share (and so never rewrite) a result file: gradio would cache a
     PIL image under a content hash and rewrite it while an earlier response is still sending it."""
@@ -311,7 +331,8 @@ def test_label_filter(search_app, tmp_path):
     path = save(tissue(64), tmp_path / "q.png")
     out = search_app.search(path, 8, "background")
     assert [row[1] for row in out.table] == ["background"] * 5  # the subset holds exactly 5 background tiles
-    assert out.votes == {"background": 1.0}
+    # a tissue query is far from bare glass: below the threshold, so no vote chart (it would read 100% background)
+    assert out.summary.startswith("### No close match in this gallery") and out.votes is None
 
 
 def test_large_query_is_tiled(search_app, tmp_path):
