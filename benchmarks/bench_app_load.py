@@ -7,6 +7,12 @@ from the LC25000 query split, fire their search at the same moment; the script p
 the latency distribution (queueing included), then stops the server.
 
     python benchmarks/bench_app_load.py [--requests 20] [--concurrency 2] [--model default]
+
+With ``--clients C``, C clients instead search one after another until ``--requests`` searches are
+done (at most C in flight), and the server's resident memory is sampled every ``--rss-every``
+searches (issue 13's 1,000 searches at concurrency 10, RSS after 2,000):
+
+    python benchmarks/bench_app_load.py --requests 2000 --clients 10 --rss-every 250
 """
 
 from __future__ import annotations
@@ -38,7 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--queries", default=str(SHARED / "lc25000_lung" / "query"))
     parser.add_argument("--model", default="default")
     parser.add_argument("--cache", default="/tmp/lgffem-bench", help="where the gallery index is built and kept")
-    parser.add_argument("--requests", type=int, default=20, help="concurrent searches")
+    parser.add_argument("--requests", type=int, default=20, help="searches (all at once unless --clients)")
+    parser.add_argument("--clients", type=int, default=None, help="client threads, each searching in a loop")
+    parser.add_argument("--rss-every", type=int, default=250, help="sample the server's RSS every N searches")
     parser.add_argument("--concurrency", type=int, default=2, help="the app's queue workers (--concurrency)")
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--sequential", type=int, default=5, help="single searches timed one after another first")
@@ -84,8 +92,17 @@ def query_images(folder: Path, n: int) -> list[tuple[Path, str]]:
     picks = []
     for i in range(n):
         label = sorted(per_class)[i % len(per_class)]
-        picks.append((per_class[label][i // len(per_class)], label))
+        files = per_class[label]
+        picks.append((files[(i // len(per_class)) % len(files)], label))
     return picks
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MB (Linux ``/proc``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def wait_ready(url: str, server: subprocess.Popen, timeout: float):
@@ -154,15 +171,19 @@ def main(argv=None) -> int:
                 handle_file(args.tiled_query), args.k, app.ANY_LABEL, app.TILE_MODES[0], api_name="/search"
             )
             tiled = (time.perf_counter() - t0, len(out[4]))
-        clients = [Client(url, verbose=False, download_files=False) for _ in range(args.requests)]
-        barrier = threading.Barrier(args.requests)
+        n_clients = args.clients or args.requests
+        clients = [Client(url, verbose=False, download_files=False) for _ in range(n_clients)]
+        barrier = threading.Barrier(n_clients)
+        lock = threading.Lock()
+        counter = iter(range(args.requests))
+        done = [0]
+        rss = [(0, rss_mb(server.pid))]
 
-        def one(i: int) -> tuple[float, str | None, str]:
+        def one(client, i: int) -> tuple[float, str | None, str]:
             path, label = queries[i]
-            barrier.wait()
             t0 = time.perf_counter()
             try:
-                out = clients[i].predict(
+                out = client.predict(
                     handle_file(str(path)), args.k, app.ANY_LABEL, app.TILE_MODES[0], api_name="/search"
                 )
             except Exception as err:  # noqa: BLE001 - a failed request is what we count
@@ -171,12 +192,28 @@ def main(argv=None) -> int:
             gallery, _votes, summary = out[0], out[1], out[2]
             if summary.startswith("⚠️") or len(gallery) != args.k:
                 return elapsed, f"bad answer: {summary[:120]!r}, {len(gallery)} results", label
+            if summary.startswith("### No close match"):
+                return elapsed, None, "no close match"
             suggestion = summary.split("**")[1]
             return elapsed, None, "ok" if suggestion == label else "wrong"
 
+        def worker(c: int) -> list[tuple[float, str | None, str]]:
+            barrier.wait()
+            out = []
+            while True:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return out
+                out.append(one(clients[c], i))
+                with lock:
+                    done[0] += 1
+                    if done[0] % args.rss_every == 0:
+                        rss.append((done[0], rss_mb(server.pid)))
+
         wall0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=args.requests) as pool:
-            results = list(pool.map(one, range(args.requests)))
+        with ThreadPoolExecutor(max_workers=n_clients) as pool:
+            results = [r for chunk in pool.map(worker, range(n_clients)) for r in chunk]
         wall = time.perf_counter() - wall0
     finally:
         server.terminate()
@@ -187,9 +224,11 @@ def main(argv=None) -> int:
     latencies = np.array([r[0] for r in results])
     failures = [r[1] for r in results if r[1]]
     correct = sum(r[2] == "ok" for r in results)
+    unmatched = sum(r[2] == "no close match" for r in results)
     print(
-        f"\n{args.requests} concurrent searches, k={args.k}, app --concurrency {args.concurrency}, model "
-        f"{args.model}, CPU ({os.cpu_count()} cores)"
+        f"\n{args.requests} searches from {args.clients or args.requests} concurrent clients, k={args.k}, app "
+        f"--concurrency {args.concurrency}, model {args.model}, CPU ({os.cpu_count()} cores); "
+        f"{unmatched} answered 'no close match'"
     )
     print("| requests | failures | p50 (s) | p95 (s) | max (s) | wall (s) | searches/s | suggestion = query class |")
     print("|---|---|---|---|---|---|---|---|")
@@ -198,6 +237,11 @@ def main(argv=None) -> int:
         f"{np.percentile(latencies, 95):.2f} | {latencies.max():.2f} | {wall:.2f} | {args.requests / wall:.2f} | "
         f"{correct}/{args.requests - len(failures)} |"
     )
+    if len(rss) > 1:
+        print("\n| searches done | server RSS (MB) |")
+        print("|---|---|")
+        for n, mb in rss:
+            print(f"| {n} | {mb:.0f} |")
     if sequential:
         print(
             f"\none search at a time (no load), {len(sequential)} queries of 224 px: p50 "
