@@ -146,16 +146,16 @@ class SearchApp:
         Raises:
             StartupError: the model or index cannot be loaded, or they do not match.
         """
-        galleries, index_dir = open_galleries(
+        galleries, index = open_galleries(
             model, index, data_dir, device, index_revision, embedder, model_revision, DEFAULT_DATA_DIR
         )
         main, size = galleries.main, galleries.embedder.config.image_size
-        if index_dir is None:
+        if index is None:
             info = starter_description(len(main), Counter(main.row_labels), size, HOW_TO_LOAD)
         else:
-            info = index_info(index or os.environ.get("LGFFEM_INDEX", ""), main)
+            info = index_info(index, main)
         app = cls(galleries, galleries.data_dir, info)
-        if index_dir is None:
+        if index is None:
             app.examples = write_starter_examples(galleries.data_dir / "examples")
         return app
 

@@ -226,7 +226,7 @@ def main(argv=None) -> int:
     correct = sum(r[2] == "ok" for r in results)
     unmatched = sum(r[2] == "no close match" for r in results)
     print(
-        f"\n{args.requests} searches from {args.clients or args.requests} concurrent clients, k={args.k}, app "
+        f"\n{args.requests} searches from {n_clients} concurrent clients, k={args.k}, app "
         f"--concurrency {args.concurrency}, model {args.model}, CPU ({os.cpu_count()} cores); "
         f"{unmatched} answered 'no close match'"
     )

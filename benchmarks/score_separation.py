@@ -24,13 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from index_build.calibration import close_match_threshold  # noqa: E402
 from index_build.evaluate import BackboneEmbedder  # noqa: E402
+from index_build.metrics import auroc  # noqa: E402
 from index_build.models import load_model  # noqa: E402
+from index_build.sources import IMAGE_EXTENSIONS  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "camera", "coins", "brick")
 
 
 def photo_crops(seed: int = 0, per_image: int = 5) -> list[Image.Image]:
-    """Random square crops (a quarter to a half of the short side) of scikit-image's photographs."""
+    """Random square crops (a quarter to a half of the short side) of scikit-image's photographs, 224 px:
+    inputs with no tissue (also used by ``tests/test_default_model.py``)."""
     import skimage.data as sd
 
     rng = np.random.default_rng(seed)
@@ -46,15 +49,8 @@ def photo_crops(seed: int = 0, per_image: int = 5) -> list[Image.Image]:
 
 
 def folder(root: Path) -> tuple[list[Path], list[str]]:
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in {".jpg", ".png", ".tif", ".tiff"})
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
     return files, [p.parent.name for p in files]
-
-
-def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
-    """P(a positive scores above a negative), ties counting half."""
-    greater = (positive[:, None] > negative[None, :]).mean()
-    ties = (positive[:, None] == negative[None, :]).mean()
-    return float(greater + 0.5 * ties)
 
 
 def embed(embedder, paths: list[Path]) -> np.ndarray:

@@ -145,7 +145,7 @@ def open_galleries(
     embedder: Optional[Embedder] = None,
     model_revision: Optional[str] = None,
     default_data_dir: Union[str, Path] = "~/.cache/lgffem",
-) -> tuple[Galleries, Optional[Path]]:
+) -> tuple[Galleries, Optional[str]]:
     """Everything a search service loads at start-up: the model, the main gallery and the personal one.
 
     Args:
@@ -160,7 +160,8 @@ def open_galleries(
             ``None``: ``$LGFFEM_MODEL_REVISION``, else the commit the index records for this model.
 
     Returns:
-        The galleries and the main index folder (``None`` for the starter gallery).
+        The galleries and the main index as given or taken from ``$LGFFEM_INDEX`` (``None``: the
+        starter gallery).
 
     Raises:
         StartupError: the model or index cannot be loaded, or they do not match.
@@ -189,7 +190,7 @@ def open_galleries(
     except (OSError, ValueError) as err:
         raise StartupError(f"could not load the model {model or 'default'!r}: {err}") from err
     try:
-        return Galleries.open(embedder, index_dir, data_dir), index_dir
+        return Galleries.open(embedder, index_dir, data_dir), index
     except PersonalGalleryError as err:
         raise StartupError(str(err)) from err
     except IndexLoadError as err:

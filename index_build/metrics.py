@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "auroc",
     "average_precision_at_k",
     "kimia_eta",
     "majority_vote_at_k",
@@ -167,3 +168,11 @@ def kimia_eta(query_labels: Sequence[Any], top1_labels: Sequence[Any]) -> dict[s
     eta_p = float(hits.mean())
     eta_w = float(np.mean(list(per_class_mean(q, hits).values())))
     return {"eta_p": eta_p, "eta_w": eta_w, "eta_total": eta_p * eta_w}
+
+
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """Area under the ROC curve of scores: P(a positive scores above a negative), ties counting half."""
+    positive, negative = np.asarray(positive), np.asarray(negative)
+    greater = (positive[:, None] > negative[None, :]).mean()
+    ties = (positive[:, None] == negative[None, :]).mean()
+    return float(greater + 0.5 * ties)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from benchmarks.score_separation import photo_crops
 from index_build import models
+from index_build.metrics import auroc
 from modeling_lgffem import LgffemConfig, LgffemModel
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -82,31 +83,8 @@ def test_save_pretrained_of_the_default_is_a_complete_hub_folder(default, tmp_pa
         torch.testing.assert_close(loaded(x).embeddings, default(x).embeddings, rtol=0, atol=1e-6)
 
 
-def _crops(seed: int = 0, per_image: int = 5) -> list[Image.Image]:
-    """Random square crops of skimage's photographs (no tissue), resized to 224 px."""
-    import skimage.data as sd
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for name in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "camera", "coins", "brick"):
-        image = Image.fromarray(getattr(sd, name)()).convert("RGB")
-        w, h = image.size
-        for _ in range(per_image):
-            side = int(rng.integers(min(w, h) // 4, min(w, h) // 2 + 1))
-            x0, y0 = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
-            out.append(image.crop((x0, y0, x0 + side, y0 + side)).resize((224, 224)))
-    return out
-
-
 def _files(folder: Path, every: int) -> list[Path]:
     return sorted(p for p in folder.rglob("*.jpg"))[::every]
-
-
-def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
-    """P(a positive scores above a negative), ties counting half."""
-    greater = (positive[:, None] > negative[None, :]).mean()
-    ties = (positive[:, None] == negative[None, :]).mean()
-    return float(greater + 0.5 * ties)
 
 
 @needs_data
@@ -118,7 +96,7 @@ def test_top1_similarity_separates_tissue_queries_from_photographs(default):
     queries = _files(DATA / "lc25000_lung" / "query", 9) + _files(DATA / "lc25000_colon" / "query", 4)
     xb = embedder.embed_images([Image.open(p) for p in gallery])
     xq = embedder.embed_images([Image.open(p) for p in queries])
-    xo = embedder.embed_images(_crops())
+    xo = embedder.embed_images(photo_crops())
     top_in, top_out = (xq @ xb.T).max(axis=1), (xo @ xb.T).max(axis=1)
     assert len(top_in) == 100 and len(top_out) == 40
     assert auroc(top_in, top_out) >= 0.95

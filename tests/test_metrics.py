@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from index_build.metrics import (
+    auroc,
     average_precision_at_k,
     kimia_eta,
     majority_vote_at_k,
@@ -121,3 +122,9 @@ def test_kimia_eta_bad_input():
         kimia_eta(["a", "b"], ["a"])
     with pytest.raises(ValueError, match="no queries"):
         kimia_eta([], [])
+
+
+def test_auroc_counts_ties_half():
+    # pairs (positive, negative): 0.9>0.1, 0.9>0.8, 0.8>0.1, 0.8=0.8 -> (3 + 0.5) / 4
+    assert auroc([0.9, 0.8], [0.1, 0.8]) == 0.875
+    assert auroc([0.1], [0.9]) == 0.0
