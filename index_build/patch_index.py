@@ -27,6 +27,7 @@ from index_build.storage import (
     FORMAT_VERSION,
     JOURNAL_FILE,
     MANIFEST_FILE,
+    OPTIONAL_COLUMNS,
     THUMBNAIL_QUALITY,
     THUMBNAIL_SIZE,
     ImageLike,
@@ -46,7 +47,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EmbedderLike", "PatchIndex", "SearchResult", "check_manifest_matches", "write_index"]
+__all__ = ["EmbedderLike", "IndexChangedError", "PatchIndex", "SearchResult", "check_manifest_matches", "write_index"]
+
+
+class IndexChangedError(RuntimeError):
+    """The rows to delete were changed by another writer since the caller read them."""
 
 
 class EmbedderLike(Protocol):
@@ -109,6 +114,9 @@ class PatchIndex:
         embedder: the model used to embed image queries (``None``: embeddings only).
         row_labels: label of every id (list, id order).
         sources: source reference of every id.
+        extra: the optional metadata columns (:data:`~index_build.storage.OPTIONAL_COLUMNS`) the
+            index has, name -> one value (or ``None``) per id; e.g. ``"added"`` and ``"sha256"``
+            in a personal gallery.
     """
 
     def __init__(
@@ -123,6 +131,9 @@ class PatchIndex:
         self._thumbnails = metadata.column("thumbnail").combine_chunks()
         self._label_array = np.asarray(self.row_labels, dtype=object)
         self._label_set = frozenset(self.row_labels)
+        self.extra: dict[str, list] = {
+            name: metadata.column(name).to_pylist() for name in OPTIONAL_COLUMNS if name in metadata.column_names
+        }
 
     @classmethod
     def load(
@@ -184,7 +195,7 @@ class PatchIndex:
 
     def metadata_table(self) -> pa.Table:
         """The metadata of every id, in id order."""
-        return metadata_table(np.arange(len(self)), self.row_labels, self.sources, self._thumbnails)
+        return metadata_table(np.arange(len(self)), self.row_labels, self.sources, self._thumbnails, self.extra)
 
     # -- search -----------------------------------------------------------------------
 
@@ -267,7 +278,11 @@ class PatchIndex:
     # -- append -----------------------------------------------------------------------
 
     def add(
-        self, images: Sequence[ImageLike], labels: Sequence[str], sources: Optional[Sequence[str]] = None
+        self,
+        images: Sequence[ImageLike],
+        labels: Sequence[str],
+        sources: Optional[Sequence[str]] = None,
+        extra: Optional[dict[str, Sequence]] = None,
     ) -> np.ndarray:
         """Embed images and append them to the index on disk (atomic). Returns their new ids.
 
@@ -275,6 +290,7 @@ class PatchIndex:
             images: PIL images or arrays.
             labels: one label per image.
             sources: one source reference per image (default ``"added:<id>"``).
+            extra: optional metadata columns, name -> one value per image (see :attr:`extra`).
         """
         images = list(images)
         if len(labels) != len(images) or (sources is not None and len(sources) != len(images)):
@@ -285,7 +301,7 @@ class PatchIndex:
         thumbnails = [make_thumbnail(image) for image in images]
         if sources is None:
             sources = [f"added:{len(self) + i}" for i in range(len(images))]
-        return self.add_embeddings(xb, labels, sources, thumbnails)
+        return self.add_embeddings(xb, labels, sources, thumbnails, extra=extra)
 
     def add_embeddings(
         self,
@@ -295,6 +311,7 @@ class PatchIndex:
         thumbnails: Sequence[bytes],
         skip_existing: bool = False,
         skipped: Optional[Sequence[dict]] = None,
+        extra: Optional[dict[str, Sequence]] = None,
     ) -> np.ndarray:
         """Append precomputed embeddings with their metadata and rewrite the directory atomically.
 
@@ -309,6 +326,8 @@ class PatchIndex:
                 nothing twice.
             skipped: unreadable images left out of this append (``{"source", "reason"}`` each),
                 added to the manifest's ``"skipped"`` list (once each).
+            extra: optional metadata columns (:data:`~index_build.storage.OPTIONAL_COLUMNS`), name
+                -> one value per row; rows of a column the index or this append lacks get ``None``.
 
         Returns:
             The ids of the rows added (skipped rows have none).
@@ -318,12 +337,16 @@ class PatchIndex:
         if xb.shape[1] != self.dim or not len(labels) == len(sources) == len(thumbnails) == n:
             raise ValueError(f"need an N x {self.dim} array and N labels, sources, thumbnails; got {xb.shape}")
         labels, sources, thumbnails = list(labels), list(sources), list(thumbnails)
+        extra = {name: list(values) for name, values in (extra or {}).items()}
+        unknown = sorted(set(extra) - set(OPTIONAL_COLUMNS))
+        if unknown or any(len(values) != n for values in extra.values()):
+            raise ValueError(f"extra columns must be among {list(OPTIONAL_COLUMNS)} with one value per row")
         blank = [i for i, label in enumerate(labels) if not str(label).strip()]
         if blank:
             raise ValueError(f"every row needs a label (a class name); rows {blank[:10]} have an empty one")
         with index_lock(self.path):
             self._refresh()
-            return self._append(xb, labels, sources, thumbnails, skip_existing, list(skipped or ()))
+            return self._append(xb, labels, sources, thumbnails, skip_existing, list(skipped or ()), extra)
 
     def _refresh(self) -> None:
         """Reload the directory if another writer committed since this object read it."""
@@ -347,6 +370,7 @@ class PatchIndex:
         thumbnails: list[bytes],
         skip_existing: bool,
         skipped: list[dict],
+        extra: dict[str, list],
     ) -> np.ndarray:
         n = xb.shape[0]
         recorded = self.manifest.get("skipped", [])
@@ -358,26 +382,118 @@ class PatchIndex:
                 logger.info("skipped %d of %d rows already in %s", n - len(keep), n, self.path)
             xb = xb[keep]
             labels, sources, thumbnails = ([values[i] for i in keep] for values in (labels, sources, thumbnails))
+            extra = {name: [values[i] for i in keep] for name, values in extra.items()}
             n = len(keep)
             if n == 0 and not skipped:
                 return np.zeros(0, dtype=np.int64)
         faiss.normalize_L2(xb)
         new_ids = np.arange(len(self), len(self) + n, dtype=np.int64)
-        metadata = pa.concat_tables([self.metadata_table(), metadata_table(new_ids, labels, sources, thumbnails)])
+        columns = {
+            name: (self.extra.get(name) or [None] * len(self)) + (extra.get(name) or [None] * n)
+            for name in OPTIONAL_COLUMNS
+            if name in self.extra or name in extra
+        }
+        metadata = metadata_table(
+            np.arange(len(self) + n),
+            self.row_labels + labels,
+            self.sources + sources,
+            pa.concat_arrays([self._thumbnails, pa.array(thumbnails, pa.binary())]),
+            columns,
+        )
         index = faiss.clone_index(self.index)
         index.add(xb)
-        set_search_params(index, self.manifest["index"].get("params", {}))
         manifest = dict(self.manifest, updated=now())
         if skipped:
             manifest["skipped"] = [*recorded, *skipped]
-        try:  # recalibrate on the grown gallery (exact for flat and HNSW, decoded codes otherwise)
-            manifest["close_match"] = close_match_threshold(index.reconstruct_n(0, index.ntotal))
+        self._commit(index, metadata, manifest)
+        logger.info("appended %d vectors to %s (now %d)", n, self.path, len(self))
+        return new_ids
+
+    def _commit(self, index: faiss.Index, metadata: pa.Table, manifest: dict) -> None:
+        """Recalibrate, write the directory atomically (caller holds the writer lock) and become it."""
+        set_search_params(index, self.manifest["index"].get("params", {}))
+        try:  # recalibrate on the changed gallery (exact for flat and HNSW, decoded codes otherwise)
+            vectors = index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, index.d), np.float32)
+            manifest["close_match"] = close_match_threshold(vectors)
         except RuntimeError:  # an IVF index without a direct map cannot reconstruct: keep the old value
             pass
         manifest = write_directory(self.path, index, metadata, manifest)
         self.__init__(self.path, index, metadata, manifest, self.embedder)
-        logger.info("appended %d vectors to %s (now %d)", n, self.path, len(self))
-        return new_ids
+
+    def reload_if_changed(self) -> bool:
+        """Reload the directory if another writer (process) committed since this object read it.
+
+        Returns:
+            Whether it was reloaded.
+
+        Raises:
+            IndexLoadError: the directory on disk cannot be read now.
+        """
+        before = self.manifest.get("files")
+        self._refresh()
+        return self.manifest.get("files") != before
+
+    # -- delete -----------------------------------------------------------------------
+
+    def remove(self, ids: Sequence[int], expected: Optional[dict[int, str]] = None) -> int:
+        """Delete rows (vectors and metadata) and rewrite the directory atomically. Returns how many.
+
+        Holds the directory's writer lock and deletes from what is committed on disk now. The
+        remaining rows are renumbered ``0 .. N-1`` in their old order (ids are row numbers), so
+        ids read before a delete must not be reused after it: pass ``expected``.
+
+        Args:
+            ids: the rows to delete.
+            expected: id -> the source the caller saw at that id; if another writer changed the
+                index since, nothing is deleted and :class:`IndexChangedError` is raised.
+
+        Raises:
+            ValueError: an id that is not in the index, or an index type that cannot delete
+                (only ``flat`` and ``hnsw`` can: their vectors are stored exactly).
+            IndexChangedError: ``expected`` does not match the rows on disk.
+        """
+        wanted = sorted({int(i) for i in ids})
+        if not wanted:
+            return 0
+        with index_lock(self.path):
+            self._refresh()
+            bad = [i for i in wanted if not 0 <= i < len(self)]
+            if bad:
+                raise ValueError(f"no row with id {', '.join(map(str, bad))} (ids are 0 to {len(self) - 1})")
+            changed = [i for i, source in (expected or {}).items() if self.sources[int(i)] != source]
+            if changed:
+                raise IndexChangedError(
+                    f"the gallery changed since it was shown (id {changed[0]} is now {self.sources[changed[0]]!r}); "
+                    "nothing was deleted: reload the list and try again"
+                )
+            keep = np.setdiff1d(np.arange(len(self)), wanted)
+            index = self._without(wanted, keep)
+            metadata = metadata_table(
+                np.arange(len(keep)),
+                [self.row_labels[i] for i in keep],
+                [self.sources[i] for i in keep],
+                self._thumbnails.take(pa.array(keep, pa.int64())),
+                {name: [values[i] for i in keep] for name, values in self.extra.items()},
+            )
+            self._commit(index, metadata, dict(self.manifest, updated=now()))
+        logger.info("deleted %d vectors from %s (now %d)", len(wanted), self.path, len(self))
+        return len(wanted)
+
+    def _without(self, wanted: list[int], keep: np.ndarray) -> faiss.Index:
+        """A copy of the FAISS index without the rows ``wanted``, ids renumbered like ``keep``."""
+        if not len(keep) and isinstance(self.index, (faiss.IndexFlat, faiss.IndexHNSWFlat)):
+            index = faiss.clone_index(self.index)
+            index.reset()
+            return index
+        if isinstance(self.index, faiss.IndexFlat):  # remove_ids shifts the later vectors down: ids stay row numbers
+            index = faiss.clone_index(self.index)
+            index.remove_ids(faiss.IDSelectorBatch(np.asarray(wanted, dtype=np.int64)))
+            return index
+        if isinstance(self.index, faiss.IndexHNSWFlat):  # no remove_ids: rebuild from the exact kept vectors
+            xb = self.reconstruct_all()[keep] if len(keep) else np.zeros((0, self.dim), np.float32)
+            index, _ = make_faiss_index(np.ascontiguousarray(xb), self.index_type, self.manifest["index"].get("params"))
+            return index
+        raise ValueError(f"cannot delete rows from a {self.index_type!r} index; only 'flat' and 'hnsw' indexes can")
 
     def row_key(self, i: int) -> tuple[str, str, str]:
         """What identifies row ``i`` for duplicate detection: label, source, SHA-256 of the thumbnail."""

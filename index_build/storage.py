@@ -61,6 +61,9 @@ THUMBNAIL_QUALITY = 85
 METADATA_SCHEMA = pa.schema(
     [("id", pa.int64()), ("label", pa.string()), ("source", pa.string()), ("thumbnail", pa.binary())]
 )
+# Columns a metadata table may have after the four of METADATA_SCHEMA (in this order; nullable):
+# the personal gallery records when each patch was added and the SHA-256 of the decoded image it came from.
+OPTIONAL_COLUMNS = {"added": pa.string(), "sha256": pa.string()}
 # Manifest "model" entries that must agree for vectors to be comparable.
 MODEL_KEYS = ("embedding_dim", "config_hash", "weights_fingerprint")
 _PACKAGES = ("torch", "timm", "transformers", "datasets", "faiss-cpu", "numpy", "pyarrow", "pillow")
@@ -75,11 +78,13 @@ __all__ = [
     "METADATA_FILE",
     "METADATA_SCHEMA",
     "MODEL_KEYS",
+    "OPTIONAL_COLUMNS",
     "WORK_DIR",
     "IndexBusyError",
     "IndexLoadError",
     "decode_thumbnail",
     "has_index",
+    "index_identity",
     "index_lock",
     "make_thumbnail",
     "metadata_table",
@@ -123,9 +128,12 @@ def decode_thumbnail(data: bytes) -> Image.Image:
     return image
 
 
-def metadata_table(ids: Any, labels: Any, sources: Any, thumbnails: Any) -> pa.Table:
-    """A metadata table (:data:`METADATA_SCHEMA`) from its four columns."""
-    return pa.table(
+def metadata_table(
+    ids: Any, labels: Any, sources: Any, thumbnails: Any, extra: Optional[dict[str, Any]] = None
+) -> pa.Table:
+    """A metadata table (:data:`METADATA_SCHEMA`) from its four columns, plus the optional
+    columns (:data:`OPTIONAL_COLUMNS`) given in ``extra`` (name -> one value or ``None`` per row)."""
+    table = pa.table(
         {
             "id": pa.array(np.asarray(ids, dtype=np.int64)),
             "label": pa.array([str(v) for v in labels], pa.string()),
@@ -134,6 +142,36 @@ def metadata_table(ids: Any, labels: Any, sources: Any, thumbnails: Any) -> pa.T
         },
         schema=METADATA_SCHEMA,
     )
+    for name, kind in OPTIONAL_COLUMNS.items():
+        if extra and extra.get(name) is not None:
+            values = list(extra[name])
+            if len(values) != table.num_rows:
+                raise ValueError(f"column {name!r} has {len(values)} values for {table.num_rows} rows")
+            table = table.append_column(pa.field(name, kind), pa.array(values, kind))
+    return table
+
+
+def check_metadata_schema(schema: pa.Schema) -> bool:
+    """Whether ``schema`` is :data:`METADATA_SCHEMA` followed by some of :data:`OPTIONAL_COLUMNS` (in order)."""
+    base = len(METADATA_SCHEMA)
+    if len(schema) < base or not pa.schema(list(schema)[:base]).equals(METADATA_SCHEMA, check_metadata=False):
+        return False
+    names = [field.name for field in list(schema)[base:]]
+    if names != [name for name in OPTIONAL_COLUMNS if name in names]:
+        return False
+    return all(schema.field(name).type == OPTIONAL_COLUMNS[name] for name in names)
+
+
+def index_identity(manifest: dict) -> str:
+    """A short, stable identity of the index a manifest describes: its model, creation time and
+    dataset (hex, 16 characters). Appending to the index keeps it; a rebuild gives a new one."""
+    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    key = {
+        "model": {name: model.get(name) for name in MODEL_KEYS},
+        "created": manifest.get("created"),
+        "dataset": manifest.get("dataset"),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------
@@ -633,8 +671,11 @@ def read_directory(
         metadata = pq.read_table(files[METADATA_FILE])
     except (pa.ArrowException, OSError) as err:
         raise IndexLoadError(f"corrupt {METADATA_FILE} in {path}: {err}") from err
-    if not METADATA_SCHEMA.equals(metadata.schema, check_metadata=False):
-        raise IndexLoadError(f"{METADATA_FILE} in {path} has schema {metadata.schema}, expected {METADATA_SCHEMA}")
+    if not check_metadata_schema(metadata.schema):
+        raise IndexLoadError(
+            f"{METADATA_FILE} in {path} has schema {metadata.schema}, expected {METADATA_SCHEMA} "
+            f"(optionally followed by {', '.join(OPTIONAL_COLUMNS)})"
+        )
     count = manifest["count"]
     if not index.ntotal == metadata.num_rows == count:
         raise IndexLoadError(

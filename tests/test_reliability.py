@@ -731,6 +731,84 @@ def test_many_bad_zip_members_are_summarised(tmp_path):
     patches, _, skipped = upload_patches([str(tmp_path / "many.zip")], 64)
     assert patches == [] and len(skipped) == 1900
     reason = "not an image file (format not recognised); upload PNG, JPEG or TIFF"
-    listed = "; ".join(f"many.zip/notes/{i:04d}.png: {reason}" for i in range(5))
+    listed = "; ".join(f"many.zip/{i:04d}.png: {reason}" for i in range(5))
     assert summarize_errors(skipped) == f"{listed}; and 1895 more (1900 files skipped in all)"
     assert summarize_errors(skipped[:2]) == "; ".join(skipped[:2])
+
+
+# -- deleting rows: atomic, under the writer lock, right results -----------------------------------
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw"])
+def test_remove_rows_keeps_search_and_metadata_right(tmp_path, index_type):
+    from index_build.patch_index import IndexChangedError, write_index
+    from index_build.storage import metadata_table
+
+    embedder = make_embedder()
+    xb = np.random.default_rng(0).normal(size=(6, embedder.dim)).astype(np.float32)
+    extra = {"added": [f"t{i}" for i in range(6)], "sha256": [f"h{i}" for i in range(6)]}
+    meta = metadata_table(np.arange(6), list("aabbcc"), [f"s{i}" for i in range(6)], [b""] * 6, extra)
+    index = write_index(tmp_path / "idx", xb, meta, embedder, index_type=index_type)
+    with pytest.raises(IndexChangedError, match="id 1 is now 's1'"):
+        index.remove([1], expected={1: "s2"})
+    assert index.remove([1, 4], expected={1: "s1", 4: "s4"}) == 2
+    loaded = PatchIndex.load(tmp_path / "idx", embedder)
+    assert len(loaded) == 4 and loaded.manifest["count"] == 4 and loaded.manifest["labels"] == {"a": 1, "b": 2, "c": 1}
+    assert loaded.sources == ["s0", "s2", "s3", "s5"] and loaded.extra["sha256"] == ["h0", "h2", "h3", "h5"]
+    assert loaded.manifest["index"]["type"] == index_type
+    scores, ids = loaded.search_embeddings(xb[[0, 2, 3, 5, 1]], 1)  # each kept vector finds its new id
+    assert ids[:4, 0].tolist() == [0, 1, 2, 3] and np.allclose(scores[:4, 0], 1, atol=1e-5)
+    assert scores[4, 0] < 0.999  # the deleted vector is gone
+    assert loaded.search(embeddings=xb[[1]], k=4, label="a")[0].sources == ["s0"]
+    with pytest.raises(ValueError, match="no row with id 9"):
+        loaded.remove([9])
+
+
+def test_remove_keeps_rows_another_writer_added(index_dir):
+    stale, other = PatchIndex.load(index_dir), PatchIndex.load(index_dir)
+    other.add_embeddings(np.ones((1, other.dim)), ["x"], ["added-by-other"], [b""])
+    first = stale.sources[0]
+    assert stale.remove([0], expected={0: first}) == 1  # deletes from what is on disk now
+    loaded = PatchIndex.load(index_dir)
+    assert len(loaded) == 6 and loaded.sources[-1] == "added-by-other" and first not in loaded.sources
+
+
+KILLED_DELETE = """
+import os, signal, sys
+from pathlib import Path
+from index_build import storage
+from index_build.patch_index import PatchIndex
+
+index = PatchIndex.load(Path(sys.argv[1]))
+real_replace = os.replace
+
+def replace(src, dst):
+    if Path(dst).name == sys.argv[2]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst)
+
+storage.os.replace = replace
+index.remove([0, 1])
+"""
+
+
+@pytest.mark.parametrize(
+    "killed_at, count",
+    [
+        (JOURNAL_FILE, 6),  # files staged, journal not committed: the old state
+        (INDEX_FILE, 4),  # journal committed, first rename not done: rolled forward to the new state
+        (MANIFEST_FILE, 4),  # index and metadata renamed, manifest not: rolled forward
+    ],
+)
+def test_a_killed_delete_leaves_the_old_or_the_new_state(index_dir, killed_at, count):
+    import signal
+    import subprocess
+    import sys
+
+    sources = PatchIndex.load(index_dir).sources
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    killed = subprocess.run([sys.executable, "-c", KILLED_DELETE, str(index_dir), killed_at], env=env, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    loaded = PatchIndex.load(index_dir)
+    assert len(loaded) == loaded.manifest["count"] == count
+    assert loaded.sources == sources[6 - count :]
