@@ -8,12 +8,14 @@ corrupt images, decompression bombs, files over :data:`MAX_UPLOAD_BYTES`, images
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
 import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import IO, Any, Optional, Union
 
 from PIL import Image, UnidentifiedImageError
@@ -36,11 +38,15 @@ __all__ = [
     "MAX_ZIP_BYTES",
     "MAX_ZIP_MEMBERS",
     "InputError",
+    "UploadBatch",
     "configure_pillow",
     "decode_image",
     "file_path",
+    "image_hash",
     "iter_upload",
+    "list_errors",
     "summarize_errors",
+    "upload_batch",
     "upload_patches",
 ]
 
@@ -129,8 +135,17 @@ def file_path(item: Any) -> str:
     raise InputError(f"unexpected upload object {type(item).__name__}")
 
 
+def member_name(filename: str) -> str:
+    """A zip entry's file name without its directories (``../../evil.png`` -> ``evil.png``; ``/`` and ``\\``)."""
+    return re.split(r"[\\/]", filename)[-1]
+
+
 def iter_upload(path: str) -> Iterator[tuple[str, Union[Image.Image, InputError]]]:
-    """Yield ``(name, image or InputError)`` for one uploaded file: an image, or every image in a zip."""
+    """Yield ``(name, image or InputError)`` for one uploaded file: an image, or every image in a zip.
+
+    A zip entry is named by its file name alone, without the directories it claims
+    (``../../evil.png`` -> ``evil.png``); messages about it say ``<zip>/<file name>``.
+    """
     name = os.path.basename(path)
     if not zipfile.is_zipfile(path):
         try:
@@ -144,7 +159,9 @@ def iter_upload(path: str) -> Iterator[tuple[str, Union[Image.Image, InputError]
             members = [
                 m
                 for m in members
-                if not m.filename.startswith("__MACOSX/") and not os.path.basename(m.filename).startswith(".")
+                if not m.filename.startswith("__MACOSX/")
+                and not member_name(m.filename).startswith(".")
+                and member_name(m.filename)
             ]
             if len(members) > MAX_ZIP_MEMBERS:
                 yield name, InputError(f"{name}: {len(members)} files; at most {MAX_ZIP_MEMBERS} per zip")
@@ -153,19 +170,20 @@ def iter_upload(path: str) -> Iterator[tuple[str, Union[Image.Image, InputError]
                 yield name, InputError(f"{name}: more than {MAX_ZIP_BYTES // 2**20} MB uncompressed")
                 return
             for member in members:
-                member_name = f"{name}/{member.filename}"
+                short = member_name(member.filename)
+                shown = f"{name}/{short}"
                 if member.file_size > MAX_UPLOAD_BYTES:
-                    yield member_name, InputError(f"{member_name}: larger than {MAX_UPLOAD_BYTES // 2**20} MB")
+                    yield short, InputError(f"{shown}: larger than {MAX_UPLOAD_BYTES // 2**20} MB")
                     continue
                 try:
                     data = archive.read(member)
                 except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-                    yield member_name, InputError(f"{member_name}: cannot be read from the zip ({err})")
+                    yield short, InputError(f"{shown}: cannot be read from the zip ({err})")
                     continue
                 try:
-                    yield member_name, decode_image(io.BytesIO(data), name=member_name)
+                    yield short, decode_image(io.BytesIO(data), name=shown)
                 except InputError as err:
-                    yield member_name, err
+                    yield short, err
     except (zipfile.BadZipFile, OSError) as err:
         yield name, InputError(f"{name}: corrupt zip file ({err})")
 
@@ -177,6 +195,88 @@ def summarize_errors(messages: Sequence[str], shown: int = MAX_LISTED_ERRORS) ->
     if len(messages) > shown:
         text += f"; and {len(messages) - shown} more ({len(messages)} files skipped in all)"
     return text
+
+
+def list_errors(messages: Sequence[str], shown: int = MAX_LISTED_ERRORS) -> str:
+    """A Markdown list, one line per message (``name: reason``), the first ``shown`` of them, then
+    a line counting the rest (a bad zip may hold thousands of unreadable files)."""
+    lines = [f"- {escape_markdown(message)}" for message in messages[:shown]]
+    if len(messages) > shown:
+        lines.append(f"- … and {len(messages) - shown} more ({len(messages)} files skipped in all)")
+    return "\n".join(lines)
+
+
+def escape_markdown(text: str) -> str:
+    """``text`` shown literally in Markdown (file names may hold ``*``, ``_``, ``<``, ...)."""
+    return re.sub(r"([\\`*\[\]<>|~])", r"\\\1", text)
+
+
+def image_hash(image: Image.Image) -> str:
+    """SHA-256 (hex) of a decoded image: its size, mode and pixels.
+
+    The pixels, not the file bytes: the same image saved again (PNG or TIFF, other metadata or
+    compression, inside a zip or not) is the same patch to the model and is a duplicate.
+    """
+    digest = hashlib.sha256(f"{image.mode} {image.width}x{image.height}\n".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class UploadBatch:
+    """Uploaded files turned into gallery patches (see :func:`upload_batch`)."""
+
+    patches: list[Image.Image] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    hashes: list[str] = field(default_factory=list)
+    """:func:`image_hash` of the image each patch was cut from (its tiles share it)."""
+    skipped: list[str] = field(default_factory=list)
+    """One message (``name: reason``) per unreadable file."""
+    repeated: list[tuple[str, str]] = field(default_factory=list)
+    """``(name, name of the earlier file)`` per file whose image came earlier in the same batch."""
+    files: int = 0
+    """Images read (not counting skipped ones and repeats)."""
+
+
+def upload_batch(paths: Sequence[str], size: int, max_patches: int = MAX_ADD_PATCHES) -> UploadBatch:
+    """Uploaded files (images or zips) -> gallery patches, tiled like queries, each image once.
+
+    Large images are cut by :func:`index_build.query.cut_tiles`; each patch's source is
+    ``upload:<name>`` (``#tile<n>`` for a tile). An image whose decoded pixels equal an earlier
+    one of the batch is left out and listed in ``repeated``.
+
+    Args:
+        paths: the uploaded files.
+        size: the model input in pixels.
+        max_patches: the most patches accepted in one go.
+
+    Raises:
+        InputError: more than ``max_patches`` patches.
+    """
+    batch = UploadBatch()
+    first: dict[str, str] = {}
+    for path in paths:
+        for name, loaded in iter_upload(path):
+            if isinstance(loaded, InputError):
+                batch.skipped.append(str(loaded))
+                continue
+            digest = image_hash(loaded)
+            if digest in first:
+                batch.repeated.append((name, first[digest]))
+                continue
+            first[digest] = name
+            batch.files += 1
+            _, tiles, crops = cut_tiles(loaded, size)
+            for tile, crop in zip(tiles, crops):
+                batch.patches.append(crop)
+                batch.sources.append(f"upload:{name}" + (f"#tile{tile.number}" if len(tiles) > 1 else ""))
+                batch.hashes.append(digest)
+            if len(batch.patches) > max_patches:
+                raise InputError(
+                    f"more than {max_patches} patches in one go (large images count one per tile); "
+                    "add them in smaller batches"
+                )
+    return batch
 
 
 def upload_patches(
@@ -193,26 +293,11 @@ def upload_patches(
         max_patches: the most patches accepted in one go.
 
     Returns:
-        ``(patches, sources, skipped)``: skipped holds one message per unreadable file.
+        ``(patches, sources, skipped)``: skipped holds one message per unreadable file (images
+        repeated within the batch are left out; :func:`upload_batch` says which).
 
     Raises:
         InputError: more than ``max_patches`` patches.
     """
-    patches: list[Image.Image] = []
-    sources: list[str] = []
-    skipped: list[str] = []
-    for path in paths:
-        for name, loaded in iter_upload(path):
-            if isinstance(loaded, InputError):
-                skipped.append(str(loaded))
-                continue
-            _, tiles, crops = cut_tiles(loaded, size)
-            for tile, crop in zip(tiles, crops):
-                patches.append(crop)
-                sources.append(f"upload:{name}" + (f"#tile{tile.number}" if len(tiles) > 1 else ""))
-            if len(patches) > max_patches:
-                raise InputError(
-                    f"more than {max_patches} patches in one go (large images count one per tile); "
-                    "add them in smaller batches"
-                )
-    return patches, sources, skipped
+    batch = upload_batch(paths, size, max_patches)
+    return batch.patches, batch.sources, batch.skipped
