@@ -50,15 +50,16 @@ from index_build.uploads import (
     check_label,
     configure_pillow,
     decode_image,
+    escape_markdown,
     file_path,
-    summarize_errors,
-    upload_patches,
+    list_errors,
+    upload_batch,
 )
 
 if TYPE_CHECKING:
     import torch
 
-    from index_build.galleries import Galleries
+    from index_build.galleries import AddReport, Galleries
     from index_build.models import Embedder
     from index_build.patch_index import PatchIndex
 
@@ -70,6 +71,8 @@ ANY_LABEL = "(any label)"
 TILE_MODES = ("tile large images", "whole image")
 DEFAULT_DATA_DIR = Path(os.path.expanduser("~/.cache/lgffem"))
 TABLE_HEADERS = ["rank", "label", "similarity", "tile", "gallery", "source"]
+PERSONAL_HEADERS = ["id", "thumbnail", "label", "source", "added"]
+PERSONAL_TYPES = ["number", "html", "str", "str", "str"]
 
 
 # --------------------------------------------------------------------------------------
@@ -104,10 +107,47 @@ class SearchOutputs(NamedTuple):
 
 
 class AddOutputs(NamedTuple):
-    """What adding images returns: a status message and the label filter's new choices."""
+    """What adding or deleting personal images returns, in the order of the page's output components."""
 
     status: str
     label_filter: Any
+    """The search tab's label filter, with the labels of both galleries now."""
+    add_label: Any
+    """The label box of the add tab, with the same labels to pick from."""
+    table: list[list[Any]]
+    """The personal-gallery table (:meth:`SearchApp.personal_table`)."""
+    banner: str
+    """The gallery description at the top of the page, counting personal images."""
+
+
+def parse_ids(text: Any) -> list[int]:
+    """``"3, 5-7"`` -> ``[3, 5, 6, 7]`` (also a number or a list of numbers); :class:`InputError` if malformed."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool) and float(text).is_integer():
+        return [int(text)]
+    if isinstance(text, (list, tuple)):
+        return sorted({i for item in text for i in parse_ids(item)})
+    ids: set[int] = set()
+    for part in str(text or "").replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        first, dash, last = part.partition("-")
+        try:
+            low, high = int(first), int(last if dash else first)
+        except ValueError:
+            raise InputError(f"ids must be numbers or ranges like '3, 5-7'; got {part!r}") from None
+        if low < 0 or high < low or high - low > 100_000:
+            raise InputError(f"ids must be numbers or ranges like '3, 5-7'; got {part!r}")
+        ids.update(range(low, high + 1))
+    return sorted(ids)
+
+
+def when_added(iso: Optional[str]) -> str:
+    """``2026-12-01T18:30:05+00:00`` -> ``2026-12-01 18:30 UTC``; ``"—"`` when unknown."""
+    if not iso:
+        return "—"
+    date, _, clock = iso.partition("T")
+    return f"{date} {clock[:5]} UTC" if clock else date
 
 
 class SearchApp:
@@ -179,8 +219,38 @@ class SearchApp:
         return int(self.embedder.config.image_size)
 
     def label_choices(self) -> list[str]:
-        """The label filter's choices: "(any label)" then every label of both galleries."""
+        """The label filter's choices: "(any label)" then every label of both galleries (read now)."""
         return [ANY_LABEL, *self.galleries.labels()]
+
+    def banner(self) -> str:
+        """The gallery description at the top of the page, with the personal images counted (read now)."""
+        count = self.galleries.personal_count()
+        if not count:
+            return self.index_info
+        return (
+            f"{self.index_info}\n\n**+ {count} personal image{'s' if count != 1 else ''}** added on this page "
+            "(searched with it; see *Add your own images*)."
+        )
+
+    def personal_table(self) -> list[list[Any]]:
+        """One row per personal image: id, thumbnail (an ``<img>`` with the JPEG inline), label, source, date added."""
+        return [
+            [
+                row.id,
+                f'<img src="data:image/jpeg;base64,{base64.b64encode(row.thumbnail).decode()}" '
+                f'alt="{row.id}" width="64" height="64" style="object-fit:contain">'
+                if row.thumbnail
+                else "",
+                row.label,
+                row.source,
+                when_added(row.added),
+            ]
+            for row in self.galleries.personal_rows()
+        ]
+
+    def refresh_page(self) -> AddOutputs:
+        """On page load: labels, table and banner as they are now (other sessions may have added or deleted)."""
+        return self._outputs("")
 
     # ---- search ------------------------------------------------------------------------
 
@@ -262,44 +332,141 @@ class SearchApp:
 
     # ---- add your own images -----------------------------------------------------------
 
-    def _add_patches(self, images: list[Image.Image], labels: list[str], sources: list[str]) -> int:
-        return self.galleries.add(images, labels, sources)
+    def _add_patches(
+        self, images: list[Image.Image], labels: list[str], sources: list[str], hashes: list[str]
+    ) -> AddReport:
+        return self.galleries.add_new(images, labels, sources, hashes)
+
+    def _outputs(self, status: str) -> AddOutputs:
+        labels = self.label_choices()
+        return AddOutputs(
+            status,
+            gr.update(choices=labels),
+            gr.update(choices=labels[1:]),
+            self.personal_table(),
+            self.banner(),
+        )
 
     def add_images(self, files: Optional[Sequence[Any]], label: Optional[str]) -> AddOutputs:
-        """Add-your-own-images handler: decode the files (images or zips), tile, append, persist.
+        """Add-your-own-images handler: decode the files (images or zips), skip duplicates, tile, append, persist.
 
         Args:
             files: uploaded file paths (images and/or .zip archives of images).
-            label: the label for all of them.
+            label: the label for all of them (one of the galleries' labels or a new one).
 
         Returns:
-            An :class:`AddOutputs` with a status message and the updated label filter.
+            An :class:`AddOutputs`: a status message (✅ when everything was added, ⚠️ with one line
+            per skipped file otherwise, also shown as a warning), the updated labels, table and banner.
         """
         from index_build.storage import IndexBusyError
 
         try:
             status = self._add_images(files, label)
         except (InputError, IndexBusyError) as err:
-            gr.Warning(str(err))
             status = f"⚠️ {err}"
-        return AddOutputs(status, gr.update(choices=self.label_choices()))
+        if status.startswith("⚠️"):
+            gr.Warning(_toast(status))
+        return self._outputs(status)
 
     def _add_images(self, files: Optional[Sequence[Any]], label: Optional[str]) -> str:
         label = check_label(label, reserved=(ANY_LABEL,))
         paths = [file_path(f) for f in (files or [])]
         if not paths:
             raise InputError("no files: upload one or more images, or a .zip of images")
-        patches, sources, skipped = upload_patches(paths, self.input_size, MAX_ADD_PATCHES)
-        skipped_text = (" Skipped: " + summarize_errors(skipped)) if skipped else ""
-        if not patches:
-            raise InputError("none of the files could be added." + skipped_text)
-        total = self._add(patches, [label] * len(patches), sources)
-        logger.info("added %d patches labelled %r to %s", len(patches), label, self.personal_dir)
-        return (
-            f"✅ Added {len(patches)} patch{'es' if len(patches) != 1 else ''} labelled **{label}** to your personal "
-            f"gallery ({total} in all, kept in `{self.personal_dir}`); they are searched together with the "
-            f"gallery from now on, also after a restart.{skipped_text}"
+        batch = upload_batch(paths, self.input_size, MAX_ADD_PATCHES)
+        report = None
+        if batch.patches:
+            report = self._add(batch.patches, [label] * len(batch.patches), batch.sources, batch.hashes)
+            logger.info("added %d patches labelled %r to %s", report.added, label, self.personal_dir)
+        problems = []
+        if batch.skipped:
+            n = len(batch.skipped)
+            problems.append(f"**{n} file{'s' if n != 1 else ''} skipped:**\n\n{list_errors(batch.skipped)}")
+        earlier_adds = report.duplicates if report else []
+        duplicates = [
+            f"{escape_markdown(source.removeprefix('upload:'))} (already added on {when_added(added)} as "
+            f"{escape_markdown(earlier)})"
+            for source, earlier, added in earlier_adds
+        ]
+        duplicates += [
+            f"{escape_markdown(name)} (same image as {escape_markdown(first)} in this batch)"
+            for name, first in batch.repeated
+        ]
+        if duplicates:
+            n = len(duplicates)
+            problems.append(f"**{n} duplicate{'s' if n != 1 else ''} skipped:** {', '.join(duplicates)}")
+        details = "\n\n" + "\n\n".join(problems) if problems else ""
+        if report is None or not report.added:
+            if batch.skipped and not duplicates:
+                raise InputError(f"none of the files could be added.{details}")
+            return f"⚠️ Nothing added.{details}"
+        n = report.added
+        added = (
+            f"Added {n} patch{'es' if n != 1 else ''} labelled **{label}** to your personal "
+            f"gallery ({report.total} in all); they are searched together with the gallery from now on, "
+            "also after a restart."
         )
+        return f"⚠️ {added}{details}" if problems else f"✅ {added}"
+
+    def delete_images(self, ids: Any, table: Any = None) -> AddOutputs:
+        """Delete personal images by id (written atomically, under the gallery's writer lock).
+
+        Args:
+            ids: ``"3, 5-7"``, a number or a list of numbers: ids of the personal-gallery table.
+            table: the table as the page showed it (its ``id`` and ``source`` columns); when given,
+                nothing is deleted if another session changed those rows since.
+        """
+        from index_build.patch_index import IndexChangedError
+        from index_build.storage import IndexBusyError
+
+        try:
+            wanted = parse_ids(ids)
+            if not wanted:
+                raise InputError("no ids: click rows of the table or type ids like '3, 5-7'")
+            shown = {int(row[0]): str(row[3]) for row in _table_rows(table)}
+            expected = {i: shown[i] for i in wanted if i in shown} if shown else None
+            deleted = self.galleries.delete(wanted, expected)
+            logger.info("deleted %d personal patches (ids %s) from %s", deleted, wanted, self.personal_dir)
+            which = f"ids {_id_list(wanted)}" if len(wanted) > 1 else f"id {wanted[0]}"
+            status = f"Deleted {deleted} image{'s' if deleted != 1 else ''} ({which}) from your personal gallery."
+        except (InputError, ValueError, IndexChangedError, IndexBusyError) as err:
+            gr.Warning(str(err))
+            status = f"⚠️ {err}"
+        return self._outputs(status)
+
+    @staticmethod
+    def select_row(ids: Optional[str], evt: gr.SelectData) -> str:
+        """Clicking a row of the personal-gallery table adds its id to the ids box (a second click removes it)."""
+        row = evt.row_value if evt.row_value else None
+        if not row:
+            return ids or ""
+        chosen = parse_ids(ids)
+        picked = int(row[0])
+        chosen = [i for i in chosen if i != picked] if picked in chosen else sorted([*chosen, picked])
+        return _id_list(chosen)
+
+
+def _toast(status: str) -> str:
+    """A status message as a short plain-text warning: its first paragraph and the headings of the lists below."""
+    first, *rest = status.removeprefix("⚠️ ").split("\n\n")
+    headings = [part.split(":**", 1)[0].strip("*") for part in rest if part.startswith("**")]
+    text = first.replace("**", "")
+    return f"{text} {', '.join(headings)}: see the list on the page." if headings else text
+
+
+def _id_list(ids: Sequence[int]) -> str:
+    return ", ".join(str(i) for i in ids)
+
+
+def _table_rows(table: Any) -> list[list[Any]]:
+    """The rows of a table as Gradio passes it (list of lists, a ``{"data": ...}`` dict or a DataFrame)."""
+    if table is None:
+        return []
+    if isinstance(table, dict):
+        table = table.get("data") or []
+    if hasattr(table, "values") and hasattr(table, "columns"):
+        table = table.values.tolist()
+    return [list(row) for row in table if len(row) >= 4 and str(row[0]).strip() not in ("", "nan")]
 
 
 # --------------------------------------------------------------------------------------
@@ -349,7 +516,7 @@ def build_demo(app: SearchApp) -> gr.Blocks:
     size = app.input_size
     with gr.Blocks(title="LGFFEM Search") as demo:
         gr.Markdown("# LGFFEM Search: similar tissue patches")
-        gr.Markdown(app.index_info, elem_id="gallery-info")
+        banner = gr.Markdown(app.banner(), elem_id="gallery-info")
         with gr.Tab("Search"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=300):
@@ -367,7 +534,9 @@ def build_demo(app: SearchApp) -> gr.Blocks:
                             label="Examples (from the starter image)",
                         )
                     k = gr.Slider(1, MAX_K, value=DEFAULT_K, step=1, label="k (number of results)")
-                    label = gr.Dropdown(app.label_choices(), value=ANY_LABEL, label="Only results with label")
+                    label = gr.Dropdown(
+                        app.label_choices(), value=ANY_LABEL, label="Only results with label", allow_custom_value=True
+                    )
                     tiling = gr.Radio(
                         list(TILE_MODES), value=TILE_MODES[0], label=f"Images larger than {int(1.5 * size)} px"
                     )
@@ -391,14 +560,35 @@ def build_demo(app: SearchApp) -> gr.Blocks:
         with gr.Tab("Add your own images"):
             gr.Markdown(
                 "Upload patches (PNG, JPEG, TIFF) or a .zip of them with one label. They are added to your "
-                f"personal gallery in `{app.personal_dir}`, kept on disk and searched together with the "
-                "gallery, also after a restart. Large images are cut into tiles by the same rule as queries. "
-                "The personal gallery belongs to this server: everyone using this page searches it."
+                "personal gallery, kept on this server's disk and searched together with the gallery, also "
+                "after a restart. Large images are cut into tiles by the same rule as queries; an image "
+                "already in the gallery (same pixels) is skipped. The personal gallery belongs to this server "
+                "and to the gallery it extends (another index served here has its own): everyone using this "
+                "page searches it."
             )
             files = gr.File(label="Images or .zip", file_count="multiple", type="filepath", elem_id="add-files")
-            new_label = gr.Textbox(label="Label", placeholder="e.g. case_2024_017_tumour", elem_id="add-label")
+            new_label = gr.Dropdown(
+                app.label_choices()[1:],
+                value=None,
+                label="Label (pick one or type a new one)",
+                allow_custom_value=True,
+                elem_id="add-label",
+            )
             add_button = gr.Button("Add to my gallery", elem_id="add-button")
             add_status = gr.Markdown(elem_id="add-status")
+            gr.Markdown("### Your personal images\nClick rows to choose them (or type ids), then delete.")
+            personal_table = gr.Dataframe(
+                value=app.personal_table(),
+                headers=PERSONAL_HEADERS,
+                datatype=PERSONAL_TYPES,
+                type="array",
+                interactive=False,
+                column_widths=["8%", "14%", "24%", "34%", "20%"],
+                elem_id="personal-table",
+            )
+            with gr.Row():
+                delete_ids = gr.Textbox(label="Ids to delete", placeholder="e.g. 3, 5-7", elem_id="delete-ids")
+                delete_button = gr.Button("Delete", variant="stop", elem_id="delete-button")
         with gr.Tab("About"):
             gr.Markdown(
                 "Embeddings from the Local–Global Feature Fusion Embedding Model (LGFFEM; Nuñez-Fernández, "
@@ -415,7 +605,20 @@ def build_demo(app: SearchApp) -> gr.Blocks:
             outputs=[results, votes, summary, overview, seen, table],
             api_name="search",
         )
-        add_button.click(app.add_images, inputs=[files, new_label], outputs=[add_status, label], api_name="add_images")
+        gallery_outputs = [label, new_label, personal_table, banner]
+        add_button.click(
+            app.add_images, inputs=[files, new_label], outputs=[add_status, *gallery_outputs], api_name="add_images"
+        )
+        delete_button.click(
+            app.delete_images,
+            inputs=[delete_ids, personal_table],
+            outputs=[add_status, *gallery_outputs],
+            api_name="delete_images",
+        ).then(lambda: "", outputs=[delete_ids], api_visibility="private")
+        personal_table.select(app.select_row, inputs=[delete_ids], outputs=[delete_ids], api_visibility="private")
+        demo.load(
+            lambda: app.refresh_page()[1:], outputs=gallery_outputs, api_name="personal_images", show_progress="hidden"
+        )
     return demo
 
 

@@ -1,8 +1,19 @@
 """The galleries one server searches: a main index and a personal gallery that grows, searched together.
 
-The personal gallery is an ordinary index directory in ``<data_dir>/personal/<model key>/``,
-created on the first :meth:`Galleries.add` and appended to (atomically) afterwards, so it is kept
-across restarts. A lock serialises additions against searches.
+The personal gallery is an ordinary index directory in
+``<data_dir>/personal/<model key>/index-<index identity>/``: it belongs to the main index it
+extends (:func:`~index_build.storage.index_identity`: the index's model, creation time and
+dataset), so another index served with the same model from the same data directory does not
+show it. It is created on the first :meth:`Galleries.add`, appended to and deleted from
+atomically under the directory's writer lock, and kept across restarts. Each of its rows records
+when it was added and the SHA-256 of the decoded image it came from (duplicates are refused).
+
+A personal gallery of an earlier version lies directly in ``<data_dir>/personal/<model key>/``;
+the first index served with that model after the upgrade takes it over (it is copied to that
+index's folder, and its manifest renamed ``manifest.json.migrated``).
+
+A lock serialises additions and deletions against searches; every request first picks up what
+other processes (workers sharing the data directory) committed (:meth:`Galleries.refresh`).
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Union
 
@@ -18,8 +30,8 @@ import numpy as np
 from PIL import Image
 
 from index_build.query import TiledResult, tiled_search
-from index_build.starter import ensure_starter_index, images_dataset, model_key
-from index_build.storage import IndexLoadError, has_index, index_lock
+from index_build.starter import ensure_starter_index, model_key
+from index_build.storage import MANIFEST_FILE, IndexLoadError, has_index, index_identity, index_lock, now
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +43,38 @@ logger = logging.getLogger(__name__)
 
 MAIN, PERSONAL = "index", "personal"
 
-__all__ = ["MAIN", "PERSONAL", "Galleries", "PersonalGalleryError"]
+MIGRATED_SUFFIX = ".migrated"
+
+__all__ = ["MAIN", "PERSONAL", "AddReport", "Galleries", "PersonalGalleryError", "PersonalRow", "personal_dir_for"]
+
+
+@dataclass
+class AddReport:
+    """What :meth:`Galleries.add_new` did."""
+
+    added: int
+    """Patches added."""
+    total: int
+    """Patches in the personal gallery now."""
+    duplicates: list[tuple[str, str, Optional[str]]] = field(default_factory=list)
+    """``(new source, source already in the gallery, when that one was added)`` per image left out."""
+
+
+@dataclass
+class PersonalRow:
+    """One patch of the personal gallery, as the management table shows it."""
+
+    id: int
+    label: str
+    source: str
+    added: Optional[str]
+    """ISO time it was added (``None`` for rows of galleries made before this was recorded)."""
+    thumbnail: bytes
+
+
+def personal_dir_for(data_dir: Path, embedder: Embedder, main: PatchIndex) -> Path:
+    """Where the personal gallery extending ``main`` (searched with ``embedder``) lives."""
+    return Path(data_dir) / "personal" / model_key(embedder) / f"index-{index_identity(main.manifest)}"
 
 
 class PersonalGalleryError(IndexLoadError):
@@ -81,7 +124,14 @@ class Galleries:
 
         data_dir = Path(data_dir)
         main = ensure_starter_index(embedder, data_dir) if index_dir is None else PatchIndex.load(index_dir, embedder)
-        personal_dir = data_dir / "personal" / model_key(embedder)
+        personal_dir = personal_dir_for(data_dir, embedder, main)
+        try:
+            migrate_legacy(personal_dir.parent, personal_dir, embedder)
+        except (IndexLoadError, OSError) as err:
+            raise PersonalGalleryError(
+                f"your personal gallery at {personal_dir.parent} could not be moved to {personal_dir} ({err}); "
+                "move it away to start a new one"
+            ) from err
         personal = None
         if has_index(personal_dir):
             try:
@@ -93,13 +143,50 @@ class Galleries:
             logger.info("personal gallery: %d patches from %s", len(personal), personal_dir)
         return cls(embedder, main, personal_dir, personal, data_dir)
 
+    def refresh(self) -> None:
+        """Pick up what another process (a worker sharing the data directory) committed to the
+        personal gallery since this one read it. A gallery that cannot be read right now (a write in
+        progress elsewhere) keeps the state read before; the next request tries again."""
+        from index_build.patch_index import PatchIndex
+
+        with self._lock:
+            try:
+                if self.personal is None:
+                    if has_index(self.personal_dir):
+                        self.personal = PatchIndex.load(self.personal_dir, self.embedder)
+                else:
+                    self.personal.reload_if_changed()
+            except (IndexLoadError, OSError) as err:
+                logger.warning("personal gallery %s not re-read now: %s", self.personal_dir, err)
+
     def labels(self) -> list[str]:
-        """Every label of both galleries, sorted."""
+        """Every label of both galleries (as committed on disk now), sorted."""
         labels = set(self._main_labels)
         with self._lock:
+            self.refresh()
             if self.personal is not None:
                 labels |= set(self.personal.labels)
         return sorted(labels)
+
+    def personal_count(self) -> int:
+        """Patches in the personal gallery (as committed on disk now)."""
+        with self._lock:
+            self.refresh()
+            return 0 if self.personal is None else len(self.personal)
+
+    def personal_rows(self) -> list[PersonalRow]:
+        """Every patch of the personal gallery (as committed on disk now), in id order."""
+        with self._lock:
+            self.refresh()
+            personal = self.personal
+            if personal is None:
+                return []
+            added = personal.extra.get("added") or [None] * len(personal)
+            thumbnails = personal.metadata_table().column("thumbnail").to_pylist()
+            return [
+                PersonalRow(i, personal.row_labels[i], personal.sources[i], added[i], thumbnails[i] or b"")
+                for i in range(len(personal))
+            ]
 
     def search(
         self,
@@ -111,7 +198,9 @@ class Galleries:
     ) -> TiledResult:
         """:func:`~index_build.query.tiled_search` over both galleries (hits name ``"index"`` or ``"personal"``)."""
         with self._lock:
-            galleries = [(MAIN, self.main)] + ([(PERSONAL, self.personal)] if self.personal is not None else [])
+            self.refresh()
+            personal = [(PERSONAL, self.personal)] if self.personal is not None and len(self.personal) else []
+            galleries = [(MAIN, self.main), *personal]
         return tiled_search(image, self.embedder, galleries, k, label, tile_large, embed, guard=self._lock)
 
     def add(self, images: Sequence[Image.Image], labels: Sequence[str], sources: Sequence[str]) -> int:
@@ -120,20 +209,132 @@ class Galleries:
         Raises:
             IndexBusyError: another process kept writing to the personal gallery too long.
         """
-        from index_build.embedding import build_index
-        from index_build.patch_index import PatchIndex
+        return self.add_new(images, labels, sources).total
 
+    def add_new(
+        self,
+        images: Sequence[Image.Image],
+        labels: Sequence[str],
+        sources: Sequence[str],
+        hashes: Optional[Sequence[str]] = None,
+    ) -> AddReport:
+        """Embed patches and append them to the personal gallery on disk, with the time they were added.
+
+        Args:
+            images, labels, sources: one per patch.
+            hashes: :func:`~index_build.uploads.image_hash` of the image each patch came from;
+                patches whose hash is already in the gallery are left out (checked under the
+                writer lock, so two sessions adding the same image at once add it once).
+
+        Raises:
+            IndexBusyError: another process kept writing to the personal gallery too long.
+        """
+        from index_build.patch_index import PatchIndex, write_index
+        from index_build.storage import make_thumbnail, metadata_table
+
+        images, labels, sources = list(images), list(labels), list(sources)
+        hashes = list(hashes) if hashes is not None else [None] * len(images)
         # The directory lock orders this against other processes sharing the data directory:
         # the gallery may have been created (or grown) by another server since this one opened it.
         with self._lock, index_lock(self.personal_dir):
             if self.personal is None and has_index(self.personal_dir):
                 self.personal = PatchIndex.load(self.personal_dir, self.embedder)
+            elif self.personal is not None:
+                self.personal.reload_if_changed()
+            duplicates = []
+            if self.personal is not None and any(hashes):
+                known = self._known_hashes()
+                for i, digest in enumerate(hashes):
+                    if digest in known and (i == 0 or hashes[i - 1] != digest):  # tiles of one image: once
+                        duplicates.append((sources[i].split("#tile")[0], *known[digest]))
+                keep = [i for i, digest in enumerate(hashes) if digest not in known]
+                images, labels, sources, hashes = (
+                    [values[i] for i in keep] for values in (images, labels, sources, hashes)
+                )
+            if not images:
+                return AddReport(0, 0 if self.personal is None else len(self.personal), duplicates)
+            extra = {"added": [now()] * len(images), "sha256": hashes}
             if self.personal is None:
-                dataset = images_dataset(images, labels, sources)
-                self.personal = build_index(dataset, self.personal_dir, self.embedder, num_workers=0, progress=False)
+                xb = self.embedder.embed_images(images)
+                thumbnails = [make_thumbnail(image) for image in images]
+                metadata = metadata_table(range(len(images)), labels, sources, thumbnails, extra)
+                info = {"personal gallery of index": index_identity(self.main.manifest)}
+                self.personal = write_index(self.personal_dir, xb, metadata, self.embedder, dataset_info=info)
             else:
-                self.personal.add(images, labels, sources)
-            return len(self.personal)
+                self.personal.add(images, labels, sources, extra=extra)
+            return AddReport(len(images), len(self.personal), duplicates)
+
+    def _known_hashes(self) -> dict[str, tuple[str, Optional[str]]]:
+        """Image hash -> (source, time added) of its first patch in the personal gallery."""
+        extra = self.personal.extra if self.personal is not None else {}
+        hashes, added = extra.get("sha256") or [], extra.get("added") or []
+        known: dict[str, tuple[str, Optional[str]]] = {}
+        for i, digest in enumerate(hashes):
+            if digest and digest not in known:
+                known[digest] = (self.personal.sources[i].split("#tile")[0], added[i] if added else None)
+        return known
+
+    def delete(self, ids: Sequence[int], expected: Optional[dict[int, str]] = None) -> int:
+        """Delete patches of the personal gallery, atomically on disk. Returns how many.
+
+        Args:
+            ids: their ids (row numbers; the rows after them are renumbered).
+            expected: id -> the source shown for it; nothing is deleted if another session or
+                process changed those rows since (:class:`~index_build.patch_index.IndexChangedError`).
+
+        Raises:
+            ValueError: an id that is not in the personal gallery.
+            IndexBusyError: another process kept writing to the personal gallery too long.
+        """
+        with self._lock, index_lock(self.personal_dir):
+            self.refresh()
+            if self.personal is None:
+                raise ValueError("your personal gallery is empty: nothing to delete")
+            return self.personal.remove(ids, expected)
+
+
+def migrate_legacy(legacy: Path, target: Path, embedder: Embedder) -> bool:
+    """Move a personal gallery of an earlier version (kept per model in ``legacy``) to ``target``.
+
+    The rows are committed to ``target`` atomically (recording ``migrated_from``), then the legacy
+    manifest is renamed ``manifest.json.migrated`` so that no other index takes the gallery too. A
+    migration killed in between is finished by the next start (of any index: the copy stays with
+    the index that made it). Returns whether the gallery went to ``target``.
+    """
+    from index_build.patch_index import PatchIndex, write_index
+
+    if not has_index(legacy):
+        return False
+    with index_lock(legacy):
+        if not has_index(legacy):  # another process migrated it meanwhile
+            return False
+        source = str(legacy.resolve())
+        taken = _migrated_to(legacy, source)
+        if taken is None:  # one commit: a migration killed before it leaves the legacy gallery as it was
+            old = PatchIndex.load(legacy, embedder)
+            info = {**(old.manifest.get("dataset") or {}), "migrated_from": source}
+            write_index(target, old.reconstruct_all(), old.metadata_table(), embedder, dataset_info=info)
+            taken = target
+        # Killed after that commit: the rename is finished by the next start, of whichever index.
+        os.replace(legacy / MANIFEST_FILE, legacy / (MANIFEST_FILE + MIGRATED_SUFFIX))
+        if taken != target:
+            return False
+    logger.warning("moved the personal gallery of this model from %s to %s (it now extends this index)", legacy, target)
+    return True
+
+
+def _migrated_to(legacy: Path, source: str) -> Optional[Path]:
+    """The personal gallery (of some index) that a legacy gallery was already copied to, if any."""
+    import json
+
+    for manifest in sorted(legacy.glob(f"index-*/{MANIFEST_FILE}")):
+        try:
+            dataset = json.loads(manifest.read_text()).get("dataset") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(dataset, dict) and dataset.get("migrated_from") == source:
+            return manifest.parent
+    return None
 
 
 def open_galleries(

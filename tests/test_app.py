@@ -19,7 +19,7 @@ from PIL import Image
 
 import app
 from app import SearchApp, StartupError
-from index_build import query, starter, uploads
+from index_build import query, starter, storage, uploads
 from index_build.metrics import majority_votes
 from index_build.uploads import InputError
 
@@ -376,13 +376,18 @@ def test_add_images_persist_across_restart(tmp_path, tiny, base_index_dir):
         archive.writestr("case/readme.txt", "hello")
         archive.writestr("__MACOSX/._img2.png", "junk")
     (tmp_path / "notes.txt").write_text("x")
-    out = first.add_images([*paths, str(tmp_path / "more.zip"), str(tmp_path / "notes.txt")], "  my_case  ")
-    assert out.status.startswith("✅ Added 4 patches labelled **my_case**")
-    assert "(4 in all" in out.status
-    assert "Skipped: more.zip/case/readme.txt: not an image file" in out.status
-    assert "notes.txt: not an image" in out.status
-    assert "my_case" in out.label_filter["choices"]
-    assert (data_dir / "personal" / starter.model_key(tiny) / "manifest.json").is_file()
+    with pytest.warns(UserWarning, match="Added 4 patches"):  # some files failed: a warning, not a ✅
+        out = first.add_images([*paths, str(tmp_path / "more.zip"), str(tmp_path / "notes.txt")], "  my_case  ")
+    reason = "not an image file (format not recognised); upload PNG, JPEG or TIFF"
+    assert out.status == (
+        "⚠️ Added 4 patches labelled **my_case** to your personal gallery (4 in all); they are searched together "
+        "with the gallery from now on, also after a restart.\n\n**2 files skipped:**\n\n"
+        f"- more.zip/readme.txt: {reason}\n- notes.txt: {reason}"
+    )
+    assert "my_case" in out.label_filter["choices"] and "my_case" in out.add_label["choices"]
+    identity = storage.index_identity(first.index.manifest)
+    assert first.personal_dir == data_dir / "personal" / starter.model_key(tiny) / f"index-{identity}"
+    assert (first.personal_dir / "manifest.json").is_file()
 
     restarted = SearchApp.create(index=str(base_index_dir), data_dir=data_dir, embedder=tiny)
     assert restarted.personal is not None and len(restarted.personal) == 4
@@ -390,12 +395,12 @@ def test_add_images_persist_across_restart(tmp_path, tiny, base_index_dir):
     query = save(mine[2], tmp_path / "q.png")
     res = restarted.search(query, 8, None)
     assert res.table[0][1:5] == ["my_case", pytest.approx(1.0, abs=1e-4), 1, "your images"]
-    assert res.table[0][5] == "upload:more.zip/case/img2.png"
+    assert res.table[0][5] == "upload:img2.png"  # a zip entry's directories are not kept
     assert res.gallery[0][1].startswith("my_case · sim 1.000")
     only = restarted.search(query, 8, "my_case")
     assert [row[1] for row in only.table] == ["my_case"] * 4
     more = restarted.add_images([save(tissue(64), tmp_path / "c.png")], "my_case")
-    assert "(5 in all" in more.status
+    assert more.status.startswith("✅ Added 1 patch labelled **my_case**") and "(5 in all" in more.status
     assert len(SearchApp.create(index=str(base_index_dir), data_dir=data_dir, embedder=tiny).personal) == 5
 
 
@@ -415,8 +420,8 @@ def test_add_images_large_image_is_tiled(tmp_path, tiny, base_index_dir):
         (["PLACEHOLDER"], "a/b", "give a label"),
         (["PLACEHOLDER"], "x" * 65, "give a label"),
         (["PLACEHOLDER"], app.ANY_LABEL, "give a label"),
-        (["TEXT"], "ok", "none of the files could be added. Skipped: notes.txt: not an image file"),
-        (["BADZIP"], "ok", "none of the files could be added. Skipped: bad.zip/x.png: corrupt or truncated"),
+        (["TEXT"], "ok", "none of the files could be added.\n\n**1 file skipped:**\n\n- notes.txt: not an image file"),
+        (["BADZIP"], "ok", "none of the files could be added.\n\n**1 file skipped:**\n\n- bad.zip/x.png: corrupt or"),
     ],
 )
 def test_add_images_bad_input(tmp_path, search_app, files, label, message):
@@ -445,9 +450,10 @@ def test_add_images_summarises_a_zip_of_many_bad_files(tmp_path, search_app):
     with pytest.warns(UserWarning):
         out = search_app.add_images([str(tmp_path / "many.zip")], "ok")
     reason = "not an image file (format not recognised); upload PNG, JPEG or TIFF"
-    listed = "; ".join(f"many.zip/notes/{i:04d}.png: {reason}" for i in range(5))
+    listed = "\n".join(f"- many.zip/{i:04d}.png: {reason}" for i in range(5))
     assert out.status == (
-        f"⚠️ none of the files could be added. Skipped: {listed}; and 1895 more (1900 files skipped in all)"
+        "⚠️ none of the files could be added.\n\n**1900 files skipped:**\n\n"
+        f"{listed}\n- … and 1895 more (1900 files skipped in all)"
     )
 
 

@@ -142,3 +142,96 @@ def test_search_through_gradio_client(server):
     assert votes["label"] in labels and len(seen) == 1
     bad = client.predict(handle_file(__file__), 5, app.ANY_LABEL, app.TILE_MODES[0], api_name="/search")
     assert bad[2].startswith("⚠️ test_browser.py: not an image file")
+
+
+# -- the personal gallery (run last: they add to the server's personal gallery) ---------------------
+
+SHOTS = Path("/tmp/shots12b")
+
+
+def personal_count(banner: str) -> int:
+    """The "+ N personal images" of the gallery banner (0 when it has none)."""
+    found = re.search(r"\+ (\d+) personal image", banner)
+    return int(found.group(1)) if found else 0
+
+
+def test_new_label_add_search_and_delete_through_gradio_client(server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    url, query, labels = server
+    client = Client(url, verbose=False, download_files=False)
+    rng = np.random.default_rng(3)
+    mine = [tmp_path / f"mus{i}.png" for i in range(2)]
+    for path in mine:
+        Image.fromarray(rng.integers(0, 256, (224, 224, 3), np.uint8)).save(path)
+    status, search_label, add_label, table, banner = client.predict(
+        [handle_file(str(p)) for p in mine], "CRC muscle (MUS)", api_name="/add_images"
+    )
+    assert status.startswith("✅ Added 2 patches labelled **CRC muscle (MUS)**")
+    assert "**+ 2 personal images**" in banner and [row[0] for row in table["data"]] == [0, 1]
+    # A new client (another browser session) searches with the new label: no restart, no "not in the list".
+    other = Client(url, verbose=False, download_files=False)
+    label_update, _, table_now, _ = other.predict(api_name="/personal_images")
+    assert "CRC muscle (MUS)" in [c[0] if isinstance(c, (list, tuple)) else c for c in label_update["choices"]]
+    gallery, *_rest, results = other.predict(
+        handle_file(str(mine[1])), 3, "CRC muscle (MUS)", app.TILE_MODES[0], api_name="/search"
+    )
+    assert [row[1] for row in results["data"]] == ["CRC muscle (MUS)"] * 2
+    assert results["data"][0][5] == "upload:mus1.png"
+    status, *_ = other.predict([handle_file(str(mine[1]))], "CRC muscle (MUS)", api_name="/add_images")
+    assert status.startswith("⚠️ Nothing added.\n\n**1 duplicate skipped:** mus1.png (already added on ")
+    status, _, _, table, banner = other.predict("0", table_now, api_name="/delete_images")
+    assert status == "Deleted 1 image (id 0) from your personal gallery."
+    assert [row[3] for row in table["data"]] == ["upload:mus1.png"] and "**+ 1 personal image**" in banner
+
+
+@pytest.mark.browser
+def test_personal_gallery_table_after_a_delete_in_chromium(server, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.skip("/usr/bin/chromium is not installed (make chromium)")
+    from playwright.sync_api import sync_playwright
+
+    url, query, labels = server
+    from skimage import data
+
+    ihc, files = data.immunohistochemistry(), []  # real tissue (512 x 512), three 224 px crops
+    for name, (y, x) in zip(("case12_a.png", "case12_b.png", "case12_c.png"), [(0, 0), (0, 288), (288, 144)]):
+        Image.fromarray(ihc[y : y + 224, x : x + 224]).save(tmp_path / name)
+        files.append(str(tmp_path / name))
+    (tmp_path / "notes.txt").write_text("not an image")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1300, "height": 1100})
+            page.goto(url)
+            page.wait_for_selector("#search-button", timeout=60_000)
+            page.get_by_role("tab", name="Add your own images").click()
+            table = page.locator("#personal-table")
+            before = personal_count(page.locator("#gallery-info").inner_text())
+            page.locator("#add-files input[type=file]").set_input_files([*files, str(tmp_path / "notes.txt")])
+            page.locator("#add-label input").fill("case12 tumour")
+            page.locator("#add-label input").press("Enter")
+            page.click("#add-button")
+            page.locator("#add-status").get_by_text("1 file skipped").wait_for(timeout=120_000)
+            status = page.locator("#add-status").inner_text()
+            assert status.startswith("⚠️ Added 3 patches labelled case12 tumour"), status
+            assert "notes.txt: not an image file" in status
+            table.get_by_text("upload:case12_c.png").wait_for(timeout=60_000)
+            assert personal_count(page.locator("#gallery-info").inner_text()) == before + 3
+            table.locator("[role=row]").filter(has_text="upload:case12_b.png").get_by_text("case12 tumour").click()
+            page.wait_for_function("document.querySelector('#delete-ids textarea, #delete-ids input').value !== ''")
+            page.click("#delete-button")
+            page.locator("#add-status").get_by_text("Deleted 1 image").wait_for(timeout=60_000)
+            table.get_by_text("upload:case12_b.png").wait_for(state="detached", timeout=60_000)
+            text = table.inner_text()
+            assert "upload:case12_a.png" in text and "upload:case12_c.png" in text
+            assert table.locator("[role=row] img").count() >= 2  # thumbnails shown
+            assert personal_count(page.locator("#gallery-info").inner_text()) == before + 2
+            for close in page.locator(".toast-close").all():  # the warnings of the add, for the screenshot
+                close.click()
+            page.wait_for_timeout(1500)  # let them fade out
+            SHOTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(SHOTS / "personal-gallery-after-delete.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (SHOTS / "personal-gallery-after-delete.png").stat().st_size > 10_000
