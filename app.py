@@ -428,7 +428,7 @@ CSS = """
   border: none; border-top: 1px solid var(--border-color-primary); border-radius: 0;
 }
 #results .grid-container { grid-auto-rows: auto; }
-#selected img { object-fit: none; }
+#selected img { width: auto !important; height: auto !important; max-width: 100%; max-height: 100%; margin: auto; }
 """
 
 
