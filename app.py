@@ -421,13 +421,18 @@ def uploaded_image(**kwargs: Any) -> gr.Image:
 
 
 CSS = """
-#results .thumbnail-item { aspect-ratio: auto; height: auto; display: flex; flex-direction: column; overflow: visible; }
-#results .thumbnail-item img { aspect-ratio: 1 / 1; width: 100%; height: auto; object-fit: contain; }
-#results .caption-label {
+#results .thumbnail-item, #seen .thumbnail-item {
+  aspect-ratio: auto; height: auto; display: flex; flex-direction: column; overflow: visible;
+}
+#results .thumbnail-item img, #seen .thumbnail-item img {
+  aspect-ratio: 1 / 1; width: 100%; height: auto; object-fit: contain;
+}
+#results .caption-label, #seen .caption-label {
   position: static; max-width: 100%; white-space: normal; overflow-wrap: anywhere; opacity: 1;
   border: none; border-top: 1px solid var(--border-color-primary); border-radius: 0;
 }
-#results .grid-container { grid-auto-rows: auto; }
+#results .grid-container, #seen .grid-container { grid-auto-rows: auto; }
+@media (max-width: 640px) { #selected-column { order: 3; } #controls-column { order: 2; } }
 #selected img { width: auto !important; height: auto !important; max-width: 100%; max-height: 100%; margin: auto; }
 """
 
@@ -457,7 +462,7 @@ def build_demo(app: SearchApp) -> gr.Blocks:
                         height=300,
                         elem_id="query",
                     )
-                with gr.Column(scale=1, min_width=240):
+                with gr.Column(scale=1, min_width=240, elem_id="selected-column"):
                     selected = gr.Image(
                         label="Result at full stored resolution (click a result)",
                         type="filepath",
@@ -466,7 +471,7 @@ def build_demo(app: SearchApp) -> gr.Blocks:
                         elem_id="selected",
                     )
                     selected_caption = gr.Markdown(elem_id="selected-caption")
-                with gr.Column(scale=1, min_width=240):
+                with gr.Column(scale=1, min_width=240, elem_id="controls-column"):
                     if app.examples:
                         gr.Examples(
                             [[path] for path in app.examples],

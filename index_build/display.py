@@ -143,15 +143,30 @@ def draw_tile_grid(
         return canvas
     labels = sorted({v for v in votes or () if v is not None})
     colour_of = {lab: _COLOURS[i % len(_COLOURS)] for i, lab in enumerate(labels)}
-    draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=max(12, round(min(canvas.size) / 40)))
-    for i, tile in enumerate(tiles):
-        if votes is None:
-            colour = _COLOURS[(tile.row + tile.col) % len(_COLOURS)]
-        else:
-            colour = _GREY if tile.number in skipped or votes[i] is None else colour_of[votes[i]]
+    line_width = max(2, round(min(canvas.size) / 250))
+    colours = [
+        _COLOURS[(t.row + t.col) % len(_COLOURS)]
+        if votes is None
+        else _GREY
+        if t.number in skipped or votes[i] is None
+        else colour_of[votes[i]]
+        for i, t in enumerate(tiles)
+    ]
+    if votes is not None:  # the vote map: the middle half of each tile tinted by its vote (neighbours never overlap)
+        tint = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
+        shade = ImageDraw.Draw(tint)
+        for tile, colour in zip(tiles, colours):
+            left, top, right, bottom = (v * scale for v in tile.box)
+            dx, dy = (right - left) / 4, (bottom - top) / 4
+            shade.rectangle(
+                [round(left + dx), round(top + dy), round(right - dx), round(bottom - dy)], fill=colour + (90,)
+            )
+        canvas = Image.alpha_composite(canvas.convert("RGBA"), tint).convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    for tile, colour in zip(tiles, colours):
         box = [round(v * scale) for v in tile.box]
-        draw.rectangle([box[0] + 1, box[1] + 1, box[2] - 2, box[3] - 2], outline=colour, width=2)
+        draw.rectangle([box[0] + 1, box[1] + 1, box[2] - 2, box[3] - 2], outline=colour, width=line_width)
         text = str(tile.number)
         left, top, right, bottom = draw.textbbox((box[0] + 4, box[1] + 3), text, font=font)
         draw.rectangle([left - 2, top - 2, right + 2, bottom + 2], fill=colour)
