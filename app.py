@@ -31,14 +31,23 @@ from PIL import Image
 
 from index_build.display import (
     HOW_TO_LOAD,
+    TABLE_HEADERS,
+    TILE_HEADERS,
     ResponseFiles,
     draw_tile_grid,
     index_info,
+    plural,
+    public_index_name,
     result_rows,
     result_summary,
+    results_csv,
+    source_root,
+    tile_rows,
     tile_views,
+    vote_shares,
+    write_export,
 )
-from index_build.galleries import StartupError, open_galleries
+from index_build.galleries import MAIN, StartupError, open_galleries
 from index_build.query import MIN_SIDE, tiling_rule
 from index_build.sources import check_source
 from index_build.starter import starter_description, write_starter_examples
@@ -48,11 +57,13 @@ from index_build.uploads import (
     MAX_UPLOAD_BYTES,
     InputError,
     check_label,
+    colour_warning,
     configure_pillow,
     decode_image,
     escape_markdown,
     file_path,
     list_errors,
+    preview_png,
     upload_batch,
 )
 
@@ -70,7 +81,6 @@ MAX_K = 50
 ANY_LABEL = "(any label)"
 TILE_MODES = ("tile large images", "whole image")
 DEFAULT_DATA_DIR = Path(os.path.expanduser("~/.cache/lgffem"))
-TABLE_HEADERS = ["rank", "label", "similarity", "tile", "gallery", "source"]
 PERSONAL_HEADERS = ["id", "thumbnail", "label", "source", "added"]
 PERSONAL_TYPES = ["number", "html", "str", "str", "str"]
 
@@ -104,6 +114,9 @@ class SearchOutputs(NamedTuple):
     overview: Union[Image.Image, str, None]
     tiles: list[tuple[Union[Image.Image, str], str]]
     table: list[list[Any]]
+    tile_table: list[list[Any]]  # one row per tile (TILE_HEADERS); empty for a query searched whole
+    csv: Optional[str]  # path of results.csv (TABLE_HEADERS)
+    archive: Optional[str]  # path of results.zip: the CSV, the query and the result thumbnails
 
 
 class AddOutputs(NamedTuple):
@@ -168,6 +181,8 @@ class SearchApp:
         self._embed = gpu(self._embed_pixels)
         self._add = gpu(self._add_patches)
         self._responses = ResponseFiles()  # see :meth:`search_page`
+        # Dataset roots: the page shows file sources relative to them, never as server paths.
+        self.roots = {MAIN: source_root(galleries.main.sources)}
 
     @classmethod
     def create(
@@ -193,7 +208,7 @@ class SearchApp:
         if index is None:
             info = starter_description(len(main), Counter(main.row_labels), size, HOW_TO_LOAD)
         else:
-            info = index_info(index, main)
+            info = index_info(public_index_name(index), main)
         app = cls(galleries, galleries.data_dir, info)
         if index is None:
             app.examples = write_starter_examples(galleries.data_dir / "examples")
@@ -223,12 +238,13 @@ class SearchApp:
         return [ANY_LABEL, *self.galleries.labels()]
 
     def banner(self) -> str:
-        """The gallery description at the top of the page, with the personal images counted (read now)."""
+        """The banner's first line (the rest is folded below it), with the personal images counted (read now)."""
+        head = split_banner(self.index_info)[0]
         count = self.galleries.personal_count()
         if not count:
-            return self.index_info
+            return head
         return (
-            f"{self.index_info}\n\n**+ {count} personal image{'s' if count != 1 else ''}** added on this page "
+            f"{head}\n\n**+ {count} personal image{'s' if count != 1 else ''}** added on this page "
             "(searched with it; see *Add your own images*)."
         )
 
@@ -258,27 +274,40 @@ class SearchApp:
         return self.embedder.embed_pixels(pixel_values)
 
     def search(
-        self, image: Optional[str], k: float = DEFAULT_K, label: Optional[str] = None, tiling: str = TILE_MODES[0]
+        self,
+        image: Optional[str],
+        k: float = DEFAULT_K,
+        label: Optional[str] = None,
+        tiling: str = TILE_MODES[0],
+        progress: Optional[Callable[[int, int], None]] = None,
     ) -> SearchOutputs:
-        """Search handler: decode, tile, embed, search both galleries, merge, caption.
+        """Search handler: decode, tile, embed, search both galleries, merge, caption, export.
 
         Args:
             image: path of the uploaded file (the app decodes it itself).
             k: number of results (1..50).
             label: only results with this label; ``None``, ``""`` or "(any label)": no filter.
             tiling: one of :data:`TILE_MODES`.
+            progress: called as ``progress(tiles_done, tiles)`` while the tiles are embedded.
 
         Returns:
             A :class:`SearchOutputs`; on bad input the summary holds the message (also shown as a warning).
         """
         try:
-            return self._search(image, k, label, tiling)
+            return self._search(image, k, label, tiling, progress)
         except InputError as err:
             logger.info("rejected query: %s", err)
             gr.Warning(str(err))
-            return SearchOutputs([], None, f"⚠️ {err}", None, [], [])
+            return SearchOutputs([], None, f"⚠️ {err}", None, [], [], [], None, None)
 
-    def _search(self, image: Optional[str], k: float, label: Optional[str], tiling: str) -> SearchOutputs:
+    def _search(
+        self,
+        image: Optional[str],
+        k: float,
+        label: Optional[str],
+        tiling: str,
+        progress: Optional[Callable[[int, int], None]] = None,
+    ) -> SearchOutputs:
         started = time.perf_counter()
         if image is None or (isinstance(image, str) and not image.strip()):
             raise InputError("No image yet: drop, paste or browse a tissue image first.")
@@ -296,39 +325,92 @@ class SearchApp:
             raise InputError(f"label {label!r} is not in the gallery; choose one of: {', '.join(choices[1:])}")
 
         query = decode_image(image)
-        found = self.galleries.search(query, k_int, label, tile_large=tiling == TILE_MODES[0], embed=self._embed)
+        notes = [note] if (note := colour_warning(query)) else []
+        for note in notes:
+            gr.Warning(note)
+        found = self.galleries.search(
+            query, k_int, label, tile_large=tiling == TILE_MODES[0], embed=self._embed, progress=progress
+        )
         if not found.hits:
             raise InputError(f"no gallery patch has the label {label!r}")
-        gallery, table = result_rows(found)
-        shares = {lab: n / sum(n for _, n in found.votes) for lab, n in found.votes}
+        gallery, table = result_rows(found, self.roots)
+        several = len(found.tiles) > 1
+        csv_path, zip_path = write_export(
+            self._responses.new_folder("export-"),
+            results_csv(found, self.roots),
+            query,
+            [hit.thumbnail for hit in found.hits],
+        )
         elapsed = 1000 * (time.perf_counter() - started)
-        logger.info("search: %s px, %d tiles, k=%d, %.0f ms", query.size, len(found.tiles), k_int, elapsed)
+        logger.info(
+            "search: %s px, %s (%d skipped), k=%d, %.0f ms",
+            query.size,
+            plural(len(found.tiles), "tile"),
+            len(found.skipped),
+            k_int,
+            elapsed,
+        )
+        # No vote chart where it would read as a suggestion: a label filter (every result has that
+        # label by construction) or no close match.
+        no_chart = label is not None or found.close_match is False
         return SearchOutputs(
             gallery=gallery,
-            votes=None if found.close_match is False else shares,  # no close match: no chart that reads as a suggestion
-            summary=result_summary(found, query.size, self.input_size, label),
-            overview=draw_tile_grid(found.work, found.tiles),
+            votes=None if no_chart else vote_shares(found.votes),
+            summary=result_summary(found, query.size, self.input_size, label, notes),
+            overview=draw_tile_grid(
+                found.work,
+                found.tiles,
+                votes=None if label is not None else found.tile_votes(),
+                skipped=found.skipped,
+            ),
             tiles=tile_views(found, self.embedder.processor),
             table=table,
+            tile_table=tile_rows(found, filtered=label is not None) if several else [],
+            csv=csv_path,
+            archive=zip_path,
         )
 
     def search_page(
-        self, image: Optional[str], k: float = DEFAULT_K, label: Optional[str] = None, tiling: str = TILE_MODES[0]
+        self,
+        image: Optional[str],
+        k: float = DEFAULT_K,
+        label: Optional[str] = None,
+        tiling: str = TILE_MODES[0],
+        progress: gr.Progress = gr.Progress(),  # noqa: B008 (Gradio injects a tracker for this default)
     ) -> SearchOutputs:
-        """The page's search handler: :meth:`search` with every image written to a fresh, unique file.
+        """The page's search handler: :meth:`search` with every image written to a fresh, unique file,
+        and the tiles' embedding reported to ``progress``.
 
         Gradio caches a returned PIL image under a name made from its content and rewrites that file
         on every response holding the same image, while an earlier response may still be sending it
         (h11: "Too little data for declared Content-Length"). A file path is copied into the cache
         atomically and never rewritten, so each response gets files of its own.
         """
-        out = self.search(image, k, label, tiling)
+
+        def report(done: int, total: int) -> None:
+            progress((done, total), desc=f"embedding {plural(total, 'tile')}", unit="tiles")
+
+        out = self.search(image, k, label, tiling, report)
         to_file = self._responses.writer()
         return out._replace(
             gallery=[(to_file(picture), caption) for picture, caption in out.gallery],
             overview=to_file(out.overview),
             tiles=[(to_file(picture), caption) for picture, caption in out.tiles],
         )
+
+    def preview(self, image: Optional[str]) -> Any:
+        """Upload handler: a PNG copy of a query the browser cannot show (TIFF), else no change."""
+        if not image:
+            return gr.skip()
+        png = preview_png(image, str(self._responses.new_folder("preview-")))
+        return png if png is not None else gr.skip()
+
+    def select_result(self, evt: gr.SelectData) -> tuple[Optional[str], str]:
+        """Result-click handler: the clicked result at its full stored resolution, and its caption."""
+        value = evt.value if isinstance(evt.value, dict) else {}
+        image = value.get("image") or {}
+        path = image.get("path") if isinstance(image, dict) else None
+        return path, f"**Selected result:** {value.get('caption') or ''}"
 
     # ---- add your own images -----------------------------------------------------------
 
@@ -507,8 +589,26 @@ def uploaded_image(**kwargs: Any) -> gr.Image:
 
 
 CSS = """
-#results .caption-label { white-space: normal; }
+#results .thumbnail-item, #seen .thumbnail-item {
+  aspect-ratio: auto; height: auto; display: flex; flex-direction: column; overflow: visible;
+}
+#results .thumbnail-item img, #seen .thumbnail-item img {
+  aspect-ratio: 1 / 1; width: 100%; height: auto; object-fit: contain;
+}
+#results .caption-label, #seen .caption-label {
+  position: static; max-width: 100%; white-space: normal; overflow-wrap: anywhere; opacity: 1;
+  border: none; border-top: 1px solid var(--border-color-primary); border-radius: 0;
+}
+#results .grid-container, #seen .grid-container { grid-auto-rows: auto; }
+@media (max-width: 640px) { #selected-column { order: 3; } #controls-column { order: 2; } }
+#selected img { width: auto !important; height: auto !important; max-width: 100%; max-height: 100%; margin: auto; }
 """
+
+
+def split_banner(info: str) -> tuple[str, str]:
+    """The gallery banner split into its first paragraph (always shown) and the rest (folded)."""
+    head, _, rest = info.partition("\n\n")
+    return head, rest.strip()
 
 
 def build_demo(app: SearchApp) -> gr.Blocks:
@@ -517,15 +617,29 @@ def build_demo(app: SearchApp) -> gr.Blocks:
     with gr.Blocks(title="LGFFEM Search") as demo:
         gr.Markdown("# LGFFEM Search: similar tissue patches")
         banner = gr.Markdown(app.banner(), elem_id="gallery-info")
+        details = split_banner(app.index_info)[1]
+        if details:
+            with gr.Accordion("More about this gallery", open=False, elem_id="gallery-details"):
+                gr.Markdown(details)
         with gr.Tab("Search"):
             with gr.Row():
-                with gr.Column(scale=1, min_width=300):
+                with gr.Column(scale=1, min_width=240):
                     query = uploaded_image(
                         label="Tissue image: drop, paste or browse (PNG, JPEG, TIFF)",
                         sources=["upload", "clipboard"],
                         height=300,
                         elem_id="query",
                     )
+                with gr.Column(scale=1, min_width=240, elem_id="selected-column"):
+                    selected = gr.Image(
+                        label="Result at full stored resolution (click a result)",
+                        type="filepath",
+                        interactive=False,
+                        height=300,
+                        elem_id="selected",
+                    )
+                    selected_caption = gr.Markdown(elem_id="selected-caption")
+                with gr.Column(scale=1, min_width=240, elem_id="controls-column"):
                     if app.examples:
                         gr.Examples(
                             [[path] for path in app.examples],
@@ -541,21 +655,39 @@ def build_demo(app: SearchApp) -> gr.Blocks:
                         list(TILE_MODES), value=TILE_MODES[0], label=f"Images larger than {int(1.5 * size)} px"
                     )
                     button = gr.Button("Search", variant="primary", elem_id="search-button")
+            with gr.Row():
                 with gr.Column(scale=2):
-                    summary = gr.Markdown(elem_id="summary")
+                    summary = gr.Markdown(label="Summary", elem_id="summary")
                     results = gr.Gallery(
-                        label="Most similar patches", columns=4, height="auto", fit_columns=False, elem_id="results"
+                        label="Most similar patches",
+                        columns=4,
+                        height="auto",
+                        fit_columns=False,
+                        allow_preview=False,
+                        elem_id="results",
                     )
-                    votes = gr.Label(label="Majority vote (share of votes)", num_top_classes=10, elem_id="votes")
+                with gr.Column(scale=1, min_width=240):
+                    votes = gr.Label(label="Vote shares", num_top_classes=10, elem_id="votes")
+                    with gr.Row():
+                        csv_file = gr.DownloadButton("Download results (CSV)", elem_id="download-csv")
+                        zip_file = gr.DownloadButton("Download images (zip)", elem_id="download-zip")
             with gr.Row():
                 overview = gr.Image(
-                    label="Query with its tiles", type="pil", interactive=False, height=420, elem_id="overview"
+                    label="Query with its tiles (colour: the tile's vote)",
+                    type="pil",
+                    interactive=False,
+                    height=420,
+                    elem_id="overview",
                 )
                 seen = gr.Gallery(
                     label="What the model saw (per tile)", columns=4, height=420, fit_columns=False, elem_id="seen"
                 )
+            with gr.Accordion("Tile votes (tiled searches)", open=True):
+                tile_table = gr.Dataframe(
+                    headers=TILE_HEADERS, label="Tile votes", interactive=False, elem_id="tile-table"
+                )
             with gr.Accordion("Result details", open=False):
-                table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, elem_id="table")
+                table = gr.Dataframe(headers=TABLE_HEADERS, label="Result details", interactive=False, elem_id="table")
             gr.Markdown(f"**How large images are searched.** {tiling_rule(size)}")
         with gr.Tab("Add your own images"):
             gr.Markdown(
@@ -602,9 +734,11 @@ def build_demo(app: SearchApp) -> gr.Blocks:
         button.click(
             app.search_page,
             inputs=[query, k, label, tiling],
-            outputs=[results, votes, summary, overview, seen, table],
+            outputs=[results, votes, summary, overview, seen, table, tile_table, csv_file, zip_file],
             api_name="search",
         )
+        query.upload(app.preview, inputs=[query], outputs=[query], api_name=False)
+        results.select(app.select_result, inputs=None, outputs=[selected, selected_caption], api_name=False)
         gallery_outputs = [label, new_label, personal_table, banner]
         add_button.click(
             app.add_images, inputs=[files, new_label], outputs=[add_status, *gallery_outputs], api_name="add_images"

@@ -7,9 +7,13 @@ web page's responses are written to (:class:`ResponseFiles`).
 
 from __future__ import annotations
 
+import csv
+import io
+import os
 import shutil
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -17,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from index_build.metrics import majority_votes
 from index_build.query import Tile, TiledResult
 
 if TYPE_CHECKING:
@@ -25,7 +28,89 @@ if TYPE_CHECKING:
 
     from index_build.patch_index import PatchIndex
 
-__all__ = ["draw_tile_grid", "result_rows", "result_summary", "short_source", "tensor_to_images", "tile_views"]
+__all__ = [
+    "TABLE_HEADERS",
+    "TILE_HEADERS",
+    "draw_tile_grid",
+    "plural",
+    "public_index_name",
+    "public_source",
+    "result_rows",
+    "result_summary",
+    "results_csv",
+    "short_source",
+    "source_root",
+    "tensor_to_images",
+    "tile_rows",
+    "tile_views",
+    "vote_shares",
+    "write_export",
+]
+
+TABLE_HEADERS = ["rank", "label", "similarity", "tile", "gallery", "source"]
+TILE_HEADERS = ["tile", "position", "tissue", "top label", "top similarity", "vote"]
+BLANK = "skipped (blank glass)"
+
+
+def plural(n: int, word: str, many: Optional[str] = None) -> str:
+    """``"1 tile"``, ``"3 tiles"`` (``many``: an irregular plural, e.g. ``"patches"``)."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
+def vote_shares(votes: Sequence[tuple[str, int]]) -> dict[str, float]:
+    """Vote counts -> shares in whole percent that add up to exactly 100 (largest remainder).
+
+    Each share is ``percent / 100``, so a page that rounds ``share * 100`` shows the same whole
+    numbers; remainders that tie go to the label listed first (the one with more votes).
+    """
+    total = sum(n for _, n in votes)
+    if total <= 0:
+        return {}
+    exact = [100 * n / total for _, n in votes]
+    whole = [int(e) for e in exact]
+    order = sorted(range(len(votes)), key=lambda i: (-(exact[i] - whole[i]), i))
+    for i in order[: 100 - sum(whole)]:
+        whole[i] += 1
+    return {lab: w / 100 for (lab, _), w in zip(votes, whole)}
+
+
+def _is_path(source: str) -> bool:
+    return source.startswith(("/", "~", "\\\\")) or (len(source) > 2 and source[1] == ":" and source[2] in "/\\")
+
+
+def source_root(sources: Sequence[str]) -> Optional[str]:
+    """The folder all file-path sources of a gallery share (its dataset root), ``None`` when there are none.
+
+    A single class folder would leave only file names, so the root is taken one level above the
+    common folder of the files' folders.
+    """
+    folders = {os.path.dirname(s.replace("\\", "/")) for s in sources if _is_path(s)}
+    if not folders:
+        return None
+    try:
+        common = os.path.commonpath(sorted(folders))
+    except ValueError:  # mixed drives
+        return None
+    return os.path.dirname(common) if len(folders) == 1 else common
+
+
+def public_source(source: str, root: Optional[str] = None) -> str:
+    """A source as a public page may show it: a file path relative to its dataset ``root`` (only the
+    file name when it is outside the root), never an absolute server path; other sources unchanged."""
+    if not _is_path(source):
+        return source
+    path = source.replace("\\", "/")
+    if root and path.startswith(root.rstrip("/") + "/"):
+        return path[len(root.rstrip("/")) + 1 :]
+    return os.path.basename(path)
+
+
+def public_index_name(spec: str) -> str:
+    """The index as a public page may name it: a Hub dataset id as given, a local folder by its own name."""
+    expanded = os.path.expanduser(spec)
+    if os.path.isdir(expanded) or _is_path(spec):
+        return os.path.basename(os.path.normpath(expanded)) or spec
+    return spec
 
 
 def tensor_to_images(pixel_values: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> list[Image.Image]:
@@ -37,25 +122,71 @@ def tensor_to_images(pixel_values: torch.Tensor, mean: Sequence[float], std: Seq
 
 
 _COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240))
+_GREY = (128, 128, 128)
 
 
-def draw_tile_grid(image: Image.Image, tiles: Sequence[Tile], max_side: int = 1024) -> Image.Image:
-    """The working image with every tile outlined and numbered (single-tile queries: unchanged)."""
+def draw_tile_grid(
+    image: Image.Image,
+    tiles: Sequence[Tile],
+    max_side: int = 1024,
+    votes: Optional[Sequence[Optional[str]]] = None,
+    skipped: Sequence[int] = (),
+) -> Image.Image:
+    """The working image with every tile outlined and numbered (single-tile queries: unchanged).
+
+    With ``votes`` (one label or ``None`` per tile), each tile is drawn in its vote's colour, the
+    ``skipped`` tiles in grey, and a legend of the colours is added below the image.
+    """
     scale = min(1.0, max_side / max(image.size))
     canvas = image.resize((round(image.width * scale), round(image.height * scale))) if scale < 1.0 else image.copy()
     if len(tiles) == 1:
         return canvas
-    draw = ImageDraw.Draw(canvas)
+    labels = sorted({v for v in votes or () if v is not None})
+    colour_of = {lab: _COLOURS[i % len(_COLOURS)] for i, lab in enumerate(labels)}
     font = ImageFont.load_default(size=max(12, round(min(canvas.size) / 40)))
-    for tile in tiles:
-        colour = _COLOURS[(tile.row + tile.col) % len(_COLOURS)]
+    line_width = max(2, round(min(canvas.size) / 250))
+    colours = [
+        _COLOURS[(t.row + t.col) % len(_COLOURS)]
+        if votes is None
+        else _GREY
+        if t.number in skipped or votes[i] is None
+        else colour_of[votes[i]]
+        for i, t in enumerate(tiles)
+    ]
+    if votes is not None:  # the vote map: the middle half of each tile tinted by its vote (neighbours never overlap)
+        tint = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
+        shade = ImageDraw.Draw(tint)
+        for tile, colour in zip(tiles, colours):
+            left, top, right, bottom = (v * scale for v in tile.box)
+            dx, dy = (right - left) / 4, (bottom - top) / 4
+            shade.rectangle(
+                [round(left + dx), round(top + dy), round(right - dx), round(bottom - dy)], fill=colour + (90,)
+            )
+        canvas = Image.alpha_composite(canvas.convert("RGBA"), tint).convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    for tile, colour in zip(tiles, colours):
         box = [round(v * scale) for v in tile.box]
-        draw.rectangle([box[0], box[1], box[2] - 1, box[3] - 1], outline=colour, width=2)
+        draw.rectangle([box[0] + 1, box[1] + 1, box[2] - 2, box[3] - 2], outline=colour, width=line_width)
         text = str(tile.number)
         left, top, right, bottom = draw.textbbox((box[0] + 4, box[1] + 3), text, font=font)
         draw.rectangle([left - 2, top - 2, right + 2, bottom + 2], fill=colour)
         draw.text((box[0] + 4, box[1] + 3), text, fill=(255, 255, 255), font=font)
-    return canvas
+    if votes is None:
+        return canvas
+    entries = [(colour_of[lab], f"vote {lab}") for lab in labels] + (
+        [(_GREY, "skipped: blank glass")] if skipped else []
+    )
+    line = font.size + 10
+    legend = Image.new("RGB", (canvas.width, line * len(entries) + 6), (255, 255, 255))
+    pen = ImageDraw.Draw(legend)
+    for row, (colour, text) in enumerate(entries):
+        y = 4 + row * line
+        pen.rectangle([6, y, 6 + font.size, y + font.size], fill=colour)
+        pen.text((12 + font.size, y), text, fill=(0, 0, 0), font=font)
+    out = Image.new("RGB", (canvas.width, canvas.height + legend.height), (255, 255, 255))
+    out.paste(canvas, (0, 0))
+    out.paste(legend, (0, canvas.height))
+    return out
 
 
 def short_source(source: str, keep: int = 2) -> str:
@@ -69,57 +200,140 @@ SINGLE_RULE = (
     "k results; a tie goes to the label ranked first."
 )
 TILED_RULE = (
-    "Tiles merged: each gallery patch keeps its best similarity over the tiles; the suggestion is the "
-    "vote of the tiles' own majority labels (see *How large images are searched* below)."
+    "**Best results** are the gallery patches most similar to any single tile (each with the tile that found "
+    "it), while the **tile vote** counts, for every tile, the majority label of that tile's own k results, so a "
+    "few tiles with very close matches can fill the results while most tiles vote for another label (see "
+    "*Tile votes* below and *How large images are searched*)."
 )
 
 
-def result_rows(found: TiledResult) -> tuple[list[tuple[Optional[Image.Image], str]], list[list[Any]]]:
-    """Captioned thumbnails (``label · sim 0.912 · tile 3 · source``) and table rows of the merged hits.
+def result_rows(
+    found: TiledResult, roots: Optional[dict[str, Optional[str]]] = None
+) -> tuple[list[tuple[Optional[Image.Image], str]], list[list[Any]]]:
+    """Captioned thumbnails (``label · sim 0.912 · tile 3 · file name``) and table rows of the merged hits.
 
-    Table rows are ``rank, label, similarity, tile, gallery, source``.
+    Table rows are :data:`TABLE_HEADERS` (``rank, label, similarity, tile, gallery, source``), the
+    similarity as text with 3 decimals and the source made public by :func:`public_source` with the
+    hit's gallery root from ``roots``.
     """
     several = len(found.tiles) > 1
+    roots = roots or {}
     gallery, table = [], []
     for rank, hit in enumerate(found.hits, start=1):
         where = "your images" if hit.gallery == "personal" else "gallery"
+        source = public_source(hit.source, roots.get(hit.gallery))
         tile_text = f" · tile {hit.tile}" if several else ""
-        gallery.append((hit.thumbnail, f"{hit.label} · sim {hit.score:.3f}{tile_text} · {short_source(hit.source)}"))
-        table.append([rank, hit.label, round(hit.score, 4), hit.tile, where, hit.source])
+        gallery.append((hit.thumbnail, f"{hit.label} · sim {hit.score:.3f}{tile_text} · {source.rsplit('/', 1)[-1]}"))
+        table.append([rank, hit.label, f"{hit.score:.3f}", hit.tile, where, source])
     return gallery, table
 
 
-def result_summary(found: TiledResult, query_size: tuple[int, int], size: int, label: Optional[str] = None) -> str:
-    """Markdown: the suggestion with its votes (and ties), the query's size and tiling, and the rule used."""
+def tile_rows(found: TiledResult, filtered: bool = False) -> list[list[Any]]:
+    """One row per tile (:data:`TILE_HEADERS`): number, grid position, tissue share, its best hit's
+    label and similarity, and its vote (``"skipped (blank glass)"``; ``"-"`` when a label filter is on)."""
+    rows = []
+    for tile, hits, vote in zip(found.tiles, found.per_tile, found.tile_votes()):
+        tissue = f"{found.tissue[tile.number - 1]:.0%}" if found.tissue is not None else "-"
+        if tile.number in found.skipped:
+            rows.append([tile.number, f"row {tile.row + 1}, col {tile.col + 1}", tissue, "-", "-", BLANK])
+            continue
+        top_label, top_score = (hits[0].label, f"{hits[0].score:.3f}") if hits else ("-", "-")
+        rows.append(
+            [
+                tile.number,
+                f"row {tile.row + 1}, col {tile.col + 1}",
+                tissue,
+                top_label,
+                top_score,
+                "-" if filtered or vote is None else vote,
+            ]
+        )
+    return rows
+
+
+def results_csv(found: TiledResult, roots: Optional[dict[str, Optional[str]]] = None) -> str:
+    """The results as CSV text: a header (:data:`TABLE_HEADERS`) and the rows of :func:`result_rows`."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(TABLE_HEADERS)
+    writer.writerows(result_rows(found, roots)[1])
+    return buffer.getvalue()
+
+
+def write_export(
+    folder: Path, csv_text: str, query: Image.Image, thumbnails: Sequence[Optional[Image.Image]]
+) -> tuple[str, str]:
+    """Write ``results.csv`` and ``results.zip`` (the CSV, ``query.png`` and ``result_01.png``, ... in
+    rank order) into ``folder``; returns both paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    csv_path, zip_path = folder / "results.csv", folder / "results.zip"
+    csv_path.write_text(csv_text, encoding="utf-8")
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("results.csv", csv_text)
+        for name, picture in [("query.png", query)] + [
+            (f"result_{rank:02d}.png", thumb) for rank, thumb in enumerate(thumbnails, start=1)
+        ]:
+            if picture is not None:
+                buffer = io.BytesIO()
+                picture.save(buffer, format="PNG")
+                archive.writestr(name, buffer.getvalue())
+    return str(csv_path), str(zip_path)
+
+
+def result_summary(
+    found: TiledResult,
+    query_size: tuple[int, int],
+    size: int,
+    label: Optional[str] = None,
+    notes: Sequence[str] = (),
+) -> str:
+    """Markdown: the suggestion with its votes (and ties), the query's size and tiling, and the rule used.
+
+    With a label filter there is no suggestion (every result has the label by construction): the
+    headline says "Results within <label>". ``notes`` (e.g. a colour warning) come first.
+    """
     votes, tiles, work = found.votes, found.tiles, found.work
     several = len(tiles) > 1
     size_text = f"{query_size[0]}×{query_size[1]} px"
     if several and work.size != tuple(query_size):
         size_text += f", shrunk to {work.width}×{work.height} px"
-    tied = [lab for lab, n in votes[1:] if n == votes[0][1]]
-    tie_text = f", tied with {', '.join(tied)} (tie broken by the rule below)" if tied else ""
-    if found.close_match is False:
+    below = (
+        f"The best similarity, {found.best_score:.3f}, is below this gallery's close-match threshold "
+        f"{found.threshold:.3f}: nothing here resembles the query as closely as the gallery's own patches "
+        "resemble each other."
+    )
+    shares = vote_shares(votes)
+    vote_text = f"Votes ({found.unit}): {', '.join(f'{lab} {n} ({shares[lab]:.0%})' for lab, n in votes)}.  \n"
+    if label is not None:
         headline = (
-            "### No close match in this gallery\n"
-            f"The best similarity, {found.best_score:.3f}, is below this gallery's close-match threshold "
-            f"{found.threshold:.3f}: nothing here resembles the query as closely as the gallery's own patches "
-            "resemble each other. The nearest patches are shown for reference, not as a suggestion.  \n"
+            f"### Results within **{label}**\n"
+            f"A label filter is on, so every result is `{label}` by construction: this is not a suggestion "
+            "(clear the filter to get one). " + (below if found.close_match is False else "") + "  \n"
+        )
+        vote_text = ""
+    elif found.close_match is False:
+        headline = (
+            f"### No close match in this gallery\n{below} The nearest patches are shown for reference, "
+            "not as a suggestion.  \n"
         )
     else:
+        tied = [lab for lab, n in votes[1:] if n == votes[0][1]]
+        tie_text = f", tied with {', '.join(tied)} (tie broken by the rule below)" if tied else ""
         match_text = (
             f"Best similarity {found.best_score:.3f} (close-match threshold {found.threshold:.3f}).  \n"
             if found.close_match
             else ""
         )
-        headline = (
-            f"### Suggestion: **{votes[0][0]}** ({votes[0][1]} of {sum(n for _, n in votes)} {found.unit}){tie_text}\n"
-            + match_text
-        )
+        count = sum(n for _, n in votes)
+        headline = f"### Suggestion: **{votes[0][0]}** ({votes[0][1]} of {count} {found.unit}){tie_text}\n" + match_text
+    skipped_text = f", {len(found.skipped)} skipped as blank glass" if found.skipped else ""
     return (
-        headline + f"Votes: {', '.join(f'{lab}: {n}' for lab, n in votes)}.  \n"
-        f"Query: {size_text}, searched as {len(tiles)} tile{'s' if several else ''}"
-        f"{' (' + str(size) + ' px)' if several else ''}; "
-        f"{len(found.hits)} results{' with label ' + repr(label) if label else ''}.  \n"
+        "".join(f"⚠️ {note}  \n" for note in notes)
+        + headline
+        + vote_text
+        + f"Query: {size_text}, searched as {plural(len(tiles), 'tile')}"
+        f"{' (' + str(size) + ' px)' if several else ''}{skipped_text}; "
+        f"{plural(len(found.hits), 'result')}{' with label ' + repr(label) if label else ''}.  \n"
         f"_{TILED_RULE if several else SINGLE_RULE}_"
     )
 
@@ -134,9 +348,9 @@ def tile_views(found: TiledResult, processor: Any) -> list[tuple[Image.Image, st
         (
             image,
             f"tile {t.number} (row {t.row + 1}, col {t.col + 1}) → "
-            f"{majority_votes([h.label for h in hits])[0][0] if hits else '-'}",
+            f"{'skipped (blank glass)' if t.number in found.skipped else vote or '-'}",
         )
-        for image, t, hits in zip(seen, found.tiles, found.per_tile)
+        for image, t, vote in zip(seen, found.tiles, found.tile_votes())
     ]
 
 
@@ -189,10 +403,14 @@ class ResponseFiles:
             if old.stat().st_mtime < cutoff:
                 shutil.rmtree(old, ignore_errors=True)
 
+    def new_folder(self, prefix: str = "response-") -> Path:
+        """A new, empty folder for one response's files (old ones are pruned first)."""
+        self.prune()
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.root))
+
     def writer(self) -> Callable[[Optional[Image.Image]], Optional[str]]:
         """A function that saves each picture it is given as the next PNG of a new folder (``None`` stays ``None``)."""
-        self.prune()
-        folder = Path(tempfile.mkdtemp(prefix="response-", dir=self.root))
+        folder = self.new_folder()
         counter = iter(range(1_000_000))
 
         def to_file(picture: Optional[Image.Image]) -> Optional[str]:

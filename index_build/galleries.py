@@ -195,13 +195,16 @@ class Galleries:
         label: Optional[str] = None,
         tile_large: bool = True,
         embed: Optional[Callable[[torch.Tensor], np.ndarray]] = None,
+        progress: Optional[Callable[[int, int], None]] = None,
     ) -> TiledResult:
         """:func:`~index_build.query.tiled_search` over both galleries (hits name ``"index"`` or ``"personal"``)."""
         with self._lock:
             self.refresh()
             personal = [(PERSONAL, self.personal)] if self.personal is not None and len(self.personal) else []
             galleries = [(MAIN, self.main), *personal]
-        return tiled_search(image, self.embedder, galleries, k, label, tile_large, embed, guard=self._lock)
+        return tiled_search(
+            image, self.embedder, galleries, k, label, tile_large, embed, guard=self._lock, progress=progress
+        )
 
     def add(self, images: Sequence[Image.Image], labels: Sequence[str], sources: Sequence[str]) -> int:
         """Embed patches and append them to the personal gallery on disk. Returns its new size.

@@ -6,7 +6,9 @@ longer side holds at most 6 tiles, then cut into square tiles of the model input
 (:func:`plan_tiles`, :func:`cut_tiles`). Every tile is searched for its own k nearest patches in
 every gallery (:func:`search_galleries`); :func:`merge_tiles` keeps each gallery patch's best
 similarity and votes over the tiles. :func:`tiled_search` does it all; the app, the evaluation
-(``python -m index_build.evaluate --tile``) and scripts share it.
+(``python -m index_build.evaluate --tile``) and scripts share it. In :func:`tiled_search`, tiles of
+a tiled query that are blank glass by :data:`index_build.tissue.TISSUE_RULE` are neither searched
+nor counted as votes (they are reported as skipped).
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 from PIL import Image
 
 from index_build.metrics import majority_votes
+from index_build.tissue import TISSUE_RULE, is_tissue, tissue_fraction
 
 if TYPE_CHECKING:
     import torch
@@ -31,10 +34,12 @@ MIN_SIDE = 32  # px: below this a patch holds too little tissue to search
 WHOLE_IMAGE_FACTOR = 1.5  # images up to 1.5x the model input on their longer side are searched whole
 MAX_TILES_PER_SIDE = 6  # larger images are shrunk so that their longer side holds at most 6 tiles
 MAX_TILES = 36
+EMBED_CHUNK = 6  # tiles embedded per forward pass in tiled_search: progress is reported after each
 
 __all__ = [
     "MAX_TILES",
     "MAX_TILES_PER_SIDE",
+    "EMBED_CHUNK",
     "MIN_SIDE",
     "WHOLE_IMAGE_FACTOR",
     "Hit",
@@ -47,6 +52,7 @@ __all__ = [
     "plan_tiles",
     "search_galleries",
     "tiled_search",
+    "tile_vote",
     "tiling_rule",
 ]
 
@@ -63,7 +69,7 @@ def tiling_rule(size: int) -> str:
         "results are merged per gallery patch, keeping its best similarity and the tile that gave it, and the "
         "k best are shown with their tile number. Suggestion: each tile votes for the majority label of its "
         "own k results; the label with most tile votes wins (a tie goes to the label whose tile has the "
-        "highest top-1 similarity)."
+        "highest top-1 similarity). " + TISSUE_RULE.replace("a tile", "a tile of a tiled query")
     )
 
 
@@ -183,6 +189,11 @@ def search_galleries(
     return per_tile
 
 
+def tile_vote(hits: Sequence[Hit]) -> Optional[str]:
+    """One tile's vote: the majority label of its own hits (``None``: no hits, e.g. a skipped tile)."""
+    return majority_votes([h.label for h in hits])[0][0] if hits else None
+
+
 def merge_tiles(per_tile: Sequence[Sequence[Hit]], k: int) -> tuple[list[Hit], list[tuple[str, int]], str]:
     """Merge the per-tile hit lists (each sorted by score) by the rule of :func:`tiling_rule`.
 
@@ -199,7 +210,7 @@ def merge_tiles(per_tile: Sequence[Sequence[Hit]], k: int) -> tuple[list[Hit], l
     merged = sorted(best.values(), key=lambda h: (-h.score, h.tile, h.gallery, h.id))[:k]
     if len(per_tile) == 1:
         return merged, majority_votes([h.label for h in merged]), "results"
-    tile_votes = [(hits[0].score, majority_votes([h.label for h in hits])[0][0]) for hits in per_tile if hits]
+    tile_votes = [(hits[0].score, tile_vote(hits)) for hits in per_tile if hits]
     tile_votes.sort(key=lambda sv: -sv[0])
     return merged, majority_votes([label for _, label in tile_votes]), "tiles"
 
@@ -216,6 +227,12 @@ class TiledResult:
     votes: list[tuple[str, int]]
     unit: str  # what a vote is: "results" (one tile) or "tiles"
     threshold: Optional[float] = None  # the main gallery's calibrated close-match similarity
+    tissue: Optional[list[float]] = None  # tissue share of every tile (tiled queries; ``None``: not measured)
+    skipped: tuple[int, ...] = ()  # numbers of the blank-glass tiles, neither searched nor voting
+
+    def tile_votes(self) -> list[Optional[str]]:
+        """Every tile's vote (:func:`tile_vote`), in tile order; ``None`` for a skipped tile."""
+        return [tile_vote(hits) for hits in self.per_tile]
 
     @property
     def best_score(self) -> Optional[float]:
@@ -254,6 +271,8 @@ def tiled_search(
     tile_large: bool = True,
     embed: Optional[Callable[[torch.Tensor], np.ndarray]] = None,
     guard: Optional[AbstractContextManager] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+    skip_blank: bool = True,
 ) -> TiledResult:
     """Search ``image`` the way the app does: tile, embed, search every gallery, merge.
 
@@ -267,10 +286,34 @@ def tiled_search(
         embed: replaces ``embedder.embed_pixels`` (the app runs it under ``spaces.GPU``).
         guard: held while the galleries are searched (a lock against concurrent additions);
             tiling and embedding run outside it.
+        progress: called as ``progress(tiles_done, tiles_to_embed)`` before the first and after
+            every :data:`EMBED_CHUNK` tiles embedded.
+        skip_blank: with several tiles, leave out the blank-glass tiles (:data:`TISSUE_RULE`);
+            when every tile is blank, all are searched.
     """
-    work, tiles, pixel_values, xq = embed_tiles(image, embedder, tile_large, embed)
+    work, tiles, crops = cut_tiles(image, int(embedder.processor.image_size), tile_large)
+    pixel_values = embedder.preprocess(crops)
+    tissue, skipped = None, ()
+    if len(tiles) > 1:
+        tissue = [tissue_fraction(crop) for crop in crops]
+        if skip_blank:
+            blank = tuple(t.number for t, crop in zip(tiles, crops) if not is_tissue(crop))
+            skipped = blank if len(blank) < len(tiles) else ()
+    searched = [i for i, t in enumerate(tiles) if t.number not in skipped]
+    embed = embed or embedder.embed_pixels
+    parts = []
+    for start in range(0, len(searched), EMBED_CHUNK):
+        if progress is not None:
+            progress(start, len(searched))
+        parts.append(np.asarray(embed(pixel_values[searched[start : start + EMBED_CHUNK]])))
+    if progress is not None:
+        progress(len(searched), len(searched))
+    xq = np.concatenate(parts)
     with guard or nullcontext():
-        per_tile = search_galleries(galleries, xq, k, label)
+        found = search_galleries(galleries, xq, k, label)
+    per_tile: list[list[Hit]] = [[] for _ in tiles]
+    for i, hits in zip(searched, found):
+        per_tile[i] = [replace(h, tile=tiles[i].number) for h in hits]
     hits, votes, unit = merge_tiles(per_tile, k)
     threshold = next((g.close_match_threshold for _, g in galleries if g.close_match_threshold is not None), None)
-    return TiledResult(work, tiles, pixel_values, per_tile, hits, votes, unit, threshold)
+    return TiledResult(work, tiles, pixel_values, per_tile, hits, votes, unit, threshold, tissue, skipped)

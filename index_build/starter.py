@@ -110,7 +110,7 @@ def starter_description(count: int, counts: Counter, size: int, how_to_load: str
     """Markdown describing a starter gallery of ``count`` patches (``counts`` per label) for a ``size`` px model."""
     per_label = ", ".join(f"{n} `{lab}`" for lab, n in sorted(counts.items()))
     return (
-        "**This page runs on its built-in starter gallery, not on a diagnostic reference collection.** "
+        "**This page runs on its built-in starter gallery, not on a diagnostic reference collection.**\n\n"
         f"It holds {count} patches ({per_label}) cut from the one real tissue image that ships with "
         "scikit-image: `skimage.data.immunohistochemistry()`, a 512×512 px immunohistochemistry image (brown "
         f"DAB stain, blue haematoxylin counterstain), upsampled to the model's {size} px input. Labels follow a "

@@ -56,7 +56,7 @@ LOCK_FILE = ".lock"  # held by the one process writing to the directory
 LOCK_TIMEOUT = 120.0  # seconds a writer waits for another one before giving up
 WORK_DIR = ".partial"  # where a build keeps its embedded chunks until the index is written
 DEFAULT_CHUNK_SIZE = 4096  # rows per persisted chunk: the resume granularity of a build
-THUMBNAIL_SIZE = 128
+THUMBNAIL_SIZE = 224  # the model's input side: results are shown as large as the model saw them
 THUMBNAIL_QUALITY = 85
 METADATA_SCHEMA = pa.schema(
     [("id", pa.int64()), ("label", pa.string()), ("source", pa.string()), ("thumbnail", pa.binary())]

@@ -12,12 +12,14 @@ import hashlib
 import io
 import os
 import re
+import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Optional, Union
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from index_build.query import MIN_SIDE, cut_tiles
@@ -28,6 +30,9 @@ MAX_ZIP_MEMBERS = 2000
 MAX_ZIP_BYTES = 500 * 2**20  # total uncompressed size of one zip
 MAX_ADD_PATCHES = 500  # patches added to a gallery in one go (after tiling)
 MAX_LISTED_ERRORS = 5  # unreadable files named in one message; the rest are counted
+COLOUR_SPREAD = 8  # on 0-255: a pixel whose channels differ by more than this has colour
+MIN_COLOUR_SHARE = 0.01  # an image with colour in fewer pixels than this is treated as grayscale
+BROWSER_FORMATS = frozenset({"PNG", "JPEG", "GIF", "WEBP", "BMP"})  # formats every browser shows
 LABEL_PATTERN = re.compile(r"^[\w][\w .,()+\-]{0,63}$")
 
 __all__ = [
@@ -39,8 +44,10 @@ __all__ = [
     "MAX_ZIP_MEMBERS",
     "InputError",
     "UploadBatch",
+    "colour_warning",
     "configure_pillow",
     "decode_image",
+    "preview_png",
     "file_path",
     "image_hash",
     "iter_upload",
@@ -95,24 +102,22 @@ def decode_image(source: Union[str, os.PathLike, IO[bytes]], name: Optional[str]
             raise InputError(f"{label}: the file is empty")
         if size > MAX_UPLOAD_BYTES:
             raise InputError(f"{label}: file of {size / 2**20:.0f} MB; the limit is {MAX_UPLOAD_BYTES // 2**20} MB")
-    too_big = (
-        f"{label}: too many pixels for this app (decompression-bomb guard: at most "
-        f"{MAX_PIXELS / 1e6:.0f} megapixels). Crop or downscale the region of interest first."
-    )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(source) as image:
                 width, height = image.size
                 if width * height > MAX_PIXELS:
-                    raise InputError(f"{too_big} This image is {width}×{height} = {width * height / 1e6:.1f} MP.")
+                    raise InputError(_too_many_pixels(label, width * height, (width, height)))
                 image.load()
                 rgb = to_rgb_uint8(image)
                 rgb = rgb.copy() if rgb is image else rgb
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise InputError(f"{too_big} ({err})") from err
+        # Pillow refused before the size could be read: its message holds the pixel count.
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        raise InputError(_too_many_pixels(label, int(found.group(1)) if found else None)) from err
     except UnidentifiedImageError as err:
         raise InputError(f"{label}: not an image file (format not recognised); upload PNG, JPEG or TIFF") from err
     except (OSError, SyntaxError, ValueError, EOFError, TypeError) as err:
@@ -122,6 +127,51 @@ def decode_image(source: Union[str, os.PathLike, IO[bytes]], name: Optional[str]
             f"{label}: image too small ({rgb.width}×{rgb.height} px); at least {MIN_SIDE} px on each side is needed"
         )
     return rgb
+
+
+def _too_many_pixels(label: str, pixels: Optional[int], dims: Optional[tuple[int, int]] = None) -> str:
+    """The one sentence for an image over :data:`MAX_PIXELS` (``pixels``, ``dims``: its size, when known)."""
+    size = f"has {pixels / 1e6:.1f} megapixels, more than" if pixels else "has more than"
+    if dims:
+        size = f"({dims[0]}×{dims[1]} px) {size}"
+    return (
+        f"{label}: the image {size} the {MAX_PIXELS / 1e6:.0f}-megapixel limit of this app; "
+        "crop or downscale the region of interest first."
+    )
+
+
+def colour_warning(image: Image.Image) -> Optional[str]:
+    """A warning when an RGB image has no colour (grayscale, e.g. a 16-bit grayscale TIFF, or RGB with
+    equal channels): fewer than :data:`MIN_COLOUR_SHARE` of its pixels have channels more than
+    :data:`COLOUR_SPREAD` apart. ``None`` for a colour image."""
+    array = np.asarray(image.convert("RGB"), dtype=np.int16)
+    spread = array.max(axis=2) - array.min(axis=2)
+    if (spread > COLOUR_SPREAD).mean() >= MIN_COLOUR_SHARE:
+        return None
+    return (
+        "This image has no colour (grayscale). H&E is a colour stain and the gallery holds colour images, "
+        "so the results and any suggestion are unreliable: search a colour scan instead."
+    )
+
+
+def preview_png(path: str, folder: Optional[str] = None) -> Optional[str]:
+    """A PNG copy of an uploaded image that browsers cannot show (TIFF, ...), for the page's preview.
+
+    Returns the PNG's path (written in ``folder``), or ``None`` when the browser shows the file as is
+    or it cannot be decoded (the search then reports why). The PNG holds the same 8-bit RGB pixels
+    the search uses (:func:`decode_image`), so searching it gives the same results.
+    """
+    try:
+        with Image.open(path) as image:
+            if image.format in BROWSER_FORMATS:
+                return None
+        rgb = decode_image(path)
+    except (InputError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    handle, out = tempfile.mkstemp(suffix=".png", prefix="preview-", dir=folder)
+    with os.fdopen(handle, "wb") as stream:
+        rgb.save(stream, format="PNG", compress_level=1)
+    return out
 
 
 def file_path(item: Any) -> str:

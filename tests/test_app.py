@@ -186,6 +186,9 @@ def test_decode_zip_member_from_memory():
 # --------------------------------------------------------------------------------------
 
 
+LIMIT = "more than the 40-megapixel limit of this app; crop or downscale the region of interest first."
+
+
 def _bad_files(tmp_path: Path) -> dict[str, tuple[str, str]]:
     """name -> (path, part of the expected message)."""
     files = {}
@@ -204,11 +207,14 @@ def _bad_files(tmp_path: Path) -> dict[str, tuple[str, str]]:
     (tmp_path / "broken.png").write_bytes(bytes(data))
     files["corrupt"] = (str(tmp_path / "broken.png"), "corrupt or truncated")
     (tmp_path / "bomb.png").write_bytes(png_header_only(20_000, 20_000))  # 400 MP: Pillow's bomb error
-    files["bomb"] = (str(tmp_path / "bomb.png"), "decompression-bomb guard")
+    files["bomb"] = (str(tmp_path / "bomb.png"), "bomb.png: the image has 400.0 megapixels, " + LIMIT)
     (tmp_path / "bomb2.png").write_bytes(png_header_only(10_000, 10_000))  # 100 MP: Pillow's bomb warning
-    files["bomb warning"] = (str(tmp_path / "bomb2.png"), "decompression-bomb guard")
+    files["bomb warning"] = (str(tmp_path / "bomb2.png"), "bomb2.png: the image has 100.0 megapixels, " + LIMIT)
     (tmp_path / "huge.png").write_bytes(png_header_only(7_000, 6_000))  # 42 MP: above the app's 40 MP
-    files["too many pixels"] = (str(tmp_path / "huge.png"), "7000×6000 = 42.0 MP")
+    files["too many pixels"] = (
+        str(tmp_path / "huge.png"),
+        "huge.png: the image (7000×6000 px) has 42.0 megapixels, " + LIMIT,
+    )
     files["tiny"] = (save(tissue(20), tmp_path / "tiny.png"), "image too small (20×20 px); at least 32 px")
     files["thin"] = (save(tissue(200).crop((0, 0, 200, 31)), tmp_path / "thin.png"), "image too small (200×31 px)")
     files["missing"] = (str(tmp_path / "nope.png"), "file not found")
@@ -234,8 +240,13 @@ def test_configured_pillow_limit(tmp_path, monkeypatch):
     uploads.configure_pillow()
     assert Image.MAX_IMAGE_PIXELS == uploads.MAX_PIXELS == 40_000_000
     (tmp_path / "b.png").write_bytes(png_header_only(9_000, 9_000))  # 81 MP > 2 x 40 MP: Pillow's own error
-    with pytest.raises(InputError, match="decompression-bomb guard"):
+    with pytest.raises(InputError) as info:
         uploads.decode_image(tmp_path / "b.png")
+    # one limit, one sentence: Pillow's own "exceeds limit of 80000000 pixels" is not passed on
+    assert str(info.value) == (
+        "b.png: the image has 81.0 megapixels, more than the 40-megapixel limit of this app; "
+        "crop or downscale the region of interest first."
+    )
 
 
 def test_search_handler_bad_inputs_keep_serving(search_app, tmp_path):
@@ -271,13 +282,14 @@ def test_search_finds_itself(search_app, starter_subset, tmp_path):
     out = search_app.search(path, 8, app.ANY_LABEL)
     assert len(out.gallery) == 8 and len(out.table) == 8
     top = out.table[0]
-    assert top[1] == labels[3] and top[5] == sources[3] and top[2] == pytest.approx(1.0, abs=1e-4)
+    assert top[1] == labels[3] and top[5] == sources[3] and top[2] == "1.000"
     assert [row[0] for row in out.table] == list(range(1, 9))
     scores = [row[2] for row in out.table]
-    assert scores == sorted(scores, reverse=True)
+    assert all(len(s.split(".")[1]) == 3 for s in scores)  # always 3 decimals, "1.000" too
+    assert [float(s) for s in scores] == sorted((float(s) for s in scores), reverse=True)
     caption = out.gallery[0][1]
     assert caption.startswith(f"{labels[3]} · sim 1.000 · ") and "immunohistochemistry" in caption
-    assert sum(out.votes.values()) == pytest.approx(1.0)
+    assert sum(round(100 * share) for share in out.votes.values()) == 100
     counts = {lab: round(share * 8) for lab, share in out.votes.items()}
     expected = majority_votes([row[1] for row in out.table])
     assert list(counts.items()) == expected
@@ -327,12 +339,17 @@ def test_page_search_writes_fresh_files_per_response(search_app, tmp_path):
     assert isinstance(demo, gr.Blocks)
 
 
-def test_label_filter(search_app, tmp_path):
+def test_label_filter_is_never_a_suggestion(search_app, tmp_path):
     path = save(tissue(64), tmp_path / "q.png")
     out = search_app.search(path, 8, "background")
     assert [row[1] for row in out.table] == ["background"] * 5  # the subset holds exactly 5 background tiles
-    # a tissue query is far from bare glass: below the threshold, so no vote chart (it would read 100% background)
-    assert out.summary.startswith("### No close match in this gallery") and out.votes is None
+    assert out.summary.startswith(
+        "### Results within **background**\nA label filter is on, so every result is `background` by "
+        "construction: this is not a suggestion (clear the filter to get one)."
+    )
+    assert "### Suggestion" not in out.summary and "Votes" not in out.summary and out.votes is None
+    unfiltered = search_app.search(path, 8, app.ANY_LABEL)
+    assert "Results within" not in unfiltered.summary
 
 
 def test_large_query_is_tiled(search_app, tmp_path):
@@ -340,13 +357,142 @@ def test_large_query_is_tiled(search_app, tmp_path):
     out = search_app.search(path, 8, None)
     assert len(out.tiles) == 36
     assert out.tiles[7][1].startswith("tile 8 (row 2, col 2) → ")
-    assert out.overview.size == (384, 384)
+    voted = {row[5] for row in out.tile_table}
+    legend = 22 * len(voted) + 6  # one 22 px line (12 px font) per voted label under the 384 px image
+    assert out.overview.size == (384, 384 + legend)
     assert all(1 <= row[3] <= 36 for row in out.table)
     assert all(f" · tile {row[3]} · " in caption for row, (_, caption) in zip(out.table, out.gallery))
     assert "of 36 tiles" in out.summary and "shrunk to 384×384 px" in out.summary
-    assert sum(out.votes.values()) == pytest.approx(1.0)
+    assert "**Best results** are the gallery patches most similar to any single tile" in out.summary
+    assert sum(round(100 * share) for share in out.votes.values()) == 100
     whole = search_app.search(path, 8, None, "whole image")
-    assert len(whole.tiles) == 1 and "of 8 results" in whole.summary
+    assert len(whole.tiles) == 1 and "of 8 results" in whole.summary and whole.tile_table == []
+    assert "searched as 1 tile;" in whole.summary
+
+
+def test_tiled_search_shows_every_tile_vote_and_skips_blank_glass(search_app, tmp_path):
+    image = Image.new("RGB", (1000, 1000), (242, 242, 240))  # blank glass on the right half
+    image.paste(tissue(500).resize((500, 1000)), (0, 0))
+    calls = []
+    out = search_app.search(save(image, tmp_path / "half.png"), 8, None, progress=lambda *a: calls.append(a))
+    blank = tuple(r * 6 + c + 1 for r in range(6) for c in (3, 4, 5))  # 6 x 6 tiles of 64 px, right 3 columns
+    assert [row[0] for row in out.tile_table] == list(range(1, 37))
+    assert [row[1] for row in out.tile_table[:7]] == [f"row 1, col {c}" for c in range(1, 7)] + ["row 2, col 1"]
+    assert tuple(row[0] for row in out.tile_table if row[5] == "skipped (blank glass)") == blank
+    assert all(row[2] == "0%" and row[3:5] == ["-", "-"] for row in out.tile_table if row[0] in blank)
+    voting = [row for row in out.tile_table if row[0] not in blank]
+    assert all(row[5] in ("background", "DAB-positive", "haematoxylin-dominant") for row in voting)
+    assert all(len(row[4]) == 5 and row[4][1] == "." for row in voting)  # similarity with 3 decimals
+    assert calls == [(0, 18), (6, 18), (12, 18), (18, 18)]  # progress per embedded tile, in chunks of 6
+    counted = {lab: sum(row[5] == lab for row in voting) for lab in {row[5] for row in voting}}
+    assert sum(counted.values()) == 18 and "18 skipped as blank glass" in out.summary
+    assert all(row[3] not in blank for row in out.table)  # no result comes from a blank tile
+    assert out.tiles[3][1] == "tile 4 (row 1, col 4) → skipped (blank glass)"
+    shown = {lab: round(100 * share) for lab, share in out.votes.items()}
+    assert sum(shown.values()) == 100 and set(shown) == set(counted)
+
+
+def test_filtered_tiled_search_has_no_tile_votes(search_app, tmp_path):
+    out = search_app.search(save(tissue(1000), tmp_path / "big.png"), 8, "DAB-positive")
+    assert len(out.tile_table) == 36 and {row[5] for row in out.tile_table} == {"-"}
+    assert out.overview.size == (384, 384)  # no vote colours, no legend
+    assert out.votes is None and out.summary.startswith("### Results within **DAB-positive**")
+
+
+def test_grayscale_query_is_warned(search_app, tmp_path):
+    grey = np.asarray(tissue(64).convert("L"), np.uint16) * 257
+    tiff = tmp_path / "grey16.tif"
+    Image.fromarray(grey).save(tiff)  # 16-bit grayscale TIFF
+    assert Image.open(tiff).mode.startswith("I;16")
+    equal = save(tissue(64).convert("L").convert("RGB"), tmp_path / "equal.png")  # RGB, equal channels
+    for path in (str(tiff), equal):
+        with pytest.warns(UserWarning, match="no colour"):
+            out = search_app.search(path, 8, None)
+        assert out.summary.startswith("⚠️ This image has no colour (grayscale). H&E is a colour stain") and out.gallery
+    assert uploads.colour_warning(tissue(64)) is None
+    assert "no colour" not in search_app.search(save(tissue(64), tmp_path / "c.png"), 8, None).summary
+
+
+def test_tiff_query_gets_a_png_preview(search_app, tmp_path):
+    import gradio as gr
+
+    tiff = save(tissue(100), tmp_path / "q.tif")
+    png = search_app.preview(tiff)
+    assert png.endswith(".png") and Image.open(png).format == "PNG"
+    assert np.array_equal(np.asarray(Image.open(png)), np.asarray(uploads.decode_image(tiff)))
+    assert search_app.search(png, 5, None).table == search_app.search(tiff, 5, None).table
+    assert search_app.preview(save(tissue(100), tmp_path / "q.png")) == gr.skip()  # browsers show PNG
+    assert search_app.preview(str(tmp_path / "missing.tif")) == gr.skip()
+    assert search_app.preview(None) == gr.skip()
+
+
+def test_export_csv_and_zip(search_app, tmp_path):
+    import csv
+
+    query = tissue(128)
+    out = search_app.search(save(query, tmp_path / "q.png"), 5, None)
+    rows = list(csv.reader(Path(out.csv).read_text().splitlines()))
+    assert rows[0] == ["rank", "label", "similarity", "tile", "gallery", "source"]
+    assert rows[1:] == [[str(v) for v in row] for row in out.table]
+    with zipfile.ZipFile(out.archive) as archive:
+        names = archive.namelist()
+        assert names == ["results.csv", "query.png"] + [f"result_{i:02d}.png" for i in range(1, 6)]
+        assert archive.read("results.csv").decode() == Path(out.csv).read_text()
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(archive.read("query.png")))), np.asarray(query))
+        first = Image.open(io.BytesIO(archive.read("result_01.png")))
+        assert np.array_equal(np.asarray(first), np.asarray(out.gallery[0][0]))
+
+
+def test_select_result_shows_it_at_stored_resolution(search_app, tmp_path):
+    import gradio as gr
+
+    page = search_app.search_page(save(tissue(64), tmp_path / "q.png"), 3, None)
+    path, caption = page.gallery[1]
+    event = gr.SelectData(None, {"index": 1, "value": {"image": {"path": path}, "caption": caption}})
+    shown, text = search_app.select_result(event)
+    assert shown == path and text == f"**Selected result:** {caption}"
+    assert Image.open(shown).size == (64, 64)  # the starter tiles' own size: no upsampling
+
+
+def test_vote_shares_add_to_100():
+    from index_build.display import plural, vote_shares
+
+    assert vote_shares([("a", 5), ("b", 3)]) == {"a": 0.63, "b": 0.37}  # 62.5 + 37.5: was shown as 63% + 38%
+    assert vote_shares([("a", 1), ("b", 1), ("c", 1)]) == {"a": 0.34, "b": 0.33, "c": 0.33}
+    assert vote_shares([("a", 11), ("b", 8), ("c", 6)]) == {"a": 0.44, "b": 0.32, "c": 0.24}
+    assert vote_shares([("a", 2), ("b", 2), ("c", 2), ("d", 1)]) == {"a": 0.29, "b": 0.29, "c": 0.28, "d": 0.14}
+    assert vote_shares([]) == {}
+    assert (plural(1, "tile"), plural(2, "tile"), plural(1, "patch", "patches"), plural(0, "patch", "patches")) == (
+        "1 tile",
+        "2 tiles",
+        "1 patch",
+        "0 patches",
+    )
+
+
+def test_no_server_paths_on_the_page(search_app, base_index_dir, tmp_path):
+    from index_build.display import public_index_name, public_source, result_rows, source_root
+    from index_build.query import Hit, Tile, TiledResult
+
+    assert str(base_index_dir) not in search_app.index_info and "`index`" in search_app.index_info
+    assert public_index_name(str(base_index_dir)) == "index"
+    assert public_index_name("someone/lung-index") == "someone/lung-index"  # a Hub dataset id as given
+    sources = ["/srv/work/tmpab12/lung/lung_aca/a1.jpg", "/srv/work/tmpab12/lung/lung_n/n1.jpg"]
+    assert source_root(sources) == "/srv/work/tmpab12/lung"
+    assert source_root(sources[:1]) == "/srv/work/tmpab12/lung"  # one class folder: its parent
+    assert source_root(["upload:a.png", "ds/x:train:3"]) is None
+    assert public_source(sources[0], "/srv/work/tmpab12/lung") == "lung_aca/a1.jpg"
+    assert public_source("/tmp/gradio/abc/q.png", "/srv/work/tmpab12/lung") == "q.png"  # outside the root
+    assert public_source("C:\\data\\x.png") == "x.png"
+    assert public_source("user/ds:train:12") == "user/ds:train:12" and public_source("upload:a.zip/b.png") == (
+        "upload:a.zip/b.png"
+    )
+    hits = [Hit("index", i, 0.9 - i / 10, "lung_aca", src, None, 1) for i, src in enumerate(sources)]
+    found = TiledResult(Image.new("RGB", (64, 64)), [Tile(1, 0, 0, (0, 0, 64, 64))], None, [hits], hits, [], "results")
+    gallery, table = result_rows(found, {"index": source_root(sources)})
+    assert [row[5] for row in table] == ["lung_aca/a1.jpg", "lung_n/n1.jpg"]
+    assert [row[2] for row in table] == ["0.900", "0.800"]
+    assert [c for _, c in gallery] == ["lung_aca · sim 0.900 · a1.jpg", "lung_aca · sim 0.800 · n1.jpg"]
 
 
 def test_huge_image_is_shrunk_then_tiled(search_app, tmp_path):
@@ -394,7 +540,7 @@ def test_add_images_persist_across_restart(tmp_path, tiny, base_index_dir):
     assert "my_case" in restarted.label_choices()
     query = save(mine[2], tmp_path / "q.png")
     res = restarted.search(query, 8, None)
-    assert res.table[0][1:5] == ["my_case", pytest.approx(1.0, abs=1e-4), 1, "your images"]
+    assert res.table[0][1:5] == ["my_case", "1.000", 1, "your images"]
     assert res.table[0][5] == "upload:img2.png"  # a zip entry's directories are not kept
     assert res.gallery[0][1].startswith("my_case · sim 1.000")
     only = restarted.search(query, 8, "my_case")
@@ -481,6 +627,9 @@ def test_starter_gallery_built_once_and_cached(tmp_path, tiny, starter_subset, m
     assert first.index.path == tmp_path / "starter" / starter.model_key(tiny)
     assert "built-in starter gallery" in first.index_info and "skimage.data.immunohistochemistry()" in first.index_info
     assert "`index_build`" in first.index_info and "--index DIR" in first.index_info
+    head, details = app.split_banner(first.index_info)  # one line shown, the details folded
+    assert head == "**This page runs on its built-in starter gallery, not on a diagnostic reference collection.**"
+    assert details.startswith("It holds 12 patches") and "--index DIR" in details
     assert [Image.open(p).size for p in first.examples] == [(224, 224), (224, 224), (512, 512)]
     assert all(Path(p).parent == tmp_path / "examples" for p in first.examples)
 
@@ -615,7 +764,11 @@ def test_build_demo_wiring(search_app):
         "Image",
         "Gallery",
         "Dataframe",
+        "Dataframe",
+        "DownloadButton",
+        "DownloadButton",
     ]
+    assert search_app.index_info.startswith("**Gallery:**") and app.split_banner(search_app.index_info)[1] == ""
     query = api["search"].inputs[0]
     assert query.type == "filepath" and query.preprocess.__func__ is app._undecoded_preprocess
     assert api["search"].inputs[1].value == 8

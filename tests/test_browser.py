@@ -82,6 +82,37 @@ def server(tmp_path_factory, tiny_config):
         demo.close()
 
 
+@pytest.fixture(scope="module")
+def starter_server(tmp_path_factory, tiny_config):
+    """The app on its built-in starter gallery (a 24-tile subset, to build it fast); yields its URL."""
+    from index_build.models import Embedder
+    from modeling_lgffem import LgffemConfig, LgffemImageProcessor, LgffemModel
+
+    config = LgffemConfig(**{**tiny_config.to_dict(), "image_size": 224})
+    torch.manual_seed(0)
+    embedder = Embedder(LgffemModel(config).eval(), LgffemImageProcessor.from_config(config), model_id="tiny")
+    tiles = starter.starter_tiles
+    starter.starter_tiles = lambda: tuple(list(x[::10]) for x in tiles())
+    try:
+        search_app = app.SearchApp.create(data_dir=tmp_path_factory.mktemp("starter"), embedder=embedder)
+    finally:
+        starter.starter_tiles = tiles
+    demo = app.build_demo(search_app)
+    demo.queue(default_concurrency_limit=2)
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, css=app.CSS)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+def _chromium(p):
+    if not CHROMIUM.exists():
+        pytest.skip("/usr/bin/chromium is not installed (make chromium)")
+    return p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+
+
 @pytest.mark.browser
 def test_upload_and_search_in_chromium(server, tmp_path):
     if not CHROMIUM.exists():
@@ -89,6 +120,7 @@ def test_upload_and_search_in_chromium(server, tmp_path):
     from playwright.sync_api import sync_playwright
 
     url, query, labels = server
+    shared_thumbs = "lc25000" in str(query)  # LC25000 patches are 768 px: stored as 224 px thumbnails
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes(query.read_bytes()[: query.stat().st_size // 2])
     caption = re.compile(rf"^({'|'.join(map(re.escape, labels))}) · sim -?[01]\.\d{{3}} · \S")
@@ -121,6 +153,25 @@ def test_upload_and_search_in_chromium(server, tmp_path):
             assert re.search(rf"Suggestion: ({'|'.join(labels)}) \(\d of {K} results\)", summary), summary
             assert page.locator("#votes").inner_text().strip() != ""
             page.locator("#seen .thumbnail-item").first.wait_for(timeout=30_000)
+            # Captions sit below their image, not over it, and are not cut off.
+            item = page.locator("#results .thumbnail-item").first
+            image_box = item.locator("img").bounding_box()
+            caption_box = item.locator(".caption-label").bounding_box()
+            assert caption_box["y"] >= image_box["y"] + image_box["height"] - 1, (image_box, caption_box)
+            assert item.locator(".caption-label").evaluate("e => e.scrollWidth <= e.clientWidth")
+            # Clicking a result shows it at its full stored resolution next to the query.
+            item.click()
+            page.wait_for_function(
+                "(() => { const i = document.querySelector('#selected img'); return i && i.naturalWidth > 0; })()",
+                timeout=30_000,
+            )
+            natural = page.locator("#selected img").evaluate("i => [i.naturalWidth, i.naturalHeight]")
+            assert natural == ([224, 224] if shared_thumbs else [64, 64])
+            shown = page.locator("#selected img").bounding_box()
+            query_box = page.locator("#query").bounding_box()
+            assert shown["width"] == pytest.approx(natural[0], abs=1) and abs(shown["y"] - query_box["y"]) < 80
+            assert "Selected result:" in page.locator("#selected-caption").inner_text()
+            assert page.locator("#download-csv").is_visible() and page.locator("#download-zip").is_visible()
             page.screenshot(path=str(tmp_path / "screenshot.png"), full_page=True)
         finally:
             browser.close()
@@ -128,18 +179,79 @@ def test_upload_and_search_in_chromium(server, tmp_path):
     shutil.copyfile(tmp_path / "screenshot.png", SHARED_SCREENSHOT)
 
 
+@pytest.mark.browser
+def test_tiff_query_shows_a_png_preview(server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    url, query, _ = server
+    tiff = tmp_path / "query.tif"
+    Image.open(query).convert("RGB").save(tiff)
+    with sync_playwright() as p:
+        browser = _chromium(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.wait_for_selector("#search-button", timeout=60_000)
+            page.locator("#query input[type=file]").set_input_files(str(tiff))
+            page.wait_for_function(
+                "(() => { const i = document.querySelector('#query img');"
+                " return i && i.complete && i.naturalWidth > 0 && /\\.png/.test(i.src); })()",
+                timeout=60_000,
+            )
+            assert page.locator("#query img").evaluate("i => i.naturalWidth") == Image.open(tiff).width
+        finally:
+            browser.close()
+
+
+@pytest.mark.browser
+def test_starter_banner_on_a_phone(starter_server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = _chromium(p)
+        try:
+            page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2)
+            page.goto(starter_server)
+            page.wait_for_selector("#search-button", timeout=60_000)
+            info = page.locator("#gallery-info")
+            assert info.inner_text().strip() == (
+                "This page runs on its built-in starter gallery, not on a diagnostic reference collection."
+            )
+            box = info.bounding_box()
+            assert box["y"] + box["height"] < 844 / 2  # the headline is on the first half of the first screen
+            assert page.get_by_text("More about this gallery").is_visible()
+            assert not page.get_by_text("It holds", exact=False).first.is_visible()  # the details are folded
+            page.get_by_text("More about this gallery").click()
+            page.get_by_text("It holds", exact=False).first.wait_for(state="visible", timeout=10_000)
+            page.get_by_text("More about this gallery").click()
+            page.screenshot(path=str(tmp_path / "phone.png"), full_page=False)
+        finally:
+            browser.close()
+
+
 def test_search_through_gradio_client(server):
     from gradio_client import Client, handle_file
 
     url, query, labels = server
     client = Client(url, verbose=False, download_files=False)
-    gallery, votes, summary, _overview, seen, table = client.predict(
+    returns = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/search"]["returns"]
+    names = [r["label"] for r in returns]
+    assert not any(n.startswith("value_") for n in names) and len(set(names)) == len(names) == 9
+    gallery, votes, summary, _overview, seen, table, tile_table, csv_file, zip_file = client.predict(
         handle_file(str(query)), 5, app.ANY_LABEL, app.TILE_MODES[0], api_name="/search"
     )
     assert len(gallery) == 5 and all(item["caption"].split(" · ")[0] in labels for item in gallery)
     assert [row[0] for row in table["data"]] == [1, 2, 3, 4, 5]
     assert summary.startswith("### Suggestion: **") and "of 5 results" in summary
-    assert votes["label"] in labels and len(seen) == 1
+    assert votes["label"] in labels and len(seen) == 1 and tile_table["data"] in ([], [[""] * 6], [[None] * 6])
+    import httpx
+
+    text = httpx.get(csv_file["url"], timeout=30).text  # the same CSV the page's button gives
+    rows = [line.split(",") for line in text.splitlines()]
+    assert rows[0] == ["rank", "label", "similarity", "tile", "gallery", "source"]
+    assert [r[:4] for r in rows[1:]] == [[str(v) for v in row[:4]] for row in table["data"]]
+    assert not any(r[5].startswith("/") for r in rows[1:])  # no server paths
+    assert zip_file["url"].endswith("results.zip")
     bad = client.predict(handle_file(__file__), 5, app.ANY_LABEL, app.TILE_MODES[0], api_name="/search")
     assert bad[2].startswith("⚠️ test_browser.py: not an image file")
 

@@ -147,7 +147,23 @@ def test_thumbnails_are_small_jpegs(embedder, index_dir):
     index.add([big], ["grey"], ["big.png"])
     raw = index._thumbnails[12].as_py()
     assert raw[:2] == b"\xff\xd8"  # JPEG
-    assert decode_thumbnail(raw).size == (128, 96)
+    assert decode_thumbnail(raw).size == (224, 168)  # the model's input side: shown as large as the model saw it
+    assert index.thumbnail(0).size == (48, 48)  # a smaller source keeps its own size (no upsampling)
+
+
+def test_index_with_old_128px_thumbnails_still_loads(embedder, dataset, tmp_path, monkeypatch):
+    from index_build import embedding
+
+    big = load_image_dataset(str(write_folder(tmp_path / "big", per_class=1, size=300)))
+    monkeypatch.setattr(embedding, "THUMBNAIL_SIZE", 128)  # how indexes were written before
+    _build(big, tmp_path / "old", embedder)
+    monkeypatch.undo()
+    old = PatchIndex.load(tmp_path / "old", embedder)
+    assert [old.thumbnail(i).size for i in range(3)] == [(128, 128)] * 3
+    result = old.search(images=[big[0]["image"]], k=2)[0]
+    assert result.thumbnails[0].size == (128, 128)
+    old.add([Image.new("RGB", (300, 300), (1, 2, 3))], ["grey"], ["new.png"])  # appended rows: 224 px
+    assert old.thumbnail(3).size == (224, 224) and old.thumbnail(0).size == (128, 128)
 
 
 def test_resume_after_interruption(dataset, embedder, built_dir, tmp_path, monkeypatch):

@@ -183,7 +183,7 @@ def test_duplicates_are_skipped_and_named(tmp_path, tiny, index_a, fixed_time):
     )
     assert len(fresh.personal) == 6
     res = fresh.search(str(tmp_path / "a.png"), 8)
-    exact = [row for row in res.table if row[4] == "your images" and row[2] > 0.9999]
+    exact = [row for row in res.table if row[4] == "your images" and float(row[2]) > 0.9999]
     assert [row[5] for row in exact] == ["upload:a.png"]  # one copy in the results
 
     with pytest.warns(UserWarning, match="Nothing added"):
@@ -233,9 +233,9 @@ def test_table_delete_and_banner(tmp_path, tiny, index_a, fixed_time):
     assert "theirs" not in out.label_filter["choices"] and "theirs" not in fresh.label_choices()
     # The search sees the delete: the deleted image is no longer found, the kept one still is.
     res = fresh.search(save(images[1], tmp_path / "q1.png"), 8)
-    assert not any(row[4] == "your images" and row[2] > 0.9999 for row in res.table)
+    assert not any(row[4] == "your images" and float(row[2]) > 0.9999 for row in res.table)
     res = fresh.search(save(images[2], tmp_path / "q2.png"), 8)
-    assert res.table[0][4:6] == ["your images", "upload:p2.png"] and res.table[0][2] > 0.9999
+    assert res.table[0][4:6] == ["your images", "upload:p2.png"] and float(res.table[0][2]) > 0.9999
     # On disk: counts, ids, extra columns and the manifest agree, also after a restart.
     reloaded = PatchIndex.load(fresh.personal_dir, tiny)
     assert len(reloaded) == 2 and reloaded.manifest["count"] == 2 and reloaded.manifest["labels"] == {"mine": 2}
