@@ -653,7 +653,8 @@ class SlidePage:
             return [], f"⚠️ {err}"
         rows = [[rank, h.slide, round(h.score, 4), h.label or "", h.matched_tiles] for rank, h in enumerate(hits, 1)]
         text = (
-            f"{len(hits)} slides ranked against the whole of {session.name}: a mosaic of representative tissue tiles "
+            f"{len(hits)} slide{'s' if len(hits) != 1 else ''} ranked against the whole of {session.name}: "
+            "a mosaic of representative tissue tiles "
             "is searched and each slide scores the median over the mosaic of its best similarity."
         )
         return rows, text

@@ -202,7 +202,7 @@ def test_rank_slides(loaded):
     page, session = loaded
     rows, text = page.rank_slides(session)
     assert [row[1] for row in rows] == ["cmu_small_region.svs"] and rows[0][0] == 1 and rows[0][4] > 0
-    assert "1 slides ranked" in text
+    assert "1 slide ranked" in text
     catalog, page.catalog = page.catalog, None
     try:
         rows, text = page.rank_slides(session)
