@@ -76,7 +76,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         rank = next((r for r, h in enumerate(hits, 1) if h.label == truth), None)
         rows.append((query.name, truth, hits[0].slide, hits[0].label, hits[0].score, hits[0].matched_tiles, rank))
     searched = time.perf_counter()
-    print(f"| query slide | class | rank-1 slide | its class | score | mosaic tiles matched | first same-class rank |")
+    print("| query slide | class | rank-1 slide | its class | score | mosaic tiles matched | first same-class rank |")
     print("|---|---|---|---|---|---|---|")
     for name, truth, top, label, score, matched, rank in rows:
         print(f"| {name} | {truth} | {top} | {label} | {score:.3f} | {matched}/{args.mosaic_size} | {rank} |")
