@@ -27,6 +27,7 @@ from index_build.storage import (
     FORMAT_VERSION,
     JOURNAL_FILE,
     MANIFEST_FILE,
+    METADATA_SCHEMA,
     THUMBNAIL_QUALITY,
     THUMBNAIL_SIZE,
     ImageLike,
@@ -121,6 +122,8 @@ class PatchIndex:
         self.row_labels: list[str] = metadata.column("label").to_pylist()
         self.sources: list[str] = metadata.column("source").to_pylist()
         self._thumbnails = metadata.column("thumbnail").combine_chunks()
+        # columns after id/label/source/thumbnail (a slide index: slide, x, y, size0, mpp)
+        self._extra = metadata.drop_columns([name for name in METADATA_SCHEMA.names if name in metadata.column_names])
         self._label_array = np.asarray(self.row_labels, dtype=object)
         self._label_set = frozenset(self.row_labels)
 
@@ -183,8 +186,26 @@ class PatchIndex:
         return np.ascontiguousarray(self.index.reconstruct_n(0, len(self)), dtype=np.float32)
 
     def metadata_table(self) -> pa.Table:
-        """The metadata of every id, in id order."""
-        return metadata_table(np.arange(len(self)), self.row_labels, self.sources, self._thumbnails)
+        """The metadata of every id, in id order (with any extra columns, e.g. a slide index's)."""
+        table = metadata_table(np.arange(len(self)), self.row_labels, self.sources, self._thumbnails)
+        for name in self._extra.column_names:
+            table = table.append_column(name, self._extra.column(name))
+        return table
+
+    @property
+    def extra_columns(self) -> list[str]:
+        """Metadata columns beyond ``id, label, source, thumbnail`` (``slide, x, y, size0, mpp`` for slides)."""
+        return list(self._extra.column_names)
+
+    def column(self, name: str) -> list:
+        """The values of an extra metadata column, in id order.
+
+        Raises:
+            KeyError: no such column.
+        """
+        if name not in self._extra.column_names:
+            raise KeyError(f"{self.path} has no metadata column {name!r} (extra columns: {self.extra_columns})")
+        return self._extra.column(name).to_pylist()
 
     # -- search -----------------------------------------------------------------------
 
@@ -295,6 +316,8 @@ class PatchIndex:
         thumbnails: Sequence[bytes],
         skip_existing: bool = False,
         skipped: Optional[Sequence[dict]] = None,
+        extra: Optional[pa.Table] = None,
+        extra_files: Optional[dict] = None,
     ) -> np.ndarray:
         """Append precomputed embeddings with their metadata and rewrite the directory atomically.
 
@@ -309,6 +332,9 @@ class PatchIndex:
                 nothing twice.
             skipped: unreadable images left out of this append (``{"source", "reason"}`` each),
                 added to the manifest's ``"skipped"`` list (once each).
+            extra: extra metadata columns of the new rows (one row each); columns missing on
+                either side are null there.
+            extra_files: files committed with the index (see :func:`index_build.storage.write_directory`).
 
         Returns:
             The ids of the rows added (skipped rows have none).
@@ -321,9 +347,11 @@ class PatchIndex:
         blank = [i for i, label in enumerate(labels) if not str(label).strip()]
         if blank:
             raise ValueError(f"every row needs a label (a class name); rows {blank[:10]} have an empty one")
+        if extra is not None and extra.num_rows != n:
+            raise ValueError(f"{n} rows but {extra.num_rows} rows of extra columns")
         with index_lock(self.path):
             self._refresh()
-            return self._append(xb, labels, sources, thumbnails, skip_existing, list(skipped or ()))
+            return self._append(xb, labels, sources, thumbnails, skip_existing, list(skipped or ()), extra, extra_files)
 
     def _refresh(self) -> None:
         """Reload the directory if another writer committed since this object read it."""
@@ -347,6 +375,8 @@ class PatchIndex:
         thumbnails: list[bytes],
         skip_existing: bool,
         skipped: list[dict],
+        extra: Optional[pa.Table] = None,
+        extra_files: Optional[dict] = None,
     ) -> np.ndarray:
         n = xb.shape[0]
         recorded = self.manifest.get("skipped", [])
@@ -358,12 +388,17 @@ class PatchIndex:
                 logger.info("skipped %d of %d rows already in %s", n - len(keep), n, self.path)
             xb = xb[keep]
             labels, sources, thumbnails = ([values[i] for i in keep] for values in (labels, sources, thumbnails))
+            if extra is not None:
+                extra = extra.take(pa.array(keep, pa.int64()))
             n = len(keep)
             if n == 0 and not skipped:
                 return np.zeros(0, dtype=np.int64)
         faiss.normalize_L2(xb)
         new_ids = np.arange(len(self), len(self) + n, dtype=np.int64)
-        metadata = pa.concat_tables([self.metadata_table(), metadata_table(new_ids, labels, sources, thumbnails)])
+        added = metadata_table(new_ids, labels, sources, thumbnails)
+        for name in extra.column_names if extra is not None else ():
+            added = added.append_column(name, extra.column(name))
+        metadata = pa.concat_tables([self.metadata_table(), added], promote_options="default")
         index = faiss.clone_index(self.index)
         index.add(xb)
         set_search_params(index, self.manifest["index"].get("params", {}))
@@ -374,7 +409,7 @@ class PatchIndex:
             manifest["close_match"] = close_match_threshold(index.reconstruct_n(0, index.ntotal))
         except RuntimeError:  # an IVF index without a direct map cannot reconstruct: keep the old value
             pass
-        manifest = write_directory(self.path, index, metadata, manifest)
+        manifest = write_directory(self.path, index, metadata, manifest, extra_files)
         self.__init__(self.path, index, metadata, manifest, self.embedder)
         logger.info("appended %d vectors to %s (now %d)", n, self.path, len(self))
         return new_ids
@@ -409,8 +444,10 @@ def write_index(
     index_params: Optional[dict] = None,
     dataset_info: Optional[dict] = None,
     skipped: Optional[Sequence[dict]] = None,
+    extra_files: Optional[dict] = None,
 ) -> PatchIndex:
-    """Writer: FAISS index over ``xb`` + ``metadata`` (schema ``id, label, source, thumbnail``) + manifest.
+    """Writer: FAISS index over ``xb`` + ``metadata`` (``id, label, source, thumbnail``, then any extra
+    columns) + manifest.
 
     Args:
         path: output directory (created).
@@ -421,6 +458,7 @@ def write_index(
         index_params: overrides of the index parameters.
         dataset_info: what the vectors came from (source, split, columns), recorded as is.
         skipped: the unreadable images left out (``{"source", "reason"}`` each), recorded as ``"skipped"``.
+        extra_files: more files committed with the index (e.g. a slide index's ``slides.json``).
     """
     path = Path(path)
     if metadata.num_rows != len(xb):
@@ -449,6 +487,6 @@ def write_index(
         "packages": package_versions(),
         "close_match": close_match_threshold(xb),
     }
-    manifest = write_directory(path, index, metadata, manifest)
+    manifest = write_directory(path, index, metadata, manifest, extra_files)
     logger.info("wrote %s index with %d vectors to %s", index_type, index.ntotal, path)
     return PatchIndex(path, index, metadata, manifest, embedder)

@@ -50,6 +50,8 @@ MANIFEST_FILE = "manifest.json"
 JOURNAL_FILE = ".commit.json"
 # The only files a commit (and so its journal) may replace; staged as ``.<name>.tmp-<pid>``.
 COMMIT_FILES = (INDEX_FILE, METADATA_FILE, MANIFEST_FILE)
+# Files of some indexes that a commit may also replace, with the others (a slide index's catalog).
+OPTIONAL_COMMIT_FILES = ("slides.json",)
 _STAGED = re.compile(r"\.([A-Za-z0-9_][A-Za-z0-9_.]*)\.tmp-[0-9]+")
 _TEMPORARY = re.compile(r"\..+\.tmp-([0-9]+)")  # any file of write_atomic or commit, with its writer's pid
 LOCK_FILE = ".lock"  # held by the one process writing to the directory
@@ -75,9 +77,11 @@ __all__ = [
     "METADATA_FILE",
     "METADATA_SCHEMA",
     "MODEL_KEYS",
+    "OPTIONAL_COMMIT_FILES",
     "WORK_DIR",
     "IndexBusyError",
     "IndexLoadError",
+    "check_metadata_schema",
     "decode_thumbnail",
     "has_index",
     "index_lock",
@@ -134,6 +138,13 @@ def metadata_table(ids: Any, labels: Any, sources: Any, thumbnails: Any) -> pa.T
         },
         schema=METADATA_SCHEMA,
     )
+
+
+def check_metadata_schema(schema: pa.Schema) -> bool:
+    """Whether a metadata schema starts with :data:`METADATA_SCHEMA`'s columns (extra columns may follow,
+    e.g. ``slide, x, y, size0, mpp`` of a slide index)."""
+    head = pa.schema(list(schema)[: len(METADATA_SCHEMA)])
+    return len(schema) >= len(METADATA_SCHEMA) and METADATA_SCHEMA.equals(head, check_metadata=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -293,8 +304,10 @@ def _commit(directory: Path, writers: dict[str, Callable[[Path], None]]) -> dict
     remove_stale_temporaries(directory)
     renames: list[tuple[str, str]] = []
     for name, write in writers.items():
-        if name not in COMMIT_FILES:
-            raise ValueError(f"{name!r} is not a file of an index directory ({', '.join(COMMIT_FILES)})")
+        if name not in COMMIT_FILES + OPTIONAL_COMMIT_FILES:
+            raise ValueError(
+                f"{name!r} is not a file of an index directory ({', '.join(COMMIT_FILES + OPTIONAL_COMMIT_FILES)})"
+            )
         tmp = directory / _staged_name(name)
         write(tmp)
         with open(tmp, "rb") as fh:
@@ -330,10 +343,11 @@ def _journal_renames(directory: Path, journal: Path) -> list[tuple[str, str]]:
             raise IndexLoadError(f"corrupt commit journal {journal}: bad entry {entry!r}")
         tmp, name = entry
         match = _STAGED.fullmatch(tmp)
-        if name not in COMMIT_FILES or match is None or match.group(1) != name:
+        if name not in COMMIT_FILES + OPTIONAL_COMMIT_FILES or match is None or match.group(1) != name:
             raise IndexLoadError(
                 f"refusing the commit journal {journal}: it renames {tmp!r} to {name!r}, but a journal may only "
-                f"rename a staged .<name>.tmp-<pid> file to <name>, one of {', '.join(COMMIT_FILES)}"
+                f"rename a staged .<name>.tmp-<pid> file to <name>, one of "
+                f"{', '.join(COMMIT_FILES + OPTIONAL_COMMIT_FILES)}"
             )
         staged = directory / tmp
         if staged.is_symlink() or (staged.exists() and not staged.is_file()):
@@ -400,8 +414,17 @@ def has_index(path: Union[str, Path]) -> bool:
     return (Path(path) / MANIFEST_FILE).is_file()
 
 
-def write_directory(path: Path, index: faiss.Index, metadata: pa.Table, manifest: dict) -> dict:
+def write_directory(
+    path: Path,
+    index: faiss.Index,
+    metadata: pa.Table,
+    manifest: dict,
+    extra_files: Optional[dict[str, Callable[[Path], None]]] = None,
+) -> dict:
     """Commit index, metadata and manifest (with counts, labels and checksums) atomically.
+
+    ``extra_files`` (name -> writer of a temporary path; names of :data:`OPTIONAL_COMMIT_FILES`)
+    are committed with them, before the manifest.
 
     Returns:
         The manifest as written.
@@ -433,6 +456,7 @@ def write_directory(path: Path, index: faiss.Index, metadata: pa.Table, manifest
         {
             INDEX_FILE: stage(INDEX_FILE, lambda tmp: faiss.write_index(index, str(tmp))),
             METADATA_FILE: stage(METADATA_FILE, lambda tmp: pq.write_table(metadata, tmp)),
+            **(extra_files or {}),
             MANIFEST_FILE: write_manifest,
         },
     )
@@ -633,8 +657,11 @@ def read_directory(
         metadata = pq.read_table(files[METADATA_FILE])
     except (pa.ArrowException, OSError) as err:
         raise IndexLoadError(f"corrupt {METADATA_FILE} in {path}: {err}") from err
-    if not METADATA_SCHEMA.equals(metadata.schema, check_metadata=False):
-        raise IndexLoadError(f"{METADATA_FILE} in {path} has schema {metadata.schema}, expected {METADATA_SCHEMA}")
+    if not check_metadata_schema(metadata.schema):
+        raise IndexLoadError(
+            f"{METADATA_FILE} in {path} has schema {metadata.schema}, expected {METADATA_SCHEMA} (then any "
+            "extra columns)"
+        )
     count = manifest["count"]
     if not index.ntotal == metadata.num_rows == count:
         raise IndexLoadError(

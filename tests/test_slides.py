@@ -139,3 +139,28 @@ def test_find_slides_skips_mirax_data_folders(tmp_path):
     (tmp_path / "b" / "Slidedat.ini").write_bytes(b"")
     (tmp_path / "notes.txt").write_bytes(b"")
     assert [str(p) for p in find_slides(tmp_path)] == ["a/s1.svs", "b.mrxs"]
+
+
+# Tiles of cmu_small_region.svs labelled by eye (grid column, row of 224-px level-0 tiles), from
+# crops viewed at full resolution. "tissue": stained tissue, even a thin strand of cells (1,4);
+# "glass": blank glass, or glass with only debris / a fragment in a corner (the tile's tissue
+# fraction at full resolution is below 0.1). Ambiguous edge tiles (about 15-20% tissue: 6,1 7,3
+# 8,6 8,8) are left out.
+HAND_LABELS = {
+    "tissue": [(4, 0), (5, 1), (4, 4), (5, 5), (6, 9), (3, 10), (7, 11), (2, 11), (8, 10), (5, 12)]
+    + [(1, 4), (2, 4), (3, 4), (3, 6), (8, 5), (8, 9)],  # sparse: a strand of cells, fragments at an edge
+    "glass": [(0, 0), (1, 1), (2, 2), (0, 3), (1, 6), (0, 8), (1, 9), (2, 10), (0, 12), (8, 0), (8, 2), (7, 0)]
+    + [(6, 0), (8, 3), (1, 12), (0, 10), (2, 7), (8, 12), (7, 2), (8, 4), (3, 0), (0, 5)],
+}
+
+
+def test_indexed_tiles_are_not_blank_glass_against_a_hand_labelled_sample(svs):
+    with open_slide(svs) as slide:
+        tissue, background = tile_slide(slide)
+    indexed = {(t.x // 224, t.y // 224) for t in tissue}
+    skipped = {(t.x // 224, t.y // 224) for t in background}
+    hand_tissue, hand_glass = set(HAND_LABELS["tissue"]), set(HAND_LABELS["glass"])
+    assert hand_tissue | hand_glass <= indexed | skipped
+    assert hand_tissue <= indexed  # every tissue tile of the sample is indexed
+    assert not hand_glass & indexed  # share of the sample's indexed tiles that are glass: 0 of 16
+    assert hand_glass <= skipped
