@@ -212,6 +212,10 @@ class SlidePage:
                 self.catalog = load_slide_catalog(main_path)
             except SlideError as err:
                 logger.warning("slide catalog of %s unreadable: %s", main_path, err)
+        self._places: Optional[dict[str, list]] = None  # the main gallery's slide columns, when it has them
+        extra = getattr(galleries.main, "extra_columns", [])
+        if {"slide", "x", "y", "size0"} <= set(extra):
+            self._places = {name: galleries.main.column(name) for name in ("slide", "x", "y", "size0")}
         self.input_size = int(self.embedder.processor.image_size)
         self.tile_size = int(self.catalog.tile_size) if self.catalog and self.catalog.tile_size else self.input_size
         self.mpp = float(self.catalog.mpp) if self.catalog and self.catalog.mpp else DEFAULT_MPP
@@ -490,8 +494,22 @@ class SlidePage:
         logger.info("region search: %d tissue tiles, %d skipped, k=%d", len(tissue), len(skipped), k)
         return SearchView(to_file(vote_map), results, summary, table, session)
 
+    def place(self, hit: Hit) -> Optional[Place]:
+        """Where a hit comes from on a slide: the slide index's ``slide, x, y, size0`` columns, else its
+        ``"<slide>@<x>,<y>"`` source (:func:`slide_place`); ``None`` for patches not from a slide."""
+        if hit.gallery != "index":
+            return None
+        if self._places is not None:
+            slide = self._places["slide"][hit.id]
+            if slide is None:
+                return None
+            size0 = self._places["size0"][hit.id]
+            x, y = self._places["x"][hit.id], self._places["y"][hit.id]
+            return Place(str(slide), int(x), int(y), int(size0) if size0 is not None else None)
+        return slide_place(hit.source, self.catalog, self.tile_size)
+
     def _hit_record(self, hit: Hit) -> dict:
-        place = slide_place(hit.source, self.catalog, self.tile_size) if hit.gallery == "index" else None
+        place = self.place(hit)
         return {
             "gallery": hit.gallery,
             "id": hit.id,
@@ -506,7 +524,7 @@ class SlidePage:
         }
 
     def _caption(self, hit: Hit) -> str:
-        place = slide_place(hit.source, self.catalog, self.tile_size) if hit.gallery == "index" else None
+        place = self.place(hit)
         where = f"{Path(place.slide).name} @ x={place.x:,}, y={place.y:,}" if place else short_source(hit.source)
         return f"{hit.label} · sim {hit.score:.3f} · tile {hit.tile} · {where}"
 

@@ -227,3 +227,34 @@ def test_tab_is_wired_into_the_app(served, monkeypatch):
     assert app.parse_args(["--max-slide-mb", "50"]).max_slide_mb == 50
     with pytest.raises(SystemExit):
         app.parse_args(["--max-slide-mb", "0"])
+
+
+def test_an_index_built_by_the_slide_build(svs, tmp_path):
+    """The same page over an index written by ``python -m index_build SLIDES --out DIR`` (tiny 64 px model at
+    2 µm/px): places come from its metadata columns, the thumbnail from its catalog, the slide file is read."""
+    from index_build.__main__ import main as build_main
+    from modeling_lgffem import LgffemConfig, LgffemModel
+
+    torch.manual_seed(0)
+    LgffemModel(LgffemConfig(neck_channels=16, neck_layers=1, image_size=64)).save_pretrained(tmp_path / "model")
+    (tmp_path / "slides" / "skin").mkdir(parents=True)
+    (tmp_path / "slides" / "skin" / "cmu.svs").symlink_to(svs)
+    model = ["--model", str(tmp_path / "model")]
+    build_main([str(tmp_path / "slides"), "--out", str(tmp_path / "index"), "--mpp", "2", *model, "--num-workers", "0"])
+    search_app = app.SearchApp.create(
+        model=str(tmp_path / "model"), index=str(tmp_path / "index"), data_dir=tmp_path / "data"
+    )
+    page = SlidePage(search_app.galleries, max_slide_mb=100)
+    assert page.mpp == 2.0 and page.tile_size == 64 and page._places is not None
+    _, status, session = page.load(str(svs), 0, 2)
+    assert session.size0 == 257 and "x=" in status  # 64 px at 2 µm/px on a 0.499 µm/px slide: 256.5 px
+    out = page.search(replace(session, region=(3 * 257, 5 * 257, 514, 514)), 4)
+    tiles = {(x, y) for x, y, _, tissue, _ in out.session.tiles if tissue}
+    assert tiles and {(h["x"], h["y"]) for h in out.session.hits} == tiles  # its own tiles, found pixel for pixel
+    assert all(h["slide"] == "skin/cmu.svs" and h["size0"] == 257 and h["label"] == "skin" for h in out.session.hits)
+    explained = page.explain(out.session, 0)
+    assert (
+        "slide `skin/cmu.svs`" in explained.where_text
+        and "Full-resolution view read from the slide" in explained.where_text
+    )
+    assert Image.open(explained.view).size == (513, 513)  # 257 px and round(128.5) = 128 px of context on each side
