@@ -49,6 +49,7 @@ from index_build.display import (
 )
 from index_build.galleries import MAIN, StartupError, open_galleries
 from index_build.query import MIN_SIDE, tiling_rule
+from index_build.slide_page import SlidePage, max_slide_mb_default
 from index_build.sources import check_source
 from index_build.starter import starter_description, write_starter_examples
 from index_build.uploads import (
@@ -721,6 +722,7 @@ def build_demo(app: SearchApp) -> gr.Blocks:
             with gr.Row():
                 delete_ids = gr.Textbox(label="Ids to delete", placeholder="e.g. 3, 5-7", elem_id="delete-ids")
                 delete_button = gr.Button("Delete", variant="stop", elem_id="delete-button")
+        SlidePage(app.galleries, app._embed, getattr(app, "max_slide_mb", None), app._responses).build()
         with gr.Tab("About"):
             gr.Markdown(
                 "Embeddings from the Local–Global Feature Fusion Embedding Model (LGFFEM; Nuñez-Fernández, "
@@ -792,9 +794,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--concurrency", type=int, default=2, help="searches run at the same time (queue workers)")
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting in the queue before refusing")
+    parser.add_argument(
+        "--max-slide-mb",
+        type=int,
+        default=max_slide_mb_default(),
+        help="largest slide accepted by the Whole slide tab, in MB (env LGFFEM_MAX_SLIDE_MB; default 2048)",
+    )
     args = parser.parse_args(argv)
-    if args.concurrency < 1 or args.max_queue < 1:
-        parser.error("--concurrency and --max-queue must be at least 1")
+    if args.concurrency < 1 or args.max_queue < 1 or args.max_slide_mb < 1:
+        parser.error("--concurrency, --max-queue and --max-slide-mb must be at least 1")
     try:  # a bad path is an argument error, reported before the model is loaded
         if args.model not in (None, "", "default"):
             check_source(args.model, "model directory")
@@ -824,9 +832,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except StartupError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    app.max_slide_mb = args.max_slide_mb
     demo = build_demo(app)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
-    demo.launch(server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD_BYTES, css=CSS, show_error=True)
+    # Gradio's limit is the largest upload of any tab; the Search and Add tabs check their own (MAX_UPLOAD_BYTES).
+    max_bytes = max(MAX_UPLOAD_BYTES, args.max_slide_mb * 2**20)
+    demo.launch(server_name=args.host, server_port=args.port, max_file_size=max_bytes, css=CSS, show_error=True)
     return 0
 
 

@@ -5,6 +5,8 @@ Examples::
     python -m index_build path/to/Kimia_Path24C/train --out indexes/kimia24c        # folder s0..s23
     python -m index_build RationAI/PanNuke --split fold1 --label-column tissue --out indexes/pannuke
     python -m index_build more_patches/ --out indexes/kimia24c --append             # add images
+    python -m index_build slides/ --out indexes/slides --mpp 0.5                     # slides/<label>/*.svs
+    python -m index_build scans/ --slides --labels labels.csv --mpp-source 0.25 --out indexes/scans
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from index_build.faiss_index import INDEX_TYPES, check_index_type
+from index_build.slide_index import is_slide_folder
+from index_build.slides import DEFAULT_MAX_PIXELS, DEFAULT_MPP
 from index_build.sources import check_source, parse_shard, source_kind
 from index_build.storage import DEFAULT_CHUNK_SIZE, WORK_DIR, has_index, recorded_model_revision
+from index_build.tissue import MIN_TISSUE_FRACTION
 
 if TYPE_CHECKING:
     from index_build.patch_index import PatchIndex
@@ -44,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m index_build",
         description="Embed images (image folder, parquet or Hub dataset) into a FAISS index with metadata.",
     )
-    parser.add_argument("source", help="image folder (class_name/*.png|jpg|tif), .parquet file/folder or Hub id")
+    parser.add_argument(
+        "source",
+        help="image folder (class_name/*.png|jpg|tif), .parquet file/folder, Hub id, or a folder of whole slides",
+    )
     parser.add_argument("--out", required=True, help="output index directory")
     parser.add_argument("--split", default=None, help="dataset split (needed when there are several)")
     parser.add_argument("--image-column", default=None, help="column holding the images (default 'image')")
@@ -90,13 +98,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="embed only the I-th of N contiguous shards (0-based), for a multi-machine build; merge the shard "
         "indexes with python -m index_build.shard merge",
     )
+    slides = parser.add_argument_group(
+        "whole slides",
+        "A folder holding .svs/.ndpi/.mrxs/... files or pyramidal TIFFs is read as slides (any format OpenSlide "
+        "reads, and large PNG/JPEG/TIFF with --slides): only tissue tiles are indexed, at --mpp µm/px.",
+    )
+    slides.add_argument("--slides", action="store_true", help="read SOURCE as a folder of slides / large images")
+    slides.add_argument("--mpp", type=float, default=DEFAULT_MPP, help="µm per pixel of the tiles (default 0.5)")
+    slides.add_argument("--tile-size", type=int, default=None, help="tile side in pixels (default: the model input)")
+    slides.add_argument(
+        "--mpp-source", type=float, default=None, help="µm/px at level 0 of slides that record none (e.g. 0.25 at 40x)"
+    )
+    slides.add_argument(
+        "--labels", default=None, metavar="CSV", help="CSV with columns slide,label (default: the sub-folder name)"
+    )
+    slides.add_argument(
+        "--min-tissue",
+        type=float,
+        default=MIN_TISSUE_FRACTION,
+        help=f"least tissue share of an indexed tile (default {MIN_TISSUE_FRACTION})",
+    )
+    slides.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"largest plain (non-pyramidal) image read whole, in pixels (default {DEFAULT_MAX_PIXELS:,})",
+    )
     return parser
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Optional[tuple[int, int]]:
     """Reject bad arguments with ``parser.error`` (exit status 2) before anything is loaded; returns the shard."""
+    args.slides = args.slides or is_slide_folder(args.source)
     try:
-        source_kind(args.source)
+        if args.slides:
+            if not Path(os.path.expanduser(args.source)).is_dir():
+                raise FileNotFoundError(f"slides folder not found: {args.source}")
+        else:
+            source_kind(args.source)
         if args.model not in (None, "", "default"):
             check_source(args.model, "model directory")
         check_index_type(args.index_type)
@@ -112,6 +151,19 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Opt
         parser.error(f"an index already exists in {args.out}; pass --append or --overwrite")
     if args.batch_size < 1 or args.chunk_size < 1:
         parser.error("--batch-size and --chunk-size must be at least 1")
+    if args.slides:
+        if shard is not None:
+            parser.error("--shard is not supported for slides; index the slides in separate folders instead")
+        if args.mpp <= 0 or (args.mpp_source is not None and args.mpp_source <= 0):
+            parser.error("--mpp and --mpp-source must be positive (µm per pixel)")
+        if args.tile_size is not None and args.tile_size < 16:
+            parser.error("--tile-size must be at least 16")
+        if not 0 <= args.min_tissue <= 1:
+            parser.error("--min-tissue is a share between 0 and 1")
+        if args.labels is not None and not Path(args.labels).is_file():
+            parser.error(f"--labels: no such file {args.labels}")
+    elif args.labels is not None or args.mpp_source is not None:
+        parser.error("--labels and --mpp-source are for slides (a folder of slides, or --slides)")
     return shard
 
 
@@ -129,6 +181,8 @@ def main(argv: Optional[Sequence[str]] = None) -> PatchIndex:
     if revision is None and args.append and args.model not in (None, "", "default"):
         revision = recorded_model_revision(args.out, args.model)  # the commit the index was built with
     embedder = load_model(args.model, device=args.device, revision=revision)
+    if args.slides:
+        return _build_slides(args, embedder)
     dataset = load_image_dataset(
         args.source,
         split=args.split,
@@ -164,6 +218,66 @@ def main(argv: Optional[Sequence[str]] = None) -> PatchIndex:
         strict=args.strict,
     )
     logger.info("index %s: %d vectors, %d labels (%s)", args.out, len(index), len(index.labels), index.index_type)
+    return index
+
+
+def _build_slides(args: argparse.Namespace, embedder) -> PatchIndex:
+    from index_build.embedding import build_index
+    from index_build.slide_index import load_slide_dataset
+    from index_build.slides import SLIDES_FILE, SlideError
+
+    tile_size = args.tile_size or int(getattr(embedder.processor, "image_size", 224))
+    try:
+        dataset, slide_set = load_slide_dataset(
+            args.source,
+            mpp=args.mpp,
+            tile_size=tile_size,
+            min_tissue=args.min_tissue,
+            labels_csv=args.labels,
+            mpp_source=args.mpp_source,
+            max_pixels=args.max_pixels,
+            out_dir=args.out,
+            strict=args.strict,
+            progress=not args.no_progress,
+        )
+    except (SlideError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    info = {
+        "source": args.source,
+        "kind": "slides",
+        "mpp": args.mpp,
+        "tile_size": tile_size,
+        "min_tissue": args.min_tissue,
+        "labels": args.labels or "sub-folder names",
+        "slides": len(slide_set.slides),
+        "rows": len(dataset),
+    }
+    if slide_set.skipped:
+        info["skipped_slides"] = slide_set.skipped
+    index = build_index(
+        dataset,
+        args.out,
+        embedder,
+        index_type=args.index_type,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        resume=not args.no_resume,
+        progress=not args.no_progress,
+        append=args.append,
+        overwrite=args.overwrite,
+        index_params=dict(args.index_param) or None,
+        chunk_size=args.chunk_size,
+        dataset_info=info,
+        strict=args.strict,
+        extra_files={SLIDES_FILE: slide_set.catalog_writer(args.out, append=args.append)},
+    )
+    logger.info(
+        "slide index %s: %d tiles of %d slides, %d labels",
+        args.out,
+        len(index),
+        len(slide_set.slides),
+        len(index.labels),
+    )
     return index
 
 

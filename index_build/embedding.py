@@ -406,8 +406,12 @@ def build_index(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     dataset_info: Optional[dict] = None,
     strict: bool = False,
+    extra_files: Optional[dict] = None,
 ) -> PatchIndex:
     """Reader -> embedder -> writer: embed ``dataset`` and write (or append to) an index directory.
+
+    Columns of ``dataset`` besides ``image``, ``label`` and ``source`` (a slide dataset's ``slide, x,
+    y, size0, mpp``) become metadata columns, matched to the embedded rows by their (unique) source.
 
     Args:
         dataset: output of :func:`index_build.data.load_image_dataset`.
@@ -430,6 +434,8 @@ def build_index(
         strict: stop at the first unreadable image; by default unreadable images (not an image,
             empty, truncated, decompression bomb) are skipped, logged and listed in the manifest
             under ``"skipped"`` (``{"source", "reason"}`` each).
+        extra_files: more files committed with the index (name -> writer of a temporary path;
+            see :data:`index_build.storage.OPTIONAL_COMMIT_FILES`), e.g. a slide index's ``slides.json``.
 
     A rerun of a build that was interrupted after its index was written (same model, same
     dataset, its partial build still in ``out_dir``) finishes the clean-up and returns that index.
@@ -457,6 +463,7 @@ def build_index(
         xb, metadata = embed_dataset(
             dataset, embedder, work, batch_size, num_workers, chunk_size, resume, progress, skipped
         )
+        extra = _extra_columns(dataset, metadata)
         if existing is not None:
             existing.add_embeddings(
                 xb,
@@ -465,13 +472,32 @@ def build_index(
                 metadata.column("thumbnail").to_pylist(),
                 skip_existing=True,  # a rerun (or a run killed after its commit) adds nothing twice
                 skipped=skipped,
+                extra=extra,
+                extra_files=extra_files,
             )
             result = existing
         else:
             info = dict(dataset_info or {}, data_hash=_data_hash(dataset))
-            result = write_index(out, xb, metadata, embedder, index_type, index_params, info, skipped)
+            if extra is not None:
+                for name in extra.column_names:
+                    metadata = metadata.append_column(name, extra.column(name))
+            result = write_index(out, xb, metadata, embedder, index_type, index_params, info, skipped, extra_files)
         shutil.rmtree(work)
     return result
+
+
+def _extra_columns(dataset, metadata: pa.Table) -> Optional[pa.Table]:
+    """The dataset's columns beyond image/label/source for the embedded rows of ``metadata``; ``None`` if none."""
+    names = [name for name in dataset.column_names if name not in ("image", "label", "source")]
+    if not names:
+        return None
+    plain = dataset.with_format(None).select_columns(["source", *names])
+    table = plain.with_format("arrow")[:]
+    row_of = {source: row for row, source in enumerate(table.column("source").to_pylist())}
+    if len(row_of) != table.num_rows:
+        raise ValueError(f"extra columns {names} need a unique source per row")
+    rows = [row_of[source] for source in metadata.column("source").to_pylist()]
+    return table.select(names).take(pa.array(rows, pa.int64()))
 
 
 def _finished_build(

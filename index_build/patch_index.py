@@ -27,12 +27,13 @@ from index_build.storage import (
     FORMAT_VERSION,
     JOURNAL_FILE,
     MANIFEST_FILE,
-    OPTIONAL_COLUMNS,
+    METADATA_SCHEMA,
     THUMBNAIL_QUALITY,
     THUMBNAIL_SIZE,
     ImageLike,
     check_model,
     decode_thumbnail,
+    extra_table,
     index_lock,
     make_thumbnail,
     metadata_table,
@@ -114,9 +115,9 @@ class PatchIndex:
         embedder: the model used to embed image queries (``None``: embeddings only).
         row_labels: label of every id (list, id order).
         sources: source reference of every id.
-        extra: the optional metadata columns (:data:`~index_build.storage.OPTIONAL_COLUMNS`) the
-            index has, name -> one value (or ``None``) per id; e.g. ``"added"`` and ``"sha256"``
-            in a personal gallery.
+        extra: the metadata columns after ``id, label, source, thumbnail``, name -> one value (or
+            ``None``) per id: ``added`` and ``sha256`` in a personal gallery, ``slide, x, y, size0,
+            mpp`` in a slide index.
     """
 
     def __init__(
@@ -129,11 +130,10 @@ class PatchIndex:
         self.row_labels: list[str] = metadata.column("label").to_pylist()
         self.sources: list[str] = metadata.column("source").to_pylist()
         self._thumbnails = metadata.column("thumbnail").combine_chunks()
+        # columns after id/label/source/thumbnail (a slide index: slide, x, y, size0, mpp)
+        self._extra = metadata.drop_columns([name for name in METADATA_SCHEMA.names if name in metadata.column_names])
         self._label_array = np.asarray(self.row_labels, dtype=object)
         self._label_set = frozenset(self.row_labels)
-        self.extra: dict[str, list] = {
-            name: metadata.column(name).to_pylist() for name in OPTIONAL_COLUMNS if name in metadata.column_names
-        }
 
     @classmethod
     def load(
@@ -194,8 +194,31 @@ class PatchIndex:
         return np.ascontiguousarray(self.index.reconstruct_n(0, len(self)), dtype=np.float32)
 
     def metadata_table(self) -> pa.Table:
-        """The metadata of every id, in id order."""
-        return metadata_table(np.arange(len(self)), self.row_labels, self.sources, self._thumbnails, self.extra)
+        """The metadata of every id, in id order (with any extra columns, e.g. a slide index's)."""
+        table = metadata_table(np.arange(len(self)), self.row_labels, self.sources, self._thumbnails)
+        for name in self._extra.column_names:
+            table = table.append_column(name, self._extra.column(name))
+        return table
+
+    @property
+    def extra(self) -> dict[str, list]:
+        """The extra metadata columns, name -> one value (or ``None``) per id."""
+        return {name: self._extra.column(name).to_pylist() for name in self._extra.column_names}
+
+    @property
+    def extra_columns(self) -> list[str]:
+        """Metadata columns beyond ``id, label, source, thumbnail`` (``slide, x, y, size0, mpp`` for slides)."""
+        return list(self._extra.column_names)
+
+    def column(self, name: str) -> list:
+        """The values of an extra metadata column, in id order.
+
+        Raises:
+            KeyError: no such column.
+        """
+        if name not in self._extra.column_names:
+            raise KeyError(f"{self.path} has no metadata column {name!r} (extra columns: {self.extra_columns})")
+        return self._extra.column(name).to_pylist()
 
     # -- search -----------------------------------------------------------------------
 
@@ -311,7 +334,8 @@ class PatchIndex:
         thumbnails: Sequence[bytes],
         skip_existing: bool = False,
         skipped: Optional[Sequence[dict]] = None,
-        extra: Optional[dict[str, Sequence]] = None,
+        extra: Optional[Union[dict[str, Sequence], pa.Table]] = None,
+        extra_files: Optional[dict] = None,
     ) -> np.ndarray:
         """Append precomputed embeddings with their metadata and rewrite the directory atomically.
 
@@ -326,8 +350,10 @@ class PatchIndex:
                 nothing twice.
             skipped: unreadable images left out of this append (``{"source", "reason"}`` each),
                 added to the manifest's ``"skipped"`` list (once each).
-            extra: optional metadata columns (:data:`~index_build.storage.OPTIONAL_COLUMNS`), name
-                -> one value per row; rows of a column the index or this append lacks get ``None``.
+            extra: extra metadata columns of the new rows, as a table or name -> one value per row
+                (e.g. ``added`` and ``sha256`` of a personal gallery, ``slide, x, y, size0, mpp`` of a
+                slide index); rows of a column the index or this append lacks are null there.
+            extra_files: files committed with the index (see :func:`index_build.storage.write_directory`).
 
         Returns:
             The ids of the rows added (skipped rows have none).
@@ -337,16 +363,15 @@ class PatchIndex:
         if xb.shape[1] != self.dim or not len(labels) == len(sources) == len(thumbnails) == n:
             raise ValueError(f"need an N x {self.dim} array and N labels, sources, thumbnails; got {xb.shape}")
         labels, sources, thumbnails = list(labels), list(sources), list(thumbnails)
-        extra = {name: list(values) for name, values in (extra or {}).items()}
-        unknown = sorted(set(extra) - set(OPTIONAL_COLUMNS))
-        if unknown or any(len(values) != n for values in extra.values()):
-            raise ValueError(f"extra columns must be among {list(OPTIONAL_COLUMNS)} with one value per row")
+        extra = extra_table(extra, n)
         blank = [i for i, label in enumerate(labels) if not str(label).strip()]
         if blank:
             raise ValueError(f"every row needs a label (a class name); rows {blank[:10]} have an empty one")
+        if extra is not None and extra.num_rows != n:
+            raise ValueError(f"{n} rows but {extra.num_rows} rows of extra columns")
         with index_lock(self.path):
             self._refresh()
-            return self._append(xb, labels, sources, thumbnails, skip_existing, list(skipped or ()), extra)
+            return self._append(xb, labels, sources, thumbnails, skip_existing, list(skipped or ()), extra, extra_files)
 
     def _refresh(self) -> None:
         """Reload the directory if another writer committed since this object read it."""
@@ -370,7 +395,8 @@ class PatchIndex:
         thumbnails: list[bytes],
         skip_existing: bool,
         skipped: list[dict],
-        extra: dict[str, list],
+        extra: Optional[pa.Table] = None,
+        extra_files: Optional[dict] = None,
     ) -> np.ndarray:
         n = xb.shape[0]
         recorded = self.manifest.get("skipped", [])
@@ -382,34 +408,29 @@ class PatchIndex:
                 logger.info("skipped %d of %d rows already in %s", n - len(keep), n, self.path)
             xb = xb[keep]
             labels, sources, thumbnails = ([values[i] for i in keep] for values in (labels, sources, thumbnails))
-            extra = {name: [values[i] for i in keep] for name, values in extra.items()}
+            if extra is not None:
+                extra = extra.take(pa.array(keep, pa.int64()))
             n = len(keep)
             if n == 0 and not skipped:
                 return np.zeros(0, dtype=np.int64)
         faiss.normalize_L2(xb)
         new_ids = np.arange(len(self), len(self) + n, dtype=np.int64)
-        columns = {
-            name: (self.extra.get(name) or [None] * len(self)) + (extra.get(name) or [None] * n)
-            for name in OPTIONAL_COLUMNS
-            if name in self.extra or name in extra
-        }
-        metadata = metadata_table(
-            np.arange(len(self) + n),
-            self.row_labels + labels,
-            self.sources + sources,
-            pa.concat_arrays([self._thumbnails, pa.array(thumbnails, pa.binary())]),
-            columns,
-        )
+        added = metadata_table(new_ids, labels, sources, thumbnails)
+        for name in extra.column_names if extra is not None else ():
+            added = added.append_column(name, extra.column(name))
+        metadata = pa.concat_tables([self.metadata_table(), added], promote_options="default")
         index = faiss.clone_index(self.index)
         index.add(xb)
         manifest = dict(self.manifest, updated=now())
         if skipped:
             manifest["skipped"] = [*recorded, *skipped]
-        self._commit(index, metadata, manifest)
+        self._commit(index, metadata, manifest, extra_files)
         logger.info("appended %d vectors to %s (now %d)", n, self.path, len(self))
         return new_ids
 
-    def _commit(self, index: faiss.Index, metadata: pa.Table, manifest: dict) -> None:
+    def _commit(
+        self, index: faiss.Index, metadata: pa.Table, manifest: dict, extra_files: Optional[dict] = None
+    ) -> None:
         """Recalibrate, write the directory atomically (caller holds the writer lock) and become it."""
         set_search_params(index, self.manifest["index"].get("params", {}))
         try:  # recalibrate on the changed gallery (exact for flat and HNSW, decoded codes otherwise)
@@ -417,7 +438,7 @@ class PatchIndex:
             manifest["close_match"] = close_match_threshold(vectors)
         except RuntimeError:  # an IVF index without a direct map cannot reconstruct: keep the old value
             pass
-        manifest = write_directory(self.path, index, metadata, manifest)
+        manifest = write_directory(self.path, index, metadata, manifest, extra_files)
         self.__init__(self.path, index, metadata, manifest, self.embedder)
 
     def reload_if_changed(self) -> bool:
@@ -468,13 +489,8 @@ class PatchIndex:
                 )
             keep = np.setdiff1d(np.arange(len(self)), wanted)
             index = self._without(wanted, keep)
-            metadata = metadata_table(
-                np.arange(len(keep)),
-                [self.row_labels[i] for i in keep],
-                [self.sources[i] for i in keep],
-                self._thumbnails.take(pa.array(keep, pa.int64())),
-                {name: [values[i] for i in keep] for name, values in self.extra.items()},
-            )
+            metadata = self.metadata_table().take(pa.array(keep, pa.int64()))
+            metadata = metadata.set_column(0, "id", pa.array(np.arange(len(keep), dtype=np.int64)))
             self._commit(index, metadata, dict(self.manifest, updated=now()))
         logger.info("deleted %d vectors from %s (now %d)", len(wanted), self.path, len(self))
         return len(wanted)
@@ -525,8 +541,10 @@ def write_index(
     index_params: Optional[dict] = None,
     dataset_info: Optional[dict] = None,
     skipped: Optional[Sequence[dict]] = None,
+    extra_files: Optional[dict] = None,
 ) -> PatchIndex:
-    """Writer: FAISS index over ``xb`` + ``metadata`` (schema ``id, label, source, thumbnail``) + manifest.
+    """Writer: FAISS index over ``xb`` + ``metadata`` (``id, label, source, thumbnail``, then any extra
+    columns) + manifest.
 
     Args:
         path: output directory (created).
@@ -537,6 +555,7 @@ def write_index(
         index_params: overrides of the index parameters.
         dataset_info: what the vectors came from (source, split, columns), recorded as is.
         skipped: the unreadable images left out (``{"source", "reason"}`` each), recorded as ``"skipped"``.
+        extra_files: more files committed with the index (e.g. a slide index's ``slides.json``).
     """
     path = Path(path)
     if metadata.num_rows != len(xb):
@@ -565,6 +584,6 @@ def write_index(
         "packages": package_versions(),
         "close_match": close_match_threshold(xb),
     }
-    manifest = write_directory(path, index, metadata, manifest)
+    manifest = write_directory(path, index, metadata, manifest, extra_files)
     logger.info("wrote %s index with %d vectors to %s", index_type, index.ntotal, path)
     return PatchIndex(path, index, metadata, manifest, embedder)

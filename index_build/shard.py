@@ -133,7 +133,7 @@ def merge_shards(
     for shard in shards:
         check_manifest_matches(shard.manifest, embedder, shard.path)
     xb = np.concatenate([shard.reconstruct_all() for shard in shards])
-    metadata = pa.concat_tables([shard.metadata_table() for shard in shards])
+    metadata = pa.concat_tables([shard.metadata_table() for shard in shards], promote_options="default")
     info = dict(shards[0].manifest.get("dataset", {}))
     info.pop("shard", None)
     info.pop("data_hash", None)  # of the first shard's rows only

@@ -50,6 +50,8 @@ MANIFEST_FILE = "manifest.json"
 JOURNAL_FILE = ".commit.json"
 # The only files a commit (and so its journal) may replace; staged as ``.<name>.tmp-<pid>``.
 COMMIT_FILES = (INDEX_FILE, METADATA_FILE, MANIFEST_FILE)
+# Files of some indexes that a commit may also replace, with the others (a slide index's catalog).
+OPTIONAL_COMMIT_FILES = ("slides.json",)
 _STAGED = re.compile(r"\.([A-Za-z0-9_][A-Za-z0-9_.]*)\.tmp-[0-9]+")
 _TEMPORARY = re.compile(r"\..+\.tmp-([0-9]+)")  # any file of write_atomic or commit, with its writer's pid
 LOCK_FILE = ".lock"  # held by the one process writing to the directory
@@ -79,10 +81,13 @@ __all__ = [
     "METADATA_SCHEMA",
     "MODEL_KEYS",
     "OPTIONAL_COLUMNS",
+    "OPTIONAL_COMMIT_FILES",
     "WORK_DIR",
     "IndexBusyError",
     "IndexLoadError",
+    "check_metadata_schema",
     "decode_thumbnail",
+    "extra_table",
     "has_index",
     "index_identity",
     "index_lock",
@@ -129,10 +134,9 @@ def decode_thumbnail(data: bytes) -> Image.Image:
 
 
 def metadata_table(
-    ids: Any, labels: Any, sources: Any, thumbnails: Any, extra: Optional[dict[str, Any]] = None
+    ids: Any, labels: Any, sources: Any, thumbnails: Any, extra: Optional[Union[dict[str, Any], pa.Table]] = None
 ) -> pa.Table:
-    """A metadata table (:data:`METADATA_SCHEMA`) from its four columns, plus the optional
-    columns (:data:`OPTIONAL_COLUMNS`) given in ``extra`` (name -> one value or ``None`` per row)."""
+    """A metadata table: :data:`METADATA_SCHEMA`'s four columns, then the ``extra`` ones (:func:`extra_table`)."""
     table = pa.table(
         {
             "id": pa.array(np.asarray(ids, dtype=np.int64)),
@@ -142,24 +146,43 @@ def metadata_table(
         },
         schema=METADATA_SCHEMA,
     )
-    for name, kind in OPTIONAL_COLUMNS.items():
-        if extra and extra.get(name) is not None:
-            values = list(extra[name])
-            if len(values) != table.num_rows:
-                raise ValueError(f"column {name!r} has {len(values)} values for {table.num_rows} rows")
-            table = table.append_column(pa.field(name, kind), pa.array(values, kind))
+    columns = extra_table(extra, table.num_rows)
+    for name in columns.column_names if columns is not None else ():
+        table = table.append_column(columns.schema.field(name), columns.column(name))
     return table
 
 
+def extra_table(extra: Optional[Union[dict[str, Any], pa.Table]], rows: int) -> Optional[pa.Table]:
+    """Extra metadata columns as a table of ``rows`` rows, or ``None`` when there are none.
+
+    ``extra`` is a table, or name -> one value (or ``None``) per row; a column named in
+    :data:`OPTIONAL_COLUMNS` gets that type, any other one the type Arrow infers.
+
+    Raises:
+        ValueError: a column with the wrong number of rows, or one named like a base column.
+    """
+    if extra is None or (isinstance(extra, dict) and not extra):
+        return None
+    if isinstance(extra, dict):
+        extra = pa.table({name: pa.array(list(values), OPTIONAL_COLUMNS.get(name)) for name, values in extra.items()})
+    clash = set(extra.column_names) & set(METADATA_SCHEMA.names)
+    if clash:
+        raise ValueError(f"extra metadata columns cannot be named {sorted(clash)}")
+    if extra.num_rows != rows:
+        raise ValueError(f"{rows} rows but {extra.num_rows} rows of extra metadata columns")
+    return extra
+
+
 def check_metadata_schema(schema: pa.Schema) -> bool:
-    """Whether ``schema`` is :data:`METADATA_SCHEMA` followed by some of :data:`OPTIONAL_COLUMNS` (in order)."""
+    """Whether a metadata schema is :data:`METADATA_SCHEMA`'s columns then any extra ones (e.g. ``slide, x, y,
+    size0, mpp`` of a slide index), those named in :data:`OPTIONAL_COLUMNS` with their type."""
     base = len(METADATA_SCHEMA)
     if len(schema) < base or not pa.schema(list(schema)[:base]).equals(METADATA_SCHEMA, check_metadata=False):
         return False
-    names = [field.name for field in list(schema)[base:]]
-    if names != [name for name in OPTIONAL_COLUMNS if name in names]:
+    extra = list(schema)[base:]
+    if {field.name for field in extra} & set(METADATA_SCHEMA.names):
         return False
-    return all(schema.field(name).type == OPTIONAL_COLUMNS[name] for name in names)
+    return all(field.type == OPTIONAL_COLUMNS.get(field.name, field.type) for field in extra)
 
 
 def index_identity(manifest: dict) -> str:
@@ -331,8 +354,10 @@ def _commit(directory: Path, writers: dict[str, Callable[[Path], None]]) -> dict
     remove_stale_temporaries(directory)
     renames: list[tuple[str, str]] = []
     for name, write in writers.items():
-        if name not in COMMIT_FILES:
-            raise ValueError(f"{name!r} is not a file of an index directory ({', '.join(COMMIT_FILES)})")
+        if name not in COMMIT_FILES + OPTIONAL_COMMIT_FILES:
+            raise ValueError(
+                f"{name!r} is not a file of an index directory ({', '.join(COMMIT_FILES + OPTIONAL_COMMIT_FILES)})"
+            )
         tmp = directory / _staged_name(name)
         write(tmp)
         with open(tmp, "rb") as fh:
@@ -368,10 +393,11 @@ def _journal_renames(directory: Path, journal: Path) -> list[tuple[str, str]]:
             raise IndexLoadError(f"corrupt commit journal {journal}: bad entry {entry!r}")
         tmp, name = entry
         match = _STAGED.fullmatch(tmp)
-        if name not in COMMIT_FILES or match is None or match.group(1) != name:
+        if name not in COMMIT_FILES + OPTIONAL_COMMIT_FILES or match is None or match.group(1) != name:
             raise IndexLoadError(
                 f"refusing the commit journal {journal}: it renames {tmp!r} to {name!r}, but a journal may only "
-                f"rename a staged .<name>.tmp-<pid> file to <name>, one of {', '.join(COMMIT_FILES)}"
+                f"rename a staged .<name>.tmp-<pid> file to <name>, one of "
+                f"{', '.join(COMMIT_FILES + OPTIONAL_COMMIT_FILES)}"
             )
         staged = directory / tmp
         if staged.is_symlink() or (staged.exists() and not staged.is_file()):
@@ -438,8 +464,17 @@ def has_index(path: Union[str, Path]) -> bool:
     return (Path(path) / MANIFEST_FILE).is_file()
 
 
-def write_directory(path: Path, index: faiss.Index, metadata: pa.Table, manifest: dict) -> dict:
+def write_directory(
+    path: Path,
+    index: faiss.Index,
+    metadata: pa.Table,
+    manifest: dict,
+    extra_files: Optional[dict[str, Callable[[Path], None]]] = None,
+) -> dict:
     """Commit index, metadata and manifest (with counts, labels and checksums) atomically.
+
+    ``extra_files`` (name -> writer of a temporary path; names of :data:`OPTIONAL_COMMIT_FILES`)
+    are committed with them, before the manifest.
 
     Returns:
         The manifest as written.
@@ -471,6 +506,7 @@ def write_directory(path: Path, index: faiss.Index, metadata: pa.Table, manifest
         {
             INDEX_FILE: stage(INDEX_FILE, lambda tmp: faiss.write_index(index, str(tmp))),
             METADATA_FILE: stage(METADATA_FILE, lambda tmp: pq.write_table(metadata, tmp)),
+            **(extra_files or {}),
             MANIFEST_FILE: write_manifest,
         },
     )
@@ -673,8 +709,8 @@ def read_directory(
         raise IndexLoadError(f"corrupt {METADATA_FILE} in {path}: {err}") from err
     if not check_metadata_schema(metadata.schema):
         raise IndexLoadError(
-            f"{METADATA_FILE} in {path} has schema {metadata.schema}, expected {METADATA_SCHEMA} "
-            f"(optionally followed by {', '.join(OPTIONAL_COLUMNS)})"
+            f"{METADATA_FILE} in {path} has schema {metadata.schema}, expected {METADATA_SCHEMA} then any extra "
+            f"columns (of these types when named {', '.join(f'{k}: {v}' for k, v in OPTIONAL_COLUMNS.items())})"
         )
     count = manifest["count"]
     if not index.ntotal == metadata.num_rows == count:
