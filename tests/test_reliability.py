@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -812,3 +813,30 @@ def test_a_killed_delete_leaves_the_old_or_the_new_state(index_dir, killed_at, c
     loaded = PatchIndex.load(index_dir)
     assert len(loaded) == loaded.manifest["count"] == count
     assert loaded.sources == sources[6 - count :]
+
+
+def test_extra_columns_of_slides_and_personal_rows_live_together(tmp_path):
+    """Slide columns and personal-gallery columns in one index: appends fill the other's with nulls,
+    deletes keep them all, and a known column with the wrong type is refused at load."""
+    from index_build.patch_index import write_index
+    from index_build.storage import check_metadata_schema, metadata_table
+
+    embedder = make_embedder()
+    xb = np.random.default_rng(1).normal(size=(5, embedder.dim)).astype(np.float32)
+    slides = {"slide": ["a.svs"] * 3, "x": [0, 224, 448], "y": [0, 0, 0]}
+    meta = metadata_table(np.arange(3), list("aab"), ["a.svs@0,0", "a.svs@224,0", "a.svs@448,0"], [b""] * 3, slides)
+    assert meta.schema.field("x").type == pa.int64()
+    index = write_index(tmp_path / "idx", xb[:3], meta, embedder)
+    index.add_embeddings(xb[3:], ["c", "c"], ["u1", "u2"], [b"", b""], extra={"sha256": ["h1", "h2"]})
+    loaded = PatchIndex.load(tmp_path / "idx", embedder)
+    assert loaded.extra_columns == ["slide", "x", "y", "sha256"]
+    assert loaded.column("x") == [0, 224, 448, None, None]
+    assert loaded.extra["sha256"] == [None, None, None, "h1", "h2"]
+    assert loaded.remove([1]) == 1
+    loaded = PatchIndex.load(tmp_path / "idx", embedder)
+    assert loaded.column("slide") == ["a.svs", "a.svs", None, None] and loaded.column("x") == [0, 448, None, None]
+    assert loaded.extra["sha256"] == [None, None, "h1", "h2"]
+    bad = metadata_table(np.arange(1), ["a"], ["s"], [b""], pa.table({"added": pa.array([1], pa.int64())}))
+    assert check_metadata_schema(meta.schema) and not check_metadata_schema(bad.schema)
+    with pytest.raises(ValueError, match="3 rows but 2 rows"):
+        metadata_table(np.arange(3), list("aab"), list("xyz"), [b""] * 3, {"slide": ["a", "b"]})
