@@ -215,5 +215,21 @@ def test_an_interrupted_slide_build_resumes_and_commits_the_catalog_last(
         "lung_n/lung_n_1.tif",
     ]
     assert sum(e["tissue_tiles"] for e in load_slide_catalog(out).slides.values()) == rows
+
     assert index.column("slide") == [s.rsplit("@", 1)[0] for s in index.sources]
     assert set(index.column("size0")) == {224}
+
+
+def test_an_index_inside_the_slides_folder_is_not_read_as_slides(synthetic, tiny_model_dir, tmp_path):
+    folder = tmp_path / "folder" / "lung_n"
+    folder.mkdir(parents=True)
+    for path in sorted((synthetic / "gallery" / "lung_n").glob("*.tif")):
+        (folder / path.name).symlink_to(path)
+    common = ["--model", tiny_model_dir, "--mpp", "1.75", *QUIET]
+    first = build_main([str(tmp_path / "folder"), "--out", str(tmp_path / "folder" / "idx"), *common])
+    assert list((first.path / "slides").glob("*.png"))  # PNGs a second build must not take for slides
+    again = build_main([str(tmp_path / "folder"), "--out", str(first.path), "--overwrite", *common])
+    assert len(again) == len(first) and sorted(load_slide_catalog(again.path).slides) == [
+        "lung_n/lung_n_0.tif",
+        "lung_n/lung_n_1.tif",
+    ]
