@@ -255,6 +255,9 @@ def load_slide_dataset(
 
     root = Path(os.path.expanduser(str(root))).resolve()
     files = find_slides(root)
+    if out_dir is not None:  # an index written inside the slides folder: its thumbnails are not slides
+        inside = Path(os.path.expanduser(str(out_dir))).resolve()
+        files = [f for f in files if not (root / f).resolve().is_relative_to(inside)]
     if not files:
         raise SlideError(f"{root} holds no slides or images")
     csv_labels = read_labels_csv(labels_csv) if labels_csv is not None else None

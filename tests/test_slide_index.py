@@ -150,7 +150,7 @@ def test_labels_from_a_csv_and_append_merges_the_catalog(synthetic, tiny_model_d
     csv = tmp_path / "labels.csv"
     csv.write_text("slide,label\nlung_aca_0.tif,ACA\nlung_aca_1.tif,ACA\nlung_n_0.tif,N\n")
     out = tmp_path / "index"
-    common = ["--model", tiny_model_dir, "--slides", *QUIET]
+    common = ["--model", tiny_model_dir, "--slides", "--mpp", "1.75", *QUIET]
     with pytest.raises(SystemExit, match="1 slides have no label in .*labels.csv: lung_n_1.tif"):
         build_main([str(flat), "--out", str(out), "--labels", str(csv), *common])
     csv.write_text(csv.read_text() + "lung_n_1.tif,N\n")
@@ -180,3 +180,57 @@ def test_slides_without_mpp_need_mpp_source(shared_data, tiny_model_dir, tmp_pat
     index = build_main([str(tmp_path / "slides"), "--out", str(tmp_path / "b"), "--mpp-source", "0.25", *common])
     assert set(index.column("size0")) == {round(64 * 0.5 / 0.25)}  # the tiny model's 64 px input
     assert set(index.column("mpp")) == {0.25}
+
+
+def test_an_interrupted_slide_build_resumes_and_commits_the_catalog_last(
+    synthetic, tiny_model_dir, tmp_path, monkeypatch
+):
+    from index_build.models import Embedder
+
+    out = tmp_path / "index"
+    argv = [str(synthetic / "gallery"), "--out", str(out), "--model", tiny_model_dir, "--batch-size", "2"]
+    argv += ["--chunk-size", "4", "--mpp", "1.75", *QUIET]  # the tiny model's 64 px at 1.75 µm/px: 224 level-0 px
+    calls = {"n": 0}
+    original = Embedder.embed_pixels
+
+    def failing(self, pixels):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("simulated crash")
+        return original(self, pixels)
+
+    monkeypatch.setattr(Embedder, "embed_pixels", failing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_main(argv)
+    assert not (out / SLIDES_FILE).exists() and not (out / "manifest.json").exists()
+    assert sorted(p.name for p in (out / ".partial").glob("chunk-*.npy")) == ["chunk-000000.npy"]
+    calls["n"] = -1000
+    index = build_main(argv)
+    rows = len(index)
+    assert calls["n"] == -1000 + (rows - 4 + 1) // 2  # only the rows after the first chunk, in batches of 2
+    assert not (out / ".partial").exists()
+    assert sorted(load_slide_catalog(out).slides) == [
+        "lung_aca/lung_aca_0.tif",
+        "lung_aca/lung_aca_1.tif",
+        "lung_n/lung_n_0.tif",
+        "lung_n/lung_n_1.tif",
+    ]
+    assert sum(e["tissue_tiles"] for e in load_slide_catalog(out).slides.values()) == rows
+
+    assert index.column("slide") == [s.rsplit("@", 1)[0] for s in index.sources]
+    assert set(index.column("size0")) == {224}
+
+
+def test_an_index_inside_the_slides_folder_is_not_read_as_slides(synthetic, tiny_model_dir, tmp_path):
+    folder = tmp_path / "folder" / "lung_n"
+    folder.mkdir(parents=True)
+    for path in sorted((synthetic / "gallery" / "lung_n").glob("*.tif")):
+        (folder / path.name).symlink_to(path)
+    common = ["--model", tiny_model_dir, "--mpp", "1.75", *QUIET]
+    first = build_main([str(tmp_path / "folder"), "--out", str(tmp_path / "folder" / "idx"), *common])
+    assert list((first.path / "slides").glob("*.png"))  # PNGs a second build must not take for slides
+    again = build_main([str(tmp_path / "folder"), "--out", str(first.path), "--overwrite", *common])
+    assert len(again) == len(first) and sorted(load_slide_catalog(again.path).slides) == [
+        "lung_n/lung_n_0.tif",
+        "lung_n/lung_n_1.tif",
+    ]

@@ -164,3 +164,15 @@ def test_indexed_tiles_are_not_blank_glass_against_a_hand_labelled_sample(svs):
     assert hand_tissue <= indexed  # every tissue tile of the sample is indexed
     assert not hand_glass & indexed  # share of the sample's indexed tiles that are glass: 0 of 16
     assert hand_glass <= skipped
+
+
+def test_plain_tiff_mpp_from_its_resolution_tags_and_png_dpi_ignored(tmp_path):
+    image = Image.new("RGB", (300, 200), (200, 120, 160))
+    image.save(tmp_path / "strips.tif", dpi=(50800, 50800))  # 50,800 px per inch = 0.5 µm/px
+    image.save(tmp_path / "screen.png", dpi=(72, 72))  # 352.8 µm/px: not a microscope resolution
+    with open_slide(tmp_path / "strips.tif") as slide:
+        assert slide.backend == "pil" and slide.mpp == pytest.approx(0.5) and slide.mpp_from == "slide"
+        assert slide.read_region(250, 150, 100, 100, 50, 50).getpixel((40, 40)) == (255, 255, 255)
+        assert slide.read_region(250, 150, 100, 100, 50, 50).getpixel((10, 10)) == (200, 120, 160)
+    with open_slide(tmp_path / "screen.png") as slide:
+        assert slide.mpp is None
