@@ -285,9 +285,8 @@ def test_new_label_add_search_and_delete_through_gradio_client(server, tmp_path)
     other = Client(url, verbose=False, download_files=False)
     label_update, _, table_now, _ = other.predict(api_name="/personal_images")
     assert "CRC muscle (MUS)" in [c[0] if isinstance(c, (list, tuple)) else c for c in label_update["choices"]]
-    gallery, *_rest, results = other.predict(
-        handle_file(str(mine[1])), 3, "CRC muscle (MUS)", app.TILE_MODES[0], api_name="/search"
-    )
+    outputs = other.predict(handle_file(str(mine[1])), 3, "CRC muscle (MUS)", app.TILE_MODES[0], api_name="/search")
+    results = outputs[5]  # the result details table (the 6th of the 9 named outputs)
     assert [row[1] for row in results["data"]] == ["CRC muscle (MUS)"] * 2
     assert results["data"][0][5] == "upload:mus1.png"
     status, *_ = other.predict([handle_file(str(mine[1]))], "CRC muscle (MUS)", api_name="/add_images")
