@@ -145,13 +145,19 @@ def merge_shards(
 
 
 def _rank_and_world() -> tuple[int, int, Optional[str]]:
-    """(process index, process count, device) from ``accelerate`` (or torchrun's environment)."""
+    """(process index, process count, device) from ``accelerate`` (or torchrun's environment).
+
+    Without CUDA the processes join a CPU process group (gloo): ``accelerate`` would otherwise
+    treat every process started by ``accelerate launch --multi_gpu`` / torchrun on a CPU-only
+    machine as a lone process 0 of 1, and they would all build shard 0 of 1.
+    """
     try:
+        import torch
         from accelerate import PartialState
     except ImportError:
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         return rank, world, None
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())
     return state.process_index, state.num_processes, str(state.device)
 
 

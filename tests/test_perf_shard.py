@@ -151,3 +151,56 @@ def test_rank_and_world_single_process():
     from index_build.shard import _rank_and_world
 
     assert _rank_and_world() == (0, 1, "cpu")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_accelerate_launch_two_processes_equals_single_build(collection, model_dir, tmp_path):
+    """Two real processes under ``accelerate launch`` (CPU, gloo), then the merge: the same index as one process.
+
+    ``accelerate launch --cpu --num_processes 2`` starts a single process unless an MPI hostfile
+    is given (accelerate 1.x), so the test uses ``--multi_gpu``, which starts the processes
+    through torchrun on any machine; without CUDA the shard builder joins them in a gloo group.
+    One image per batch and one thread make the embeddings of both builds the same.
+    """
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+    if accelerate is None:
+        pytest.skip("accelerate CLI not installed")
+    common = [*COMMON[:-1], "1"]
+    root = tmp_path / "shards"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    command = [*launch, "-m", "index_build.shard", "build", collection, "--out-root", str(root), "--model", model_dir]
+    done = subprocess.run(
+        [*command, *common], cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    dirs = sorted(str(p) for p in root.iterdir())
+    assert [Path(d).name for d in dirs] == ["shard-0-of-2", "shard-1-of-2"]
+    assert [len(PatchIndex.load(d)) for d in dirs] == [7, 6]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the launched processes (OMP_NUM_THREADS=1): the same BLAS blocking
+    try:
+        single = build_main([collection, "--out", str(tmp_path / "single"), "--model", model_dir, *common])
+    finally:
+        torch.set_num_threads(threads)
+    merged = shard_main(["merge", *dirs, "--out", str(tmp_path / "merged"), "--model", model_dir])
+    # the merge L2-normalises the shards' (already unit) vectors once more: equal to float32 rounding
+    np.testing.assert_allclose(merged.reconstruct_all(), single.reconstruct_all(), rtol=0, atol=1e-6)
+    assert merged.row_labels == single.row_labels and merged.sources == single.sources
+    assert merged.manifest["index"] == single.manifest["index"]
+    assert merged.manifest["close_match"] == single.manifest["close_match"]
+    xq = single.reconstruct_all()[:5]
+    assert_same_search(PatchIndex.load(tmp_path / "merged"), PatchIndex.load(tmp_path / "single"), xq, k=13)
