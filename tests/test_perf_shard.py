@@ -204,3 +204,35 @@ def test_accelerate_launch_two_processes_equals_single_build(collection, model_d
     assert merged.manifest["close_match"] == single.manifest["close_match"]
     xq = single.reconstruct_all()[:5]
     assert_same_search(PatchIndex.load(tmp_path / "merged"), PatchIndex.load(tmp_path / "single"), xq, k=13)
+
+
+@pytest.mark.parametrize("index_type", ["ivfpq", "factory:IVF2,SQ8"])
+def test_on_disk_merge_equals_in_memory_merge(collection, model_dir, tmp_path, index_type):
+    """``merge --on-disk`` holds one shard at a time and writes the inverted lists to index.ivfdata;
+    the training sample (8 of 13 rows, drawn across shards), the codes, the calibration and every
+    search result are those of the in-memory merge."""
+    dirs = build_shards(collection, model_dir, tmp_path / "shards", 3)
+    params = ["--index-type", index_type, "--index-param", "train_size=8", "--index-param", "nprobe=2"]
+    shard_main(["merge", *dirs, "--out", str(tmp_path / "memory"), "--model", model_dir, *params])
+    shard_main(["merge", *dirs, "--out", str(tmp_path / "disk"), "--model", model_dir, *params, "--on-disk"])
+    assert (tmp_path / "disk" / "index.ivfdata").is_file() and not (tmp_path / "memory" / "index.ivfdata").exists()
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir() if p.name.startswith(".blocks")) == []
+    memory, disk = PatchIndex.load(tmp_path / "memory"), PatchIndex.load(tmp_path / "disk")
+    assert disk.manifest["index"] == memory.manifest["index"]
+    assert disk.manifest["close_match"] == memory.manifest["close_match"]
+    assert disk.manifest["count"] == 13
+    rng = np.random.default_rng(2)
+    xq = np.concatenate([PatchIndex.load(dirs[0]).reconstruct_all(), rng.standard_normal((4, disk.dim))])
+    da, ia = memory.search_embeddings(xq.astype(np.float32), 13)
+    db, ib = disk.search_embeddings(xq.astype(np.float32), 13)
+    np.testing.assert_array_equal(ia, ib)
+    np.testing.assert_array_equal(da, db)
+    moved = tmp_path / "moved"
+    (tmp_path / "disk").rename(moved)  # the lists are found next to the index file, wherever it is
+    np.testing.assert_array_equal(PatchIndex.load(moved).search_embeddings(xq.astype(np.float32), 13)[1], ia)
+
+
+def test_on_disk_merge_needs_an_inverted_file_index(collection, model_dir, tmp_path):
+    dirs = build_shards(collection, model_dir, tmp_path / "shards", 2)
+    with pytest.raises(ValueError, match="--on-disk needs an inverted-file index"):
+        shard_main(["merge", *dirs, "--out", str(tmp_path / "m"), "--model", model_dir, "--on-disk"])
