@@ -159,6 +159,7 @@ def training_run(
     classes = 8
     x, y = synthetic_batches(classes, max(1, 4 * batch // classes), model.config.image_size)
     model.train()
+    model.backbone.eval()  # frozen, as in python -m train: no batch-norm statistics updates
     model.backbone.requires_grad_(False)
     loss_fn = SubCenterArcFaceLoss(num_classes=classes, embedding_size=model.config.embedding_dim)
     params = [p for p in model.parameters() if p.requires_grad]
