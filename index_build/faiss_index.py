@@ -26,10 +26,12 @@ __all__ = [
     "SEARCH_PARAMS",
     "check_index_type",
     "default_index_params",
+    "empty_faiss_index",
     "make_faiss_index",
     "search_knob",
     "search_parameters",
     "set_search_params",
+    "training_rows",
 ]
 
 
@@ -120,24 +122,12 @@ def search_parameters(index: faiss.Index, selector: faiss.IDSelector) -> faiss.S
     return faiss.SearchParameters(sel=selector)
 
 
-def make_faiss_index(xb: np.ndarray, index_type: str = "flat", params: Optional[dict] = None, seed: int = 0):
-    """Build a FAISS inner-product index over ``xb`` (``N x D`` float32, L2-normalised).
-
-    Args:
-        xb: database vectors; id ``i`` is row ``i``.
-        index_type: ``"flat"`` (exact ``IndexFlatIP``), ``"ivfpq"`` (``IndexIVFPQ``, trained on a
-            random sample), ``"hnsw"`` (``IndexHNSWFlat``) or ``"factory:<string>"`` (any
-            ``faiss.index_factory`` string, trained on a sample when it needs training).
-        params: overrides of :func:`default_index_params`.
-        seed: seed of the training sample.
+def empty_faiss_index(n: int, d: int, index_type: str = "flat", params: Optional[dict] = None):
+    """The untrained, empty index :func:`make_faiss_index` builds for ``n`` vectors of dimension ``d``.
 
     Returns:
         ``(index, params)`` with the parameters actually used.
     """
-    xb = np.ascontiguousarray(xb, dtype=np.float32)
-    if xb.ndim != 2 or xb.shape[0] < 1:
-        raise ValueError(f"xb must be a non-empty N x D array, got shape {xb.shape}")
-    n, d = xb.shape
     used = default_index_params(index_type, n, d)
     unknown = set(params or {}) - set(used) - set(SEARCH_PARAMS)
     if unknown:
@@ -156,10 +146,38 @@ def make_faiss_index(xb: np.ndarray, index_type: str = "flat", params: Optional[
         index.hnsw.efConstruction = int(used["ef_construction"])
     else:  # factory:...
         index = faiss.index_factory(d, index_type.split(":", 1)[1], metric)
+    return index, used
+
+
+def training_rows(n: int, params: dict, seed: int = 0) -> Optional[np.ndarray]:
+    """The sorted rows (of ``n``) an index is trained on, ``None`` for all of them."""
+    size = min(n, int(params["train_size"]))
+    return None if size == n else np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+
+
+def make_faiss_index(xb: np.ndarray, index_type: str = "flat", params: Optional[dict] = None, seed: int = 0):
+    """Build a FAISS inner-product index over ``xb`` (``N x D`` float32, L2-normalised).
+
+    Args:
+        xb: database vectors; id ``i`` is row ``i``.
+        index_type: ``"flat"`` (exact ``IndexFlatIP``), ``"ivfpq"`` (``IndexIVFPQ``, trained on a
+            random sample), ``"hnsw"`` (``IndexHNSWFlat``) or ``"factory:<string>"`` (any
+            ``faiss.index_factory`` string, trained on a sample when it needs training).
+        params: overrides of :func:`default_index_params`.
+        seed: seed of the training sample (:func:`training_rows`).
+
+    Returns:
+        ``(index, params)`` with the parameters actually used.
+    """
+    xb = np.ascontiguousarray(xb, dtype=np.float32)
+    if xb.ndim != 2 or xb.shape[0] < 1:
+        raise ValueError(f"xb must be a non-empty N x D array, got shape {xb.shape}")
+    n, d = xb.shape
+    index, used = empty_faiss_index(n, d, index_type, params)
     if not index.is_trained:
-        size = min(n, int(used["train_size"]))
-        sample = xb if size == n else xb[np.sort(np.random.default_rng(seed).choice(n, size, replace=False))]
-        logger.info("training %s index on %d of %d vectors", index_type, size, n)
+        rows = training_rows(n, used, seed)
+        sample = xb if rows is None else xb[rows]
+        logger.info("training %s index on %d of %d vectors", index_type, len(sample), n)
         index.train(sample)
     index.add(xb)
     set_search_params(index, used)

@@ -48,7 +48,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EmbedderLike", "IndexChangedError", "PatchIndex", "SearchResult", "check_manifest_matches", "write_index"]
+__all__ = [
+    "EmbedderLike",
+    "IndexChangedError",
+    "PatchIndex",
+    "SearchResult",
+    "check_manifest_matches",
+    "write_built_index",
+    "write_index",
+]
 
 
 class IndexChangedError(RuntimeError):
@@ -566,14 +574,40 @@ def write_index(
     xb = np.ascontiguousarray(xb, dtype=np.float32)
     faiss.normalize_L2(xb)
     index, used = make_faiss_index(xb, index_type, index_params)
-    metadata = metadata.set_column(0, "id", pa.array(np.arange(len(xb), dtype=np.int64)))
+    return write_built_index(
+        path, index, used, metadata, embedder, index_type, dataset_info, skipped, close_match_threshold(xb), extra_files
+    )
+
+
+def write_built_index(
+    path: Union[str, Path],
+    index: faiss.Index,
+    used: dict,
+    metadata: pa.Table,
+    embedder: EmbedderLike,
+    index_type: str,
+    dataset_info: Optional[dict],
+    skipped: Optional[Sequence[dict]],
+    close_match: Optional[dict],
+    extra_files: Optional[dict] = None,
+) -> PatchIndex:
+    """Writer of an index already built (:func:`write_index` builds it from the vectors first).
+
+    ``used`` are the index parameters, ``close_match`` the gallery's calibration
+    (:mod:`index_build.calibration`); the other arguments are those of :func:`write_index`.
+    """
+    path = Path(path)
+    if metadata.num_rows != index.ntotal:
+        raise ValueError(f"{index.ntotal} vectors but {metadata.num_rows} metadata rows")
+    desc = embedder.describe()
+    metadata = metadata.set_column(0, "id", pa.array(np.arange(index.ntotal, dtype=np.int64)))
     created = now()
     manifest = {
         "format_version": FORMAT_VERSION,
         "created": created,
         "updated": created,
         "model": desc,
-        "embedding_dim": int(xb.shape[1]),
+        "embedding_dim": int(index.d),
         "metric": "cosine (inner product of L2-normalised vectors)",
         "preprocessing": _preprocessing(embedder),
         "index": {"type": index_type, "class": type(index).__name__, "params": used},
@@ -582,7 +616,7 @@ def write_index(
         "dataset": dataset_info or {},
         "skipped": [dict(entry) for entry in skipped or ()],
         "packages": package_versions(),
-        "close_match": close_match_threshold(xb),
+        "close_match": close_match,
     }
     manifest = write_directory(path, index, metadata, manifest, extra_files)
     logger.info("wrote %s index with %d vectors to %s", index_type, index.ntotal, path)

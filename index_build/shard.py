@@ -25,21 +25,31 @@ import logging
 import os
 import re
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+import faiss
 import numpy as np
 import pyarrow as pa
 
-from index_build.faiss_index import INDEX_TYPES, check_index_type
-from index_build.patch_index import PatchIndex, check_manifest_matches, write_index
+from index_build.calibration import close_match_threshold_chunked
+from index_build.faiss_index import (
+    INDEX_TYPES,
+    check_index_type,
+    empty_faiss_index,
+    set_search_params,
+    training_rows,
+)
+from index_build.patch_index import PatchIndex, check_manifest_matches, write_built_index, write_index
 from index_build.sources import check_source, parse_shard, source_kind
 from index_build.storage import IndexLoadError, has_index, model_mismatches
 
 logger = logging.getLogger(__name__)
 
 SHARD_DIR = "shard-{index}-of-{count}"
+IVFDATA_FILE = "index.ivfdata"  # the inverted lists of an on-disk merge, next to the index file
 _SHARD_RE = re.compile(r"^shard-(\d+)-of-(\d+)$")
 _EXACT_TYPES = ("flat",)
 
@@ -116,6 +126,7 @@ def merge_shards(
     embedder,
     index_type: str = "flat",
     index_params: Optional[dict] = None,
+    on_disk: bool = False,
 ) -> PatchIndex:
     """Concatenate shard indexes (in shard order) into one index directory of any type.
 
@@ -125,6 +136,10 @@ def merge_shards(
         embedder: the model the shards were built with (recorded in the manifest, checked).
         index_type: final index type (see :func:`index_build.index.make_faiss_index`).
         index_params: overrides of the final index's parameters.
+        on_disk: never hold more than one shard's vectors: an inverted-file index (``ivfpq`` or
+            a ``factory:IVF...`` string) whose lists are written to ``index.ivfdata`` in
+            ``out_dir`` (FAISS ``OnDiskInvertedLists``, memory-mapped when searched); the same
+            training sample, codes and search results as the in-memory merge.
     """
     out = Path(out_dir)
     if has_index(out):
@@ -132,26 +147,82 @@ def merge_shards(
     shards = load_shards(paths)
     for shard in shards:
         check_manifest_matches(shard.manifest, embedder, shard.path)
-    xb = np.concatenate([shard.reconstruct_all() for shard in shards])
     metadata = pa.concat_tables([shard.metadata_table() for shard in shards], promote_options="default")
     info = dict(shards[0].manifest.get("dataset", {}))
     info.pop("shard", None)
     info.pop("data_hash", None)  # of the first shard's rows only
-    info["rows"] = int(len(xb))
+    info["rows"] = int(metadata.num_rows)
     info["merged_from"] = [str(shard.path) for shard in shards]
     skipped = [entry for shard in shards for entry in shard.manifest.get("skipped", [])]
-    logger.info("merging %d shards, %d vectors, into a %s index at %s", len(shards), len(xb), index_type, out)
+    logger.info("merging %d shards, %d vectors, into a %s index at %s", len(shards), len(metadata), index_type, out)
+    if on_disk:
+        return _merge_on_disk(shards, out, embedder, index_type, index_params, metadata, info, skipped)
+    xb = np.concatenate([shard.reconstruct_all() for shard in shards])
     return write_index(out, xb, metadata, embedder, index_type, index_params, info, skipped)
 
 
-def _rank_and_world() -> tuple[int, int, Optional[str]]:
-    """(process index, process count, device) from ``accelerate`` (or torchrun's environment)."""
+def _unit_vectors(shard: PatchIndex) -> np.ndarray:
+    x = shard.reconstruct_all()
+    faiss.normalize_L2(x)  # as write_index does
+    return x
+
+
+def _merge_on_disk(shards, out: Path, embedder, index_type, index_params, metadata, info, skipped) -> PatchIndex:
+    """:func:`merge_shards` with ``on_disk``: train on the sampled rows, add shard by shard, merge on disk."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    sizes = [len(shard) for shard in shards]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    n, d = int(starts[-1]), shards[0].dim
+    index, used = empty_faiss_index(n, d, index_type, index_params)
     try:
+        faiss.extract_index_ivf(index)
+    except RuntimeError as err:
+        raise ValueError(
+            f"--on-disk needs an inverted-file index (ivfpq or factory:IVF...), not {index_type!r}"
+        ) from err
+    if not index.is_trained:
+        rows = training_rows(n, used)
+        if rows is None:
+            sample = np.concatenate([_unit_vectors(shard) for shard in shards])  # n <= train_size: small
+        else:
+            sample = np.empty((len(rows), d), dtype=np.float32)
+            for s, shard in enumerate(shards):
+                mine = (rows >= starts[s]) & (rows < starts[s + 1])
+                if mine.any():
+                    sample[mine] = _unit_vectors(shard)[rows[mine] - starts[s]]
+        logger.info("training %s index on %d of %d vectors", index_type, len(sample), n)
+        index.train(sample)
+        del sample
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".blocks-", dir=out) as blocks_dir:
+        blocks = []
+        for s, shard in enumerate(shards):
+            block = faiss.clone_index(index)
+            block.add_with_ids(_unit_vectors(shard), np.arange(starts[s], starts[s + 1], dtype=np.int64))
+            blocks.append(str(Path(blocks_dir) / f"block-{s}.index"))
+            faiss.write_index(block, blocks[-1])
+            del block
+        merge_ondisk(index, blocks, str(out / IVFDATA_FILE))
+    set_search_params(index, used)
+    close_match = close_match_threshold_chunked(sizes, [lambda shard=shard: _unit_vectors(shard) for shard in shards])
+    return write_built_index(out, index, used, metadata, embedder, index_type, info, skipped, close_match)
+
+
+def _rank_and_world() -> tuple[int, int, Optional[str]]:
+    """(process index, process count, device) from ``accelerate`` (or torchrun's environment).
+
+    Without CUDA the processes join a CPU process group (gloo): ``accelerate`` would otherwise
+    treat every process started by ``accelerate launch --multi_gpu`` / torchrun on a CPU-only
+    machine as a lone process 0 of 1, and they would all build shard 0 of 1.
+    """
+    try:
+        import torch
         from accelerate import PartialState
     except ImportError:
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         return rank, world, None
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())
     return state.process_index, state.num_processes, str(state.device)
 
 
@@ -175,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--model-revision", default=None)
     merge.add_argument("--index-type", default="flat", help=f"{', '.join(INDEX_TYPES)} or factory:<string>")
     merge.add_argument("--index-param", action="append", default=[], metavar="KEY=VALUE")
+    merge.add_argument(
+        "--on-disk",
+        action="store_true",
+        help="hold one shard at a time and write the inverted lists to OUT/index.ivfdata (IVF types only); "
+        "for collections larger than memory",
+    )
     return parser
 
 
@@ -205,7 +282,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[PatchIndex]:
 
         params = dict(_parse_param(p) for p in args.index_param) or None
         embedder = load_model(args.model, revision=args.model_revision)
-        return merge_shards(args.shards, args.out, embedder, args.index_type, params)
+        return merge_shards(args.shards, args.out, embedder, args.index_type, params, on_disk=args.on_disk)
     from index_build.__main__ import main as build_main
 
     if args.shard is not None:

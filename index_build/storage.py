@@ -700,7 +700,8 @@ def read_directory(
     if model is not None:
         check_model(manifest, model, path)
     try:
-        index = faiss.read_index(str(files[INDEX_FILE]))
+        # on-disk inverted lists (a merge with --on-disk) live next to the index file
+        index = faiss.read_index(str(files[INDEX_FILE]), faiss.IO_FLAG_ONDISK_SAME_DIR)
     except RuntimeError as err:
         raise IndexLoadError(f"corrupt {INDEX_FILE} in {path}: {err}") from err
     try:

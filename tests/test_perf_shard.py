@@ -151,3 +151,88 @@ def test_rank_and_world_single_process():
     from index_build.shard import _rank_and_world
 
     assert _rank_and_world() == (0, 1, "cpu")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_accelerate_launch_two_processes_equals_single_build(collection, model_dir, tmp_path):
+    """Two real processes under ``accelerate launch`` (CPU, gloo), then the merge: the same index as one process.
+
+    ``accelerate launch --cpu --num_processes 2`` starts a single process unless an MPI hostfile
+    is given (accelerate 1.x), so the test uses ``--multi_gpu``, which starts the processes
+    through torchrun on any machine; without CUDA the shard builder joins them in a gloo group.
+    One image per batch and one thread make the embeddings of both builds the same.
+    """
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+    if accelerate is None:
+        pytest.skip("accelerate CLI not installed")
+    common = [*COMMON[:-1], "1"]
+    root = tmp_path / "shards"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    command = [*launch, "-m", "index_build.shard", "build", collection, "--out-root", str(root), "--model", model_dir]
+    done = subprocess.run(
+        [*command, *common], cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    dirs = sorted(str(p) for p in root.iterdir())
+    assert [Path(d).name for d in dirs] == ["shard-0-of-2", "shard-1-of-2"]
+    assert [len(PatchIndex.load(d)) for d in dirs] == [7, 6]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the launched processes (OMP_NUM_THREADS=1): the same BLAS blocking
+    try:
+        single = build_main([collection, "--out", str(tmp_path / "single"), "--model", model_dir, *common])
+    finally:
+        torch.set_num_threads(threads)
+    merged = shard_main(["merge", *dirs, "--out", str(tmp_path / "merged"), "--model", model_dir])
+    # the merge L2-normalises the shards' (already unit) vectors once more: equal to float32 rounding
+    np.testing.assert_allclose(merged.reconstruct_all(), single.reconstruct_all(), rtol=0, atol=1e-6)
+    assert merged.row_labels == single.row_labels and merged.sources == single.sources
+    assert merged.manifest["index"] == single.manifest["index"]
+    assert merged.manifest["close_match"] == single.manifest["close_match"]
+    xq = single.reconstruct_all()[:5]
+    assert_same_search(PatchIndex.load(tmp_path / "merged"), PatchIndex.load(tmp_path / "single"), xq, k=13)
+
+
+@pytest.mark.parametrize("index_type", ["ivfpq", "factory:IVF2,SQ8"])
+def test_on_disk_merge_equals_in_memory_merge(collection, model_dir, tmp_path, index_type):
+    """``merge --on-disk`` holds one shard at a time and writes the inverted lists to index.ivfdata;
+    the training sample (8 of 13 rows, drawn across shards), the codes, the calibration and every
+    search result are those of the in-memory merge."""
+    dirs = build_shards(collection, model_dir, tmp_path / "shards", 3)
+    params = ["--index-type", index_type, "--index-param", "train_size=8", "--index-param", "nprobe=2"]
+    shard_main(["merge", *dirs, "--out", str(tmp_path / "memory"), "--model", model_dir, *params])
+    shard_main(["merge", *dirs, "--out", str(tmp_path / "disk"), "--model", model_dir, *params, "--on-disk"])
+    assert (tmp_path / "disk" / "index.ivfdata").is_file() and not (tmp_path / "memory" / "index.ivfdata").exists()
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir() if p.name.startswith(".blocks")) == []
+    memory, disk = PatchIndex.load(tmp_path / "memory"), PatchIndex.load(tmp_path / "disk")
+    assert disk.manifest["index"] == memory.manifest["index"]
+    assert disk.manifest["close_match"] == memory.manifest["close_match"]
+    assert disk.manifest["count"] == 13
+    rng = np.random.default_rng(2)
+    xq = np.concatenate([PatchIndex.load(dirs[0]).reconstruct_all(), rng.standard_normal((4, disk.dim))])
+    da, ia = memory.search_embeddings(xq.astype(np.float32), 13)
+    db, ib = disk.search_embeddings(xq.astype(np.float32), 13)
+    np.testing.assert_array_equal(ia, ib)
+    np.testing.assert_array_equal(da, db)
+    moved = tmp_path / "moved"
+    (tmp_path / "disk").rename(moved)  # the lists are found next to the index file, wherever it is
+    np.testing.assert_array_equal(PatchIndex.load(moved).search_embeddings(xq.astype(np.float32), 13)[1], ia)
+
+
+def test_on_disk_merge_needs_an_inverted_file_index(collection, model_dir, tmp_path):
+    dirs = build_shards(collection, model_dir, tmp_path / "shards", 2)
+    with pytest.raises(ValueError, match="--on-disk needs an inverted-file index"):
+        shard_main(["merge", *dirs, "--out", str(tmp_path / "m"), "--model", model_dir, "--on-disk"])
