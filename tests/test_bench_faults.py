@@ -91,3 +91,24 @@ def test_one_trial_per_scenario_resumes_to_the_reference(scenarios, name):
     trial = bench_faults.run_trial(built[name], env, rng, kills=2, log=work / f"{name}.log", kill="main")
     assert trial.ok, (trial, (work / f"{name}.log").read_text()[-3000:])
     assert trial.kills >= 1 and trial.check.rows_found == trial.check.rows_expected > 0
+
+
+def test_a_rerun_refused_after_a_finished_build_is_accepted_only_then(tmp_path):
+    log = tmp_path / "log"
+    log.write_text(
+        "=== 10:00:00 python -m index_build (kill after 3 s)\nINFO index ... 48 vectors\n=== 10:00:03 killed -9\n"
+        "=== 10:00:03 python -m index_build (kill after None s)\n"
+        "python -m index_build: error: an index already exists in /x; pass --append or --overwrite\n"
+        "=== 10:00:04 exit 2\n"
+    )
+    assert bench_faults.last_output(log).startswith("=== 10:00:03 python -m index_build (kill after None s)")
+    scenario = bench_faults.Scenario(
+        "build", [], [], tmp_path, print, str, print, [], print,
+        refused_when_finished="error: an index already exists in /x; pass --append or --overwrite",
+    )  # fmt: skip
+    finished, committed = (
+        bench_faults.Trial("build", phases=["finished"]),
+        bench_faults.Trial("build", phases=["after commit"]),
+    )
+    assert bench_faults.refused_as_finished(scenario, finished, log)
+    assert not bench_faults.refused_as_finished(scenario, committed, log)  # that rerun must finish the build
