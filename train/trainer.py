@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from pytorch_metric_learning.losses import SubCenterArcFaceLoss
@@ -463,6 +464,39 @@ def train(cfg: TrainConfig, train_dataset=None, eval_gallery=None, eval_queries=
         history.append({"epoch": 0, "step": 0, **_eval_columns(metrics, cfg.eval_k)})
         logger.info("before training: %s", _fmt_eval(metrics, cfg.eval_k))
 
+    def fill_cache(epoch: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """Draw the epoch's views and fill the cache with the (image, view) pairs it lacks."""
+        views = draw_views(len(dataset), cfg.seed, epoch, augment_cfg)
+        pairs = cache.missing(range(len(dataset)), views)
+        cache.fill(
+            raw_model,
+            dataset.dataset,
+            pairs,
+            processor,
+            augment_cfg,
+            cfg.seed,
+            accelerator.device,
+            batch_size=cfg.eval_batch_size,
+            num_workers=cfg.num_workers,
+            progress=cfg.progress and accelerator.is_local_main_process,
+            autocast=accelerator.autocast,
+        )
+        return views, pairs
+
+    if cache is not None and start_epoch > 0:
+        # A backbone batch's composition can change the last bits of its maps, so a resumed run
+        # refills the cache exactly as the uninterrupted run did, epoch by epoch, batch by batch:
+        # its maps, and so its weights, are then bit-identical.
+        replay_start = time.perf_counter()
+        for epoch in range(start_epoch):
+            fill_cache(epoch)
+        logger.info(
+            "resume: refilled the feature cache of epochs 1-%d (%d (image, view) pairs) in %.1f s",
+            start_epoch,
+            int(cache.filled.sum()),
+            time.perf_counter() - replay_start,
+        )
+
     ckpt_root = Path(cfg.checkpoints)
     for epoch in range(start_epoch, cfg.epochs):
         # accelerate's loader re-sets its sampler's epoch from its own counter, which starts at 0
@@ -472,22 +506,8 @@ def train(cfg: TrainConfig, train_dataset=None, eval_gallery=None, eval_queries=
         dataset.set_epoch(epoch)
         views, fill_seconds = None, 0.0
         if cache is not None:
-            views = draw_views(len(dataset), cfg.seed, epoch, augment_cfg)
-            pairs = cache.missing(range(len(dataset)), views)
             fill_start = time.perf_counter()
-            cache.fill(
-                raw_model,
-                dataset.dataset,
-                pairs,
-                processor,
-                augment_cfg,
-                cfg.seed,
-                accelerator.device,
-                batch_size=cfg.eval_batch_size,
-                num_workers=cfg.num_workers,
-                progress=cfg.progress and accelerator.is_local_main_process,
-                autocast=accelerator.autocast,
-            )
+            views, pairs = fill_cache(epoch)
             fill_seconds = time.perf_counter() - fill_start
             logger.info(
                 "epoch %d: backbone features for %d new (image, view) pairs in %.1f s; cache holds %.2f GB",
