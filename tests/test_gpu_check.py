@@ -15,6 +15,16 @@ import gpu_check  # noqa: E402
 from gpu_check import Row, Sizes, format_table, loss_decreased, main, run_checks  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """The training check makes a bf16 Accelerator; accelerate keeps that state per process, and a
+    later Accelerator with other settings (the trainer's tests) would be refused: reset it after."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def test_loss_decreased():
     assert loss_decreased([5.0] * 10 + [4.0] * 10)
     assert not loss_decreased([4.0] * 10 + [5.0] * 10)
