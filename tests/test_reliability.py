@@ -260,6 +260,41 @@ def test_worker_init_sets_pdeathsig():
     assert child.exitcode == 0
 
 
+def _trainer_killed_while_its_worker_starts(folder: str) -> None:
+    """The trainer makes a DataLoader's worker_init_fn, forks a worker and dies before the worker runs it."""
+    import time
+
+    from train.features import worker_init_fn
+
+    init, trainer = worker_init_fn(), os.getpid()
+    if os.fork() == 0:  # the worker
+        Path(folder, "forked").touch()
+        while os.getppid() == trainer:  # wait until the trainer is gone
+            time.sleep(0.01)
+        init(0)
+        Path(folder, "survived").touch()
+        os._exit(0)
+    os._exit(0)  # the trainer dies
+
+
+@linux_only
+def test_training_worker_exits_when_the_trainer_died_before_its_init(tmp_path):
+    """bench_faults --kill main: a training killed while its DataLoader started a worker left the worker running."""
+    import multiprocessing
+    import time
+
+    trainer = multiprocessing.get_context("fork").Process(
+        target=_trainer_killed_while_its_worker_starts, args=(str(tmp_path),)
+    )
+    trainer.start()
+    trainer.join(timeout=60)
+    deadline = time.time() + 30
+    while not (tmp_path / "forked").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(2)  # the worker's init has run by now
+    assert (tmp_path / "forked").exists() and not (tmp_path / "survived").exists()
+
+
 KILLED_BUILD = """
 import sys, time
 import torch

@@ -14,7 +14,9 @@ rotation probabilities. The plain path (``--feature-cache off``) draws blur afre
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from collections.abc import Sequence
 from typing import Optional
 
@@ -180,7 +182,7 @@ class FeatureCache:
             shuffle=False,
             num_workers=num_workers,
             pin_memory=device.type == "cuda",
-            worker_init_fn=_worker_init,
+            worker_init_fn=worker_init_fn(),
         )
         done = 0
         bar = tqdm(total=len(pairs), desc="backbone features", disable=not progress, dynamic_ncols=True, leave=False)
@@ -198,11 +200,17 @@ class FeatureCache:
         bar.close()
 
 
-def _worker_init(worker_id: int) -> None:
+def worker_init_fn() -> functools.partial:
+    """``worker_init_fn`` for a DataLoader created in this process: one thread per worker, and the
+    worker dies with this process, even when it is killed while the worker is still starting."""
+    return functools.partial(_worker_init, parent=os.getpid())
+
+
+def _worker_init(worker_id: int, parent: Optional[int] = None) -> None:
     from index_build.embedding import die_with_parent
 
     torch.set_num_threads(1)
-    die_with_parent(worker_id)
+    die_with_parent(worker_id, parent=parent)  # exits at once if the parent is already gone
 
 
 def gap_descriptor(maps: Sequence[torch.Tensor]) -> torch.Tensor:

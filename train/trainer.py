@@ -35,7 +35,7 @@ from modeling_lgffem import _LITE_PACKAGES as LITE_BACKBONES
 from modeling_lgffem import EFFICIENTNET_LITE, LgffemConfig, LgffemImageProcessor, LgffemModel
 from train.config import TRAJECTORY_FIELDS, TrainConfig
 from train.data import AugmentConfig, EpochSampler, TrainDataset, label_names, seeded_subset
-from train.features import FeatureCache, draw_views, gap_descriptor, relational_distillation
+from train.features import FeatureCache, draw_views, gap_descriptor, relational_distillation, worker_init_fn
 
 logger = logging.getLogger(__name__)
 
@@ -388,7 +388,7 @@ def train(cfg: TrainConfig, train_dataset=None, eval_gallery=None, eval_queries=
         drop_last=True,
         num_workers=0 if cache is not None else cfg.num_workers,
         pin_memory=accelerator.device.type == "cuda",
-        worker_init_fn=_worker_init,
+        worker_init_fn=worker_init_fn(),  # workers die with the trainer, even when it is killed
     )
     # The loss is not prepared: accelerate would run its forward under autocast, and the
     # ArcFace logits need float32. Its gradients are averaged across processes by hand.
@@ -627,15 +627,6 @@ class IndexDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
         return int(i), self.targets[int(i)]
-
-
-def _worker_init(worker_id: int) -> None:
-    # Each DataLoader worker decodes and augments; one thread each leaves the cores to the model.
-    # A worker dies with the trainer, even when the trainer is killed.
-    from index_build.embedding import die_with_parent
-
-    torch.set_num_threads(1)
-    die_with_parent(worker_id)
 
 
 def _eval_columns(metrics: dict, k: int) -> dict:
