@@ -268,15 +268,15 @@ def write_export(
     folder.mkdir(parents=True, exist_ok=True)
     csv_path, zip_path = folder / "results.csv", folder / "results.zip"
     csv_path.write_text(csv_text, encoding="utf-8")
-    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as archive:
+    with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as archive:  # PNGs are stored: already compressed
         archive.writestr("results.csv", csv_text)
         for name, picture in [("query.png", query)] + [
             (f"result_{rank:02d}.png", thumb) for rank, thumb in enumerate(thumbnails, start=1)
         ]:
             if picture is not None:
                 buffer = io.BytesIO()
-                picture.save(buffer, format="PNG")
-                archive.writestr(name, buffer.getvalue())
+                picture.save(buffer, format="PNG", compress_level=1)  # fast: it is written on every search
+                archive.writestr(name, buffer.getvalue(), compress_type=zipfile.ZIP_STORED)
     return str(csv_path), str(zip_path)
 
 
