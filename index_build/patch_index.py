@@ -550,6 +550,7 @@ def write_index(
     dataset_info: Optional[dict] = None,
     skipped: Optional[Sequence[dict]] = None,
     extra_files: Optional[dict] = None,
+    normalized: bool = False,
 ) -> PatchIndex:
     """Writer: FAISS index over ``xb`` + ``metadata`` (``id, label, source, thumbnail``, then any extra
     columns) + manifest.
@@ -564,6 +565,8 @@ def write_index(
         dataset_info: what the vectors came from (source, split, columns), recorded as is.
         skipped: the unreadable images left out (``{"source", "reason"}`` each), recorded as ``"skipped"``.
         extra_files: more files committed with the index (e.g. a slide index's ``slides.json``).
+        normalized: ``xb`` are unit vectors already (read back from indexes, e.g. shards): stored
+            as they are, so that a merge holds the very bits of its shards.
     """
     path = Path(path)
     if metadata.num_rows != len(xb):
@@ -572,7 +575,8 @@ def write_index(
     if xb.shape[1] != desc["embedding_dim"]:
         raise ValueError(f"vectors have dim {xb.shape[1]}, the model says {desc['embedding_dim']}")
     xb = np.ascontiguousarray(xb, dtype=np.float32)
-    faiss.normalize_L2(xb)
+    if not normalized:
+        faiss.normalize_L2(xb)
     index, used = make_faiss_index(xb, index_type, index_params)
     return write_built_index(
         path, index, used, metadata, embedder, index_type, dataset_info, skipped, close_match_threshold(xb), extra_files

@@ -158,13 +158,11 @@ def merge_shards(
     if on_disk:
         return _merge_on_disk(shards, out, embedder, index_type, index_params, metadata, info, skipped)
     xb = np.concatenate([shard.reconstruct_all() for shard in shards])
-    return write_index(out, xb, metadata, embedder, index_type, index_params, info, skipped)
+    return write_index(out, xb, metadata, embedder, index_type, index_params, info, skipped, normalized=True)
 
 
 def _unit_vectors(shard: PatchIndex) -> np.ndarray:
-    x = shard.reconstruct_all()
-    faiss.normalize_L2(x)  # as write_index does
-    return x
+    return shard.reconstruct_all()  # unit vectors: loading checks them (stored as they are, as the merge does)
 
 
 def _merge_on_disk(shards, out: Path, embedder, index_type, index_params, metadata, info, skipped) -> PatchIndex:
