@@ -241,11 +241,16 @@ class SearchApp:
     def banner(self) -> str:
         """The banner's first line (the rest is folded below it), with the personal images counted (read now)."""
         head = split_banner(self.index_info)[0]
+        personal = self.personal_line()
+        return f"{head}\n\n{personal}" if personal else head
+
+    def personal_line(self) -> str:
+        """The banner's personal-images line (read now); empty when there are none."""
         count = self.galleries.personal_count()
         if not count:
-            return head
+            return ""
         return (
-            f"{head}\n\n**+ {count} personal image{'s' if count != 1 else ''}** added on this page "
+            f"**+ {count} personal image{'s' if count != 1 else ''}** added on this page "
             "(searched with it; see *Add your own images*)."
         )
 
@@ -427,7 +432,7 @@ class SearchApp:
             gr.update(choices=labels),
             gr.update(choices=labels[1:]),
             self.personal_table(),
-            self.banner(),
+            self.personal_line(),
         )
 
     def add_images(self, files: Optional[Sequence[Any]], label: Optional[str]) -> AddOutputs:
@@ -617,7 +622,11 @@ def build_demo(app: SearchApp) -> gr.Blocks:
     size = app.input_size
     with gr.Blocks(title="LGFFEM Search") as demo:
         gr.Markdown("# LGFFEM Search: similar tissue patches")
-        banner = gr.Markdown(app.banner(), elem_id="gallery-info")
+        with gr.Column(elem_id="gallery-info", variant="compact"):
+            gr.Markdown(split_banner(app.index_info)[0])
+            # the personal-images line is its own component: refreshed on page load, add and delete
+            # without a progress indicator over the line above
+            banner = gr.Markdown(app.personal_line(), elem_id="personal-info")
         details = split_banner(app.index_info)[1]
         if details:
             with gr.Accordion("More about this gallery", open=False, elem_id="gallery-details"):
@@ -752,8 +761,12 @@ def build_demo(app: SearchApp) -> gr.Blocks:
             api_name="delete_images",
         ).then(lambda: "", outputs=[delete_ids], api_visibility="private")
         personal_table.select(app.select_row, inputs=[delete_ids], outputs=[delete_ids], api_visibility="private")
-        demo.load(
-            lambda: app.refresh_page()[1:], outputs=gallery_outputs, api_name="personal_images", show_progress="hidden"
+        demo.load(  # not queued: a queued load shows "queue: 1/1" over the banner while it waits
+            lambda: app.refresh_page()[1:],
+            outputs=gallery_outputs,
+            api_name="personal_images",
+            show_progress="hidden",
+            queue=False,
         )
     return demo
 

@@ -214,6 +214,8 @@ def test_starter_banner_on_a_phone(starter_server, tmp_path):
             page.goto(starter_server)
             page.wait_for_selector("#search-button", timeout=60_000)
             info = page.locator("#gallery-info")
+            # the page-load refresh of the personal-images line shows a timer until it answers
+            page.wait_for_function(r"() => !/\d\.\ds/.test(document.querySelector('#gallery-info').innerText)")
             assert info.inner_text().strip() == (
                 "This page runs on its built-in starter gallery, not on a diagnostic reference collection."
             )
