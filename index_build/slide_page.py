@@ -481,9 +481,17 @@ class SlidePage:
             for rank, r in enumerate(session.hits, 1)
         ]
         total = sum(n for _, n in votes)
+        threshold = next((g.close_match_threshold for _, g in pairs if g.close_match_threshold is not None), None)
+        if threshold is not None and hits and hits[0].score < threshold:
+            headline = (
+                f"### No close match in this gallery\nThe best similarity, {hits[0].score:.3f}, is below this "
+                f"gallery's close-match threshold {threshold:.3f}: the tile votes are shown for reference, not as "
+                "a suggestion.  \n"
+            )
+        else:
+            headline = f"### Suggestion: **{votes[0][0]}** ({votes[0][1]} of {total} {unit})\n"
         summary = (
-            f"### Suggestion: **{votes[0][0]}** ({votes[0][1]} of {total} {unit})\n"
-            f"Votes: {', '.join(f'{lab}: {n}' for lab, n in votes)}.  \n"
+            headline + f"Votes: {', '.join(f'{lab}: {n}' for lab, n in votes)}.  \n"
             f"Region of {session.name}: {len(tissue)} tissue tile{'s' if len(tissue) != 1 else ''} searched, "
             f"{len(skipped)} background tile{'s' if len(skipped) != 1 else ''} skipped (tiles of "
             f"{self.tile_size} px at {self.mpp:g} µm/px; tissue rule: at least {MIN_TISSUE_FRACTION:.0%} tissue). "

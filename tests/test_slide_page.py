@@ -258,3 +258,16 @@ def test_an_index_built_by_the_slide_build(svs, tmp_path):
         and "Full-resolution view read from the slide" in explained.where_text
     )
     assert Image.open(explained.view).size == (513, 513)  # 257 px and round(128.5) = 128 px of context on each side
+
+
+def test_region_below_the_close_match_threshold_gives_no_suggestion(loaded, monkeypatch):
+    page, session = loaded
+    session = replace(session, region=(896, 1344, 448, 448))
+    assert page.search(session, 4).summary.startswith("### Suggestion: **")  # its own tiles: similarity 1
+    main = page._galleries()[0][0][1]
+    monkeypatch.setattr(type(main), "close_match_threshold", property(lambda self: 1.5))
+    out = page.search(session, 4)
+    assert out.summary.startswith(
+        "### No close match in this gallery\nThe best similarity, 1.000, is below this gallery's close-match "
+        "threshold 1.500: the tile votes are shown for reference, not as a suggestion."
+    ), out.summary
