@@ -174,7 +174,6 @@ def main(argv: Optional[Sequence[str]] = None) -> PatchIndex:
     shard = check_args(parser, args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from index_build.data import load_image_dataset
-    from index_build.embedding import build_index
     from index_build.models import load_model
 
     revision = args.model_revision
@@ -201,7 +200,16 @@ def main(argv: Optional[Sequence[str]] = None) -> PatchIndex:
     }
     if shard is not None:
         info["shard"] = list(shard)
-    index = build_index(
+    index = _build(args, embedder, dataset, info)
+    logger.info("index %s: %d vectors, %d labels (%s)", args.out, len(index), len(index.labels), index.index_type)
+    return index
+
+
+def _build(args: argparse.Namespace, embedder, dataset, info: dict, extra_files: Optional[dict] = None) -> PatchIndex:
+    """:func:`~index_build.embedding.build_index` with the command line's build options."""
+    from index_build.embedding import build_index
+
+    return build_index(
         dataset,
         args.out,
         embedder,
@@ -216,13 +224,11 @@ def main(argv: Optional[Sequence[str]] = None) -> PatchIndex:
         chunk_size=args.chunk_size,
         dataset_info=info,
         strict=args.strict,
+        extra_files=extra_files,
     )
-    logger.info("index %s: %d vectors, %d labels (%s)", args.out, len(index), len(index.labels), index.index_type)
-    return index
 
 
 def _build_slides(args: argparse.Namespace, embedder) -> PatchIndex:
-    from index_build.embedding import build_index
     from index_build.slide_index import load_slide_dataset
     from index_build.slides import SLIDES_FILE, SlideError
 
@@ -254,23 +260,7 @@ def _build_slides(args: argparse.Namespace, embedder) -> PatchIndex:
     }
     if slide_set.skipped:
         info["skipped_slides"] = slide_set.skipped
-    index = build_index(
-        dataset,
-        args.out,
-        embedder,
-        index_type=args.index_type,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        resume=not args.no_resume,
-        progress=not args.no_progress,
-        append=args.append,
-        overwrite=args.overwrite,
-        index_params=dict(args.index_param) or None,
-        chunk_size=args.chunk_size,
-        dataset_info=info,
-        strict=args.strict,
-        extra_files={SLIDES_FILE: slide_set.catalog_writer(args.out, append=args.append)},
-    )
+    index = _build(args, embedder, dataset, info, {SLIDES_FILE: slide_set.catalog_writer(args.out, append=args.append)})
     logger.info(
         "slide index %s: %d tiles of %d slides, %d labels",
         args.out,

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Optional, Union
 import numpy as np
 from PIL import Image
 
-from index_build.query import TiledResult, tiled_search
+from index_build.query import Hit, TiledResult, search_galleries, tiled_search
 from index_build.starter import ensure_starter_index, model_key
 from index_build.storage import MANIFEST_FILE, IndexLoadError, has_index, index_identity, index_lock, now
 
@@ -188,6 +188,21 @@ class Galleries:
                 for i in range(len(personal))
             ]
 
+    def current(self) -> list[tuple[str, PatchIndex]]:
+        """The galleries to search, as committed on disk now: ``("index", main)``, then
+        ``("personal", personal)`` when the personal gallery has patches."""
+        with self._lock:
+            self.refresh()
+            personal = [(PERSONAL, self.personal)] if self.personal is not None and len(self.personal) else []
+            return [(MAIN, self.main), *personal]
+
+    def search_embeddings(self, xq: np.ndarray, k: int) -> tuple[list[tuple[str, PatchIndex]], list[list[Hit]]]:
+        """:func:`~index_build.query.search_galleries` of query vectors over :meth:`current`, ordered
+        against additions and deletes by the galleries' lock. Returns the galleries searched and the hits."""
+        with self._lock:
+            galleries = self.current()
+            return galleries, search_galleries(galleries, xq, k)
+
     def search(
         self,
         image: Image.Image,
@@ -198,10 +213,7 @@ class Galleries:
         progress: Optional[Callable[[int, int], None]] = None,
     ) -> TiledResult:
         """:func:`~index_build.query.tiled_search` over both galleries (hits name ``"index"`` or ``"personal"``)."""
-        with self._lock:
-            self.refresh()
-            personal = [(PERSONAL, self.personal)] if self.personal is not None and len(self.personal) else []
-            galleries = [(MAIN, self.main), *personal]
+        galleries = self.current()
         return tiled_search(
             image, self.embedder, galleries, k, label, tile_large, embed, guard=self._lock, progress=progress
         )

@@ -13,7 +13,8 @@ per-session :class:`SlideSession` kept in a ``gr.State``.
 - **Search** (:meth:`SlidePage.search`): the region is tiled at the index's resolution
   (``slides.json`` of a slide index, else :data:`index_build.slides.DEFAULT_MPP`) and the model
   input; background tiles are skipped; every tissue tile is searched in every gallery and merged
-  as the Search tab does (:func:`index_build.query.search_galleries`, :func:`index_build.query.merge_tiles`).
+  as the Search tab does (:meth:`index_build.galleries.Galleries.search_embeddings`,
+  :func:`index_build.query.merge_tiles`).
   The tile vote map outlines each tile in the colour of the label it voted for.
 - **A result** (:meth:`SlidePage.explain`): where it comes from (slide and level-0 place marked on
   the slide's stored thumbnail, a full-resolution view read from the slide when this server has it)
@@ -30,7 +31,6 @@ import os
 import re
 import tempfile
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional
@@ -41,7 +41,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from index_build.display import ResponseFiles, short_source
 from index_build.metrics import majority_votes
-from index_build.query import Hit, merge_tiles, search_galleries
+from index_build.query import Hit, merge_tiles
 from index_build.slides import (
     DEFAULT_MPP,
     SLIDE_EXTENSIONS,
@@ -221,14 +221,6 @@ class SlidePage:
         self.mpp = float(self.catalog.mpp) if self.catalog and self.catalog.mpp else DEFAULT_MPP
 
     # ---- helpers ---------------------------------------------------------------------------
-
-    def _galleries(self) -> tuple[list[tuple[str, Any]], AbstractContextManager]:
-        from index_build.galleries import MAIN, PERSONAL
-
-        g = self.galleries
-        pairs = [(MAIN, g.main)] + ([(PERSONAL, g.personal)] if g.personal is not None else [])
-        # the galleries' own lock orders this search against additions to the personal gallery
-        return pairs, getattr(g, "_lock", None) or nullcontext()
 
     def label_colour(self, label: str) -> tuple[int, int, int]:
         """The colour of a label on the vote map (stable: by its rank among the galleries' labels)."""
@@ -455,9 +447,7 @@ class SlidePage:
         xq = np.concatenate(
             [self.embed(self.embedder.preprocess(crops[i : i + 16])) for i in range(0, len(crops), 16)], axis=0
         )
-        pairs, lock = self._galleries()
-        with lock:
-            per_tile = search_galleries(pairs, xq, k)
+        pairs, per_tile = self.galleries.search_embeddings(xq, k)
         hits, votes, unit = merge_tiles(per_tile, k)
         tile_votes = [majority_votes([hit.label for hit in found])[0][0] if found else "" for found in per_tile]
 

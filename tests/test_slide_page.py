@@ -264,7 +264,7 @@ def test_region_below_the_close_match_threshold_gives_no_suggestion(loaded, monk
     page, session = loaded
     session = replace(session, region=(896, 1344, 448, 448))
     assert page.search(session, 4).summary.startswith("### Suggestion: **")  # its own tiles: similarity 1
-    main = page._galleries()[0][0][1]
+    main = page.galleries.main
     monkeypatch.setattr(type(main), "close_match_threshold", property(lambda self: 1.5))
     out = page.search(session, 4)
     assert out.summary.startswith(
