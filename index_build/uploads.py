@@ -52,9 +52,7 @@ __all__ = [
     "image_hash",
     "iter_upload",
     "list_errors",
-    "summarize_errors",
     "upload_batch",
-    "upload_patches",
 ]
 
 
@@ -238,15 +236,6 @@ def iter_upload(path: str) -> Iterator[tuple[str, Union[Image.Image, InputError]
         yield name, InputError(f"{name}: corrupt zip file ({err})")
 
 
-def summarize_errors(messages: Sequence[str], shown: int = MAX_LISTED_ERRORS) -> str:
-    """The first ``shown`` messages joined with ``"; "``, then how many more there are (a bad zip
-    may hold thousands of unreadable files)."""
-    text = "; ".join(messages[:shown])
-    if len(messages) > shown:
-        text += f"; and {len(messages) - shown} more ({len(messages)} files skipped in all)"
-    return text
-
-
 def list_errors(messages: Sequence[str], shown: int = MAX_LISTED_ERRORS) -> str:
     """A Markdown list, one line per message (``name: reason``), the first ``shown`` of them, then
     a line counting the rest (a bad zip may hold thousands of unreadable files)."""
@@ -327,27 +316,3 @@ def upload_batch(paths: Sequence[str], size: int, max_patches: int = MAX_ADD_PAT
                     "add them in smaller batches"
                 )
     return batch
-
-
-def upload_patches(
-    paths: Sequence[str], size: int, max_patches: int = MAX_ADD_PATCHES
-) -> tuple[list[Image.Image], list[str], list[str]]:
-    """Uploaded files (images or zips) -> gallery patches, tiled like queries.
-
-    Large images are cut by :func:`index_build.query.cut_tiles`; each patch's source is
-    ``upload:<name>`` (``#tile<n>`` for a tile).
-
-    Args:
-        paths: the uploaded files.
-        size: the model input in pixels.
-        max_patches: the most patches accepted in one go.
-
-    Returns:
-        ``(patches, sources, skipped)``: skipped holds one message per unreadable file (images
-        repeated within the batch are left out; :func:`upload_batch` says which).
-
-    Raises:
-        InputError: more than ``max_patches`` patches.
-    """
-    batch = upload_batch(paths, size, max_patches)
-    return batch.patches, batch.sources, batch.skipped

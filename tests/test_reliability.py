@@ -759,17 +759,18 @@ def test_empty_labels_are_refused(tmp_path, embedder, index_dir):
 def test_many_bad_zip_members_are_summarised(tmp_path):
     import zipfile
 
-    from index_build.uploads import summarize_errors, upload_patches
+    from index_build.uploads import list_errors, upload_batch
 
     with zipfile.ZipFile(tmp_path / "many.zip", "w") as archive:
         for i in range(1900):
             archive.writestr(f"notes/{i:04d}.png", "not an image")
-    patches, _, skipped = upload_patches([str(tmp_path / "many.zip")], 64)
+    batch = upload_batch([str(tmp_path / "many.zip")], 64)
+    patches, skipped = batch.patches, batch.skipped
     assert patches == [] and len(skipped) == 1900
     reason = "not an image file (format not recognised); upload PNG, JPEG or TIFF"
-    listed = "; ".join(f"many.zip/{i:04d}.png: {reason}" for i in range(5))
-    assert summarize_errors(skipped) == f"{listed}; and 1895 more (1900 files skipped in all)"
-    assert summarize_errors(skipped[:2]) == "; ".join(skipped[:2])
+    listed = "\n".join(f"- many.zip/{i:04d}.png: {reason}" for i in range(5))
+    assert list_errors(skipped) == f"{listed}\n- … and 1895 more (1900 files skipped in all)"
+    assert list_errors(skipped[:2]) == "\n".join(f"- {message}" for message in skipped[:2])
 
 
 # -- deleting rows: atomic, under the writer lock, right results -----------------------------------
