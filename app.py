@@ -50,7 +50,7 @@ from index_build.display import (
 from index_build.galleries import MAIN, StartupError, open_galleries
 from index_build.query import MIN_SIDE, tiling_rule
 from index_build.slide_page import SlidePage, max_slide_mb_default
-from index_build.sources import check_source
+from index_build.sources import check_source, env_model_revision, is_default_model
 from index_build.starter import starter_description, write_starter_examples
 from index_build.uploads import (
     MAX_ADD_PATCHES,
@@ -250,8 +250,7 @@ class SearchApp:
         if not count:
             return ""
         return (
-            f"**+ {count} personal image{'s' if count != 1 else ''}** added on this page "
-            "(searched with it; see *Add your own images*)."
+            f"**+ {plural(count, 'personal image')}** added on this page (searched with it; see *Add your own images*)."
         )
 
     def personal_table(self) -> list[list[Any]]:
@@ -469,7 +468,7 @@ class SearchApp:
         problems = []
         if batch.skipped:
             n = len(batch.skipped)
-            problems.append(f"**{n} file{'s' if n != 1 else ''} skipped:**\n\n{list_errors(batch.skipped)}")
+            problems.append(f"**{plural(n, 'file')} skipped:**\n\n{list_errors(batch.skipped)}")
         earlier_adds = report.duplicates if report else []
         duplicates = [
             f"{escape_markdown(source.removeprefix('upload:'))} (already added on {when_added(added)} as "
@@ -786,7 +785,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--model-revision",
-        default=os.environ.get("LGFFEM_MODEL_REVISION") or None,
+        default=env_model_revision(),
         help="branch, tag or commit of a Hub model; its code runs here, so pin a commit (env LGFFEM_MODEL_REVISION); "
         "default: the commit the index records",
     )
@@ -817,7 +816,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.concurrency < 1 or args.max_queue < 1 or args.max_slide_mb < 1:
         parser.error("--concurrency, --max-queue and --max-slide-mb must be at least 1")
     try:  # a bad path is an argument error, reported before the model is loaded
-        if args.model not in (None, "", "default"):
+        if not is_default_model(args.model):
             check_source(args.model, "model directory")
         if args.index:
             check_source(args.index, "index directory")

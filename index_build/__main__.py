@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from index_build.faiss_index import INDEX_TYPES, check_index_type
 from index_build.slide_index import is_slide_folder
 from index_build.slides import DEFAULT_MAX_PIXELS, DEFAULT_MPP
-from index_build.sources import check_source, parse_shard, source_kind
+from index_build.sources import check_source, env_model_revision, is_default_model, parse_shard, source_kind
 from index_build.storage import DEFAULT_CHUNK_SIZE, WORK_DIR, has_index, recorded_model_revision
 from index_build.tissue import MIN_TISSUE_FRACTION
 
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="default", help="model: 'default' (offline), a local folder or a Hub id")
     parser.add_argument(
         "--model-revision",
-        default=os.environ.get("LGFFEM_MODEL_REVISION") or None,
+        default=env_model_revision(),
         help="branch, tag or commit of a Hub model; its code runs here, so pin a commit (env LGFFEM_MODEL_REVISION)",
     )
     parser.add_argument(
@@ -136,7 +136,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Opt
                 raise FileNotFoundError(f"slides folder not found: {args.source}")
         else:
             source_kind(args.source)
-        if args.model not in (None, "", "default"):
+        if not is_default_model(args.model):
             check_source(args.model, "model directory")
         check_index_type(args.index_type)
         shard = parse_shard(args.shard) if args.shard is not None else None
@@ -177,7 +177,7 @@ def main(argv: Optional[Sequence[str]] = None) -> PatchIndex:
     from index_build.models import load_model
 
     revision = args.model_revision
-    if revision is None and args.append and args.model not in (None, "", "default"):
+    if revision is None and args.append and not is_default_model(args.model):
         revision = recorded_model_revision(args.out, args.model)  # the commit the index was built with
     embedder = load_model(args.model, device=args.device, revision=revision)
     if args.slides:

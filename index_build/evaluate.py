@@ -13,7 +13,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +28,7 @@ from index_build.embedding import embed_batches
 from index_build.metrics import kimia_eta, majority_vote_at_k, map_at_k, per_class_mean, recall_at_k, relevance_matrix
 from index_build.patch_index import PatchIndex
 from index_build.query import Hit, embed_tiles, merge_tiles
-from index_build.sources import check_source
+from index_build.sources import check_source, env_model_revision, is_default_model
 from index_build.storage import has_index
 
 logger = logging.getLogger(__name__)
@@ -339,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="default", help="model: 'default', a local folder or a Hub id")
     parser.add_argument(
         "--model-revision",
-        default=os.environ.get("LGFFEM_MODEL_REVISION") or None,
+        default=env_model_revision(),
         help="branch, tag or commit of a Hub model; its code runs here, so pin a commit (env LGFFEM_MODEL_REVISION)",
     )
     parser.add_argument("--gallery", required=True, help="gallery: image folder, parquet, Hub id or index directory")
@@ -382,7 +381,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         check_source(args.gallery, "gallery path")
         if args.queries is not None:
             check_source(args.queries, "queries path")
-        if args.model not in (None, "", "default"):
+        if not is_default_model(args.model):
             check_source(args.model, "model directory")
     except FileNotFoundError as err:
         parser.error(str(err))

@@ -383,7 +383,7 @@ def open_galleries(
         StartupError: the model or index cannot be loaded, or they do not match.
     """
     from index_build.models import load_model
-    from index_build.sources import resolve_index_dir
+    from index_build.sources import env_model_revision, is_default_model, resolve_index_dir
     from index_build.storage import recorded_model_revision
 
     data_dir = Path(data_dir or os.environ.get("LGFFEM_DATA_DIR") or default_data_dir).expanduser()
@@ -396,8 +396,8 @@ def open_galleries(
         index_dir = resolve_index_dir(index, index_revision) if index is not None else None  # fail fast
     except OSError as err:
         raise StartupError(str(err)) from err
-    model_revision = model_revision or os.environ.get("LGFFEM_MODEL_REVISION") or None
-    if model_revision is None and index_dir is not None and model not in (None, "", "default"):
+    model_revision = model_revision or env_model_revision()
+    if model_revision is None and index_dir is not None and not is_default_model(model):
         model_revision = recorded_model_revision(index_dir, model)
         if model_revision is not None:
             logger.info("loading model %s at revision %s, the one the index was built with", model, model_revision)

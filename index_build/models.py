@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from index_build.sources import DEFAULT_MODEL
 from modeling_lgffem import EFFICIENTNET_LITE, LgffemConfig, LgffemImageProcessor, LgffemModel
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "default"
 UNTRAINED_MODEL = "untrained"
 BUILTIN_MODELS = (DEFAULT_MODEL, UNTRAINED_MODEL)
 DEFAULT_SEED = 0

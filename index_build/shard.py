@@ -43,7 +43,7 @@ from index_build.faiss_index import (
     training_rows,
 )
 from index_build.patch_index import PatchIndex, check_manifest_matches, write_built_index, write_index
-from index_build.sources import check_source, parse_shard, source_kind
+from index_build.sources import check_source, is_default_model, parse_shard, source_kind
 from index_build.storage import IndexLoadError, has_index, model_mismatches
 
 logger = logging.getLogger(__name__)
@@ -258,7 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[PatchIndex]:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     try:  # bad paths are argument errors, reported before a model is loaded
-        if getattr(args, "model", "default") not in (None, "", "default"):
+        if not is_default_model(getattr(args, "model", None)):
             check_source(args.model, "model directory")
         if args.command == "merge":
             missing = [path for path in args.shards if not Path(path).is_dir()]

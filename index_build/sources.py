@@ -13,9 +13,13 @@ from pathlib import Path
 from typing import Optional
 
 __all__ = [
+    "DEFAULT_MODEL",
     "IMAGE_EXTENSIONS",
+    "MODEL_REVISION_ENV",
     "check_shard",
     "check_source",
+    "env_model_revision",
+    "is_default_model",
     "is_hub_id",
     "parse_shard",
     "resolve_index_dir",
@@ -24,6 +28,18 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 _LOCAL_SUFFIXES = (".parquet",)
+DEFAULT_MODEL = "default"  # the shipped default model (``weights/``), the ``--model`` default everywhere
+MODEL_REVISION_ENV = "LGFFEM_MODEL_REVISION"
+
+
+def is_default_model(spec: Optional[str]) -> bool:
+    """Whether a ``--model`` argument means the shipped default (``None``, empty or ``default``)."""
+    return spec in (None, "", DEFAULT_MODEL)
+
+
+def env_model_revision() -> Optional[str]:
+    """The Hub model revision pinned by ``$LGFFEM_MODEL_REVISION`` (``None`` when unset or empty)."""
+    return os.environ.get(MODEL_REVISION_ENV) or None
 
 
 def is_hub_id(spec: Optional[str]) -> bool:

@@ -81,3 +81,22 @@ def test_no_model_is_loaded_for_a_bad_path(monkeypatch, tmp_path, capsys):
             call()
         assert err.value.code == 2
         assert "error: " in capsys.readouterr().err
+
+
+def test_one_rule_for_the_default_model_and_the_pinned_revision(monkeypatch):
+    from index_build.sources import env_model_revision, is_default_model
+
+    assert [is_default_model(s) for s in (None, "", "default", "untrained", "org/model", "./default")] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
+    monkeypatch.delenv("LGFFEM_MODEL_REVISION", raising=False)
+    assert env_model_revision() is None
+    monkeypatch.setenv("LGFFEM_MODEL_REVISION", "")
+    assert env_model_revision() is None
+    monkeypatch.setenv("LGFFEM_MODEL_REVISION", "0123abc")
+    assert env_model_revision() == "0123abc"

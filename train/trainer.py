@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts
 from tqdm.auto import tqdm
 
+from index_build.storage import write_atomic
 from modeling_lgffem import _LITE_PACKAGES as LITE_BACKBONES
 from modeling_lgffem import EFFICIENTNET_LITE, LgffemConfig, LgffemImageProcessor, LgffemModel
 from train.config import TRAJECTORY_FIELDS, TrainConfig
@@ -611,9 +612,7 @@ def train(cfg: TrainConfig, train_dataset=None, eval_gallery=None, eval_queries=
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2)))
 
 
 class IndexDataset(torch.utils.data.Dataset):
