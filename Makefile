@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: app test model chromium clean-venv
+.PHONY: app test test-quick model chromium clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test: $(STAMP) chromium
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(ARGS)
+
+# The suite without the Chromium tests (a quick check while editing; `make test` runs them all).
+test-quick: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow and not gpu and not browser" $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

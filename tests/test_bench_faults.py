@@ -13,11 +13,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_faults  # noqa: E402
+from helpers import make_embedder, write_folder  # noqa: E402
 
 from index_build.data import load_image_dataset  # noqa: E402
 from index_build.embedding import build_index  # noqa: E402
 from index_build.patch_index import PatchIndex  # noqa: E402
-from tests.test_index import make_embedder, write_folder  # noqa: E402
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and sessions are Linux only")
 

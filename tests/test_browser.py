@@ -6,34 +6,19 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import CHROMIUM, CHROMIUM_ARGS, free_port
 from PIL import Image
 
 import app
 from index_build import starter
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 K = 8
 SHARED_SCREENSHOT = Path("/tmp/lgffem-screenshot.png")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _real_patches(shared: Path | None) -> tuple[list[Image.Image], list[str], list[str], Path | None]:
@@ -74,7 +59,7 @@ def server(tmp_path_factory, tiny_config):
     search_app = app.SearchApp.create(index=str(tmp / "index"), data_dir=tmp / "data", embedder=embedder)
     demo = app.build_demo(search_app)
     demo.queue(default_concurrency_limit=2)
-    port = _free_port()
+    port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, css=app.CSS)
     try:
         yield f"http://127.0.0.1:{port}/", Path(query), sorted(set(labels))
@@ -99,7 +84,7 @@ def starter_server(tmp_path_factory, tiny_config):
         starter.starter_tiles = tiles
     demo = app.build_demo(search_app)
     demo.queue(default_concurrency_limit=2)
-    port = _free_port()
+    port = free_port()
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, css=app.CSS)
     try:
         yield f"http://127.0.0.1:{port}/"

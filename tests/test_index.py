@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
-import torch
+from helpers import make_embedder, write_folder
 from PIL import Image
 
 from index_build import storage
@@ -28,23 +27,6 @@ from index_build.index import (
     write_index,
 )
 from index_build.models import Embedder
-from modeling_lgffem import LgffemConfig, LgffemImageProcessor, LgffemModel
-
-COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
-
-
-def make_embedder(neck_channels: int = 16, seed: int = 0) -> Embedder:
-    config = LgffemConfig(neck_channels=neck_channels, neck_layers=1, image_size=64)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LgffemModel(config).eval()
-    return Embedder(model=model, processor=LgffemImageProcessor.from_config(config), model_id=f"tiny-{seed}")
-
-
-@pytest.fixture(scope="module")
-def embedder() -> Embedder:
-    torch.set_num_threads(2)
-    return make_embedder()
 
 
 @pytest.fixture(scope="module")
@@ -53,41 +35,9 @@ def other_embedder() -> Embedder:
     return make_embedder(seed=1)
 
 
-def write_folder(root: Path, per_class: int = 4, size: int = 48) -> Path:
-    """Class-coloured noisy patches: class_name/i.png (one class as JPEG)."""
-    rng = np.random.default_rng(0)
-    for label, colour in COLOURS.items():
-        (root / label).mkdir(parents=True)
-        for i in range(per_class):
-            noise = rng.integers(-30, 30, (size, size, 3))
-            array = np.clip(np.asarray(colour) + noise, 0, 255).astype(np.uint8)
-            ext = "jpg" if label == "blue" else "png"
-            Image.fromarray(array).save(root / label / f"{label}_{i}.{ext}")
-    return root
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return write_folder(tmp_path_factory.mktemp("data") / "patches")
-
-
 @pytest.fixture(scope="module")
 def dataset(folder):
     return load_image_dataset(str(folder))
-
-
-@pytest.fixture(scope="module")
-def built_dir(tmp_path_factory, dataset, embedder) -> Path:
-    """The 12-patch flat index, built once per module (tests that change it use ``index_dir``)."""
-    out = tmp_path_factory.mktemp("built") / "idx"
-    _build(dataset, out, embedder)
-    return out
-
-
-@pytest.fixture()
-def index_dir(built_dir, tmp_path) -> Path:
-    """A private copy of the built index in ``tmp_path / "idx"``."""
-    return Path(shutil.copytree(built_dir, tmp_path / "idx"))
 
 
 def _build(dataset, out, embedder, **kwargs) -> PatchIndex:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import free_port
 from PIL import Image
 
 from index_build.__main__ import main as build_main
@@ -153,14 +154,6 @@ def test_rank_and_world_single_process():
     assert _rank_and_world() == (0, 1, "cpu")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_accelerate_launch_two_processes_equals_single_build(collection, model_dir, tmp_path):
     """Two real processes under ``accelerate launch`` (CPU, gloo), then the merge: the same index as one process.
 
@@ -181,7 +174,7 @@ def test_accelerate_launch_two_processes_equals_single_build(collection, model_d
     root = tmp_path / "shards"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
     command = [*launch, "-m", "index_build.shard", "build", collection, "--out-root", str(root), "--model", model_dir]
     done = subprocess.run(
         [*command, *common], cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True

@@ -53,7 +53,7 @@ def model_dir(tmp_path):
 
 
 @pytest.fixture()
-def index_dir(tmp_path):
+def upload_dir(tmp_path):
     return _write(tmp_path / "lung-index", {"index.faiss": b"f" * 5, "metadata.parquet": b"p", "manifest.json": b"{}"})
 
 
@@ -112,7 +112,7 @@ def test_upload_model_calls_create_repo_branch_and_upload_folder(model_dir, caps
     assert capsys.readouterr().out.splitlines()[-1] == "https://huggingface.co/org/lgffem-lung/commit/abc"
 
 
-def test_upload_index_to_a_dataset_repo_without_branch(index_dir, monkeypatch):
+def test_upload_index_to_a_dataset_repo_without_branch(upload_dir, monkeypatch):
     instances = []
 
     def fake_hfapi(token=None):
@@ -122,7 +122,7 @@ def test_upload_index_to_a_dataset_repo_without_branch(index_dir, monkeypatch):
         return api
 
     monkeypatch.setattr(publish, "HfApi", fake_hfapi)
-    assert main(["--index-dir", str(index_dir), "--repo-id", "org/lung-index", "--token", "hf_abc"]) == 0
+    assert main(["--index-dir", str(upload_dir), "--repo-id", "org/lung-index", "--token", "hf_abc"]) == 0
     (api,) = instances
     assert api.token == "hf_abc"
     api.create_repo.assert_called_once_with(repo_id="org/lung-index", repo_type="dataset", private=False, exist_ok=True)
@@ -145,9 +145,9 @@ def test_upload_index_to_a_dataset_repo_without_branch(index_dir, monkeypatch):
         (["--model-dir", "{model}", "--repo-id", "org/x", "--privat"], "unrecognized arguments"),
     ],
 )
-def test_bad_arguments_are_refused_before_any_call(argv, message, model_dir, index_dir, capsys):
+def test_bad_arguments_are_refused_before_any_call(argv, message, model_dir, upload_dir, capsys):
     api = mock.MagicMock()
-    argv = [a.format(model=model_dir, index=index_dir) for a in argv]
+    argv = [a.format(model=model_dir, index=upload_dir) for a in argv]
     with pytest.raises(SystemExit):
         main(argv, api=api)
     assert message in capsys.readouterr().err

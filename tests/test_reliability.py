@@ -12,37 +12,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
+from helpers import make_embedder, write_folder
 
 from index_build import storage
 from index_build.data import load_image_dataset
 from index_build.embedding import build_index
 from index_build.patch_index import PatchIndex
 from index_build.storage import INDEX_FILE, JOURNAL_FILE, MANIFEST_FILE, METADATA_FILE, IndexLoadError
-from tests.test_index import make_embedder, write_folder
 
-
-@pytest.fixture(scope="module")
-def embedder():
-    torch.set_num_threads(1)
-    return make_embedder()
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return write_folder(tmp_path_factory.mktemp("data") / "patches", per_class=2)
-
-
-@pytest.fixture(scope="module")
-def built_dir(tmp_path_factory, folder, embedder) -> Path:
-    out = tmp_path_factory.mktemp("built") / "idx"
-    build_index(load_image_dataset(str(folder)), out, embedder, num_workers=0, progress=False, batch_size=8)
-    return out
-
-
-@pytest.fixture()
-def index_dir(built_dir, tmp_path) -> Path:
-    return Path(shutil.copytree(built_dir, tmp_path / "idx"))
+FOLDER_PER_CLASS = 2  # the shared `folder` fixture (conftest.py) writes 2 patches per class here
 
 
 # -- 1. a commit journal may only rename staged index files inside the folder -----------------

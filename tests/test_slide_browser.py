@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import CHROMIUM, CHROMIUM_ARGS, free_port
 from PIL import Image
 from slide_fixtures import write_slide_index
-from test_browser import CHROMIUM, CHROMIUM_ARGS, _free_port
 
 import app
 
@@ -33,7 +33,7 @@ def slide_server(tmp_path_factory, shared_data):
     search_app = app.SearchApp.create(index=str(tmp / "index"), data_dir=tmp / "data", embedder=embedder)
     demo = app.build_demo(search_app)
     demo.queue(default_concurrency_limit=2)
-    port = _free_port()
+    port = free_port()
     demo.launch(
         server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, css=app.CSS,
         max_file_size=200 * 2**20,
