@@ -116,7 +116,7 @@ def _append(folder: Path, out: Path, embedder) -> PatchIndex:
 def test_append_twice_adds_once(index_dir, tmp_path, embedder, caplog):
     extra = write_folder(tmp_path / "extra", per_class=1, size=40)
     assert len(_append(extra, index_dir, embedder)) == 9
-    caplog.set_level("INFO", logger="index_build.patch_index")
+    caplog.set_level("INFO", logger="index_build.search.patch_index")
     assert len(_append(extra, index_dir, embedder)) == 9
     assert "skipped 3 of 3 rows already in" in caplog.text
     assert PatchIndex.load(index_dir).manifest["count"] == 9
@@ -492,7 +492,7 @@ def test_unreadable_images_are_skipped_logged_and_listed(tmp_path, embedder, cap
     clean = write_folder(tmp_path / "clean", per_class=2)
     source = write_folder(tmp_path / "source", per_class=2)
     expected = _add_bad_images(source)
-    caplog.set_level("WARNING", logger="index_build.embedding")
+    caplog.set_level("WARNING", logger="index_build.search.embedding")
     index = _build(source, tmp_path / "idx", embedder, num_workers=1)  # decoded in a DataLoader worker
     reference = _build(clean, tmp_path / "ref", embedder)
     assert len(index) == 6 and index.manifest["count"] == 6
@@ -552,7 +552,7 @@ def test_build_killed_between_chunks_resumes_with_its_skipped_images(tmp_path, e
     with pytest.raises(KeyboardInterrupt):
         _build(source, tmp_path / "idx", embedder, batch_size=2)  # batches line up with chunks: same sums
     monkeypatch.setattr(embedding, "_write_chunk", real)
-    caplog.set_level("INFO", logger="index_build.embedding")
+    caplog.set_level("INFO", logger="index_build.search.embedding")
     index = _build(source, tmp_path / "idx", embedder, batch_size=2)
     assert f"resuming: 4 of 10 rows already embedded in {tmp_path / 'idx' / '.partial'}" in caplog.text
     whole = _build(source, tmp_path / "whole", embedder, batch_size=2)
@@ -582,7 +582,7 @@ def test_resume_after_every_chunk_was_embedded_counts_rows_right(tmp_path, embed
     with pytest.raises(KeyboardInterrupt):
         _build(source, tmp_path / "idx", embedder)
     monkeypatch.undo()
-    caplog.set_level("INFO", logger="index_build.embedding")
+    caplog.set_level("INFO", logger="index_build.search.embedding")
     assert len(_build(source, tmp_path / "idx", embedder)) == 6
     assert f"resuming: 6 of 6 rows already embedded in {tmp_path / 'idx' / '.partial'}" in caplog.text  # was 8 of 6
 
@@ -603,7 +603,7 @@ def test_rerun_of_a_build_killed_after_its_commit_succeeds(tmp_path, embedder, m
         main(args)
     monkeypatch.setattr("index_build.embedding.shutil.rmtree", real_rmtree)
     assert storage.has_index(out) and (out / ".partial").is_dir()
-    caplog.set_level("INFO", logger="index_build.embedding")
+    caplog.set_level("INFO", logger="index_build.search.embedding")
     index = main(args)  # was: "an index already exists in ...; pass --append or --overwrite"
     assert len(index) == 3 and not (out / ".partial").exists()
     assert f"{out} already holds this build (it was interrupted after writing the index); removed" in caplog.text
