@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from index_build.query import EMBED_CHUNK, Hit, Tile, TiledResult, cut_tiles, merge_tiles, vote_tiles
-from index_build.tissue import is_tissue, tissue_fraction
+from index_build.tissue import MIN_TISSUE_FRACTION, tissue_fraction
 from index_build.uploads import InputError, decode_image
 
 if TYPE_CHECKING:
@@ -268,7 +268,7 @@ def run_query(
         if len(tiles) > 1:
             tissue = [tissue_fraction(crop) for crop in crops]
             if skip_blank:
-                blank = tuple(t.number for t, crop in zip(tiles, crops) if not is_tissue(crop))
+                blank = tuple(t.number for t, share in zip(tiles, tissue) if share < MIN_TISSUE_FRACTION)
                 skipped = blank if len(blank) < len(tiles) else ()
         kind = "image" if len(tiles) > 1 else "patch"
     elif query.kind == "region":
