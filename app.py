@@ -2,9 +2,9 @@
 
 Gradio Blocks app in three parts: handlers (methods of :class:`SearchApp`), the layout
 (:func:`build_demo`), and the event wiring at the end of :func:`build_demo`. Retrieval lives in
-``index_build``: uploads are decoded by :mod:`index_build.uploads`, queries are tiled, searched
-over the main and personal galleries and merged by :mod:`index_build.query` and
-:mod:`index_build.galleries`; this file checks the inputs and shows the results.
+``index_build``: every query is decoded, tiled, searched over the main and personal galleries,
+merged and decided by the query core (:func:`index_build.search_core.run_query`, through
+:meth:`index_build.galleries.Galleries.search`); this file checks the inputs and shows the results.
 
 Run ``python app.py --help`` for the options. Nothing heavy happens at import: the model and the
 index are loaded by :meth:`SearchApp.create`, called from :func:`main` (or from tests).

@@ -247,6 +247,8 @@ def run_query(
     k = check_k(k)
     if query.kind not in KINDS:
         raise ValueError(f"query kind must be one of {KINDS}, got {query.kind!r}")
+    if query.kind != "embedding" and embedder is None:
+        raise ValueError(f"a query of kind {query.kind!r} needs embedder= (the model)")
     timings = dict.fromkeys(STAGES, 0.0)
     clock = time.perf_counter()
 

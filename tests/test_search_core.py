@@ -184,3 +184,8 @@ def test_a_bad_file_is_refused_with_its_message(tmp_path):
         run_query(Query.file(str(tmp_path / "bad.png")), [("index", gallery())], 2, embedder=ColourEmbedder())
     with pytest.raises(InputError, match="k must be"):
         run_query(Query.vectors([0, 1, 0]), [("index", gallery())], 0)
+
+
+def test_an_image_query_needs_the_model():
+    with pytest.raises(ValueError, match="needs embedder="):
+        run_query(Query.picture(blocks([[RED]])), [("index", gallery())], 2)
