@@ -8,7 +8,9 @@ run). For each, two ways:
   (for the region: the tiles read from the slide, then the core);
 - ``handler``: the page's handler, as the ``/search`` API and the Search tab run it
   (:meth:`app.SearchApp.search_page`: decode, the core, tile grid, tile views, CSV and zip export,
-  images written to response files), or the Whole slide tab's :meth:`SlidePage.search`.
+  images written to response files), or the Whole slide tab's :meth:`SlidePage.search`;
+- ``Chromium`` (``--browser``, images only): the app served on a local port, the file chosen in
+  the page, *Search* clicked, until the k results are shown (upload, queue, transport, rendering).
 
 Stages are the core's own timings (``decode``, ``tile``, ``embed``, ``search``, ``merge``; a
 region's decode is reading its tiles from the slide) and the handler's ``draw`` and ``export``;
@@ -24,6 +26,7 @@ Usage::
 
     python benchmarks/bench_query.py                  # default model, 5 repeats
     python benchmarks/bench_query.py --repeats 3 --k 8
+    python benchmarks/bench_query.py --browser        # and end to end in Chromium (images only)
 """
 
 from __future__ import annotations
@@ -121,16 +124,64 @@ def time_region(page: SlidePage, slide_path: Path, k: int, repeats: int) -> tupl
     return median_row(core_runs), median_row(handler_runs), searched
 
 
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+
+
+def time_browser(app: SearchApp, paths: list[str], k: int, repeats: int) -> list[float]:
+    """Median seconds from choosing the file in Chromium to the k results shown, per query file (the
+    app launched in this process, as ``python app.py`` serves it)."""
+    import socket
+
+    from playwright.sync_api import sync_playwright
+
+    import app as app_module
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    demo = app_module.build_demo(app)
+    demo.queue(default_concurrency_limit=2)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, css=app_module.CSS)
+    medians = []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                for path in paths:
+                    runs = []
+                    for run in range(repeats + 1):
+                        page.goto(f"http://127.0.0.1:{port}/")
+                        page.wait_for_selector("#search-button", timeout=120_000)
+                        start = time.perf_counter()
+                        page.locator("#query input[type=file]").set_input_files(path)
+                        page.locator("#query img").first.wait_for(timeout=60_000)
+                        page.click("#search-button")
+                        page.wait_for_function(
+                            f"document.querySelectorAll('#results .thumbnail-item').length === {k}", timeout=300_000
+                        )
+                        if run:
+                            runs.append(time.perf_counter() - start)
+                    medians.append(statistics.median(runs))
+            finally:
+                browser.close()
+    finally:
+        demo.close()
+    return medians
+
+
 def format_table(rows: list[tuple[str, str, dict]]) -> str:
-    header = ["query", "way", *COLUMNS, "total", "not embed/search", "handler / core"]
+    header = ["query", "way", *COLUMNS, "total", "not embed/search", "/ core"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     core_total: dict[str, float] = {}
     for name, way, row in rows:
         core_total.setdefault(name, row["total"]) if way == "core" else None
-        outside = 1 - (row["embed"] + row["search"]) / max(row["total"], 1e-9)
-        ratio = f"{row['total'] / core_total[name]:.2f}×" if way == "handler" else ""
-        cells = [f"{1000 * row[c]:.1f}" for c in (*COLUMNS, "total")]
-        lines.append("| " + " | ".join([name, way, *cells, f"{outside:.0%}", ratio]) + " |")
+        outside = 1 - (row.get("embed", 0) + row.get("search", 0)) / max(row["total"], 1e-9)
+        ratio = f"{row['total'] / core_total[name]:.2f}×" if way != "core" else ""
+        cells = [f"{1000 * row[c]:.1f}" if c in row else "" for c in (*COLUMNS, "total")]
+        share = f"{outside:.0%}" if "embed" in row else ""
+        lines.append("| " + " | ".join([name, way, *cells, share, ratio]) + " |")
     return "\n".join(lines)
 
 
@@ -141,6 +192,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--browser", action="store_true", help="add the Chromium end-to-end time (file chosen to results shown)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -152,10 +206,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         f"median of {args.repeats} runs (ms), torch threads {args.threads}, device {app.embedder.device}"
     )
     rows: list[tuple[str, str, dict]] = []
-    for name, path in query_images(args.work).items():
+    images = query_images(args.work)
+    browser = {}
+    if args.browser and CHROMIUM.exists():
+        browser = dict(zip(images, time_browser(app, list(images.values()), args.k, args.repeats)))
+    elif args.browser:
+        print(f"{CHROMIUM} not found: no Chromium rows")
+    for name, path in images.items():
         core, handler, searched = time_image(app, path, args.k, args.repeats)
         label = f"{name} ({searched} tile{'s' if searched != 1 else ''})"
         rows += [(label, "core", core), (label, "handler", handler)]
+        if name in browser:
+            rows.append((label, "Chromium", {"total": browser[name]}))
     slide = SHARED / "cmu_small_region.svs"
     if slide.is_file():
         page = SlidePage(app.galleries, app._embed, max_slide_mb=100)
