@@ -2,9 +2,9 @@
 
 Gradio Blocks app in three parts: handlers (methods of :class:`SearchApp`), the layout
 (:func:`build_demo`), and the event wiring at the end of :func:`build_demo`. Retrieval lives in
-``index_build``: uploads are decoded by :mod:`index_build.uploads`, queries are tiled, searched
-over the main and personal galleries and merged by :mod:`index_build.query` and
-:mod:`index_build.galleries`; this file checks the inputs and shows the results.
+``index_build``: every query is decoded, tiled, searched over the main and personal galleries,
+merged and decided by the query core (:func:`index_build.search_core.run_query`, through
+:meth:`index_build.galleries.Galleries.search`); this file checks the inputs and shows the results.
 
 Run ``python app.py --help`` for the options. Nothing heavy happens at import: the model and the
 index are loaded by :meth:`SearchApp.create`, called from :func:`main` (or from tests).
@@ -49,6 +49,7 @@ from index_build.display import (
 )
 from index_build.galleries import MAIN, StartupError, open_galleries
 from index_build.query import MIN_SIDE, tiling_rule
+from index_build.search_core import MAX_K, Query, check_k
 from index_build.slide_page import SlidePage, max_slide_mb_default
 from index_build.sources import check_source, env_model_revision, is_default_model
 from index_build.starter import starter_description, write_starter_examples
@@ -60,7 +61,6 @@ from index_build.uploads import (
     check_label,
     colour_warning,
     configure_pillow,
-    decode_image,
     escape_markdown,
     file_path,
     list_errors,
@@ -78,7 +78,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_K = 8
-MAX_K = 50
 ANY_LABEL = "(any label)"
 TILE_MODES = ("tile large images", "whole image")
 DEFAULT_DATA_DIR = Path(os.path.expanduser("~/.cache/lgffem"))
@@ -184,6 +183,9 @@ class SearchApp:
         self._responses = ResponseFiles()  # see :meth:`search_page`
         # Dataset roots: the page shows file sources relative to them, never as server paths.
         self.roots = {MAIN: source_root(galleries.main.sources)}
+        # Seconds per stage of the latest search (the core's, then "draw" and "export"), for the log
+        # and benchmarks/bench_query.py; concurrent searches overwrite it.
+        self.last_timings: dict[str, float] = {}
 
     @classmethod
     def create(
@@ -316,12 +318,7 @@ class SearchApp:
         started = time.perf_counter()
         if image is None or (isinstance(image, str) and not image.strip()):
             raise InputError("No image yet: drop, paste or browse a tissue image first.")
-        try:
-            k_int = int(k)
-        except (TypeError, ValueError) as err:
-            raise InputError(f"k must be a whole number from 1 to {MAX_K}, got {k!r}") from err
-        if k_int != k or not 1 <= k_int <= MAX_K:
-            raise InputError(f"k must be a whole number from 1 to {MAX_K}, got {k!r}")
+        k_int = check_k(k)
         if tiling not in TILE_MODES:
             raise InputError(f"tiling must be one of {', '.join(TILE_MODES)}; got {tiling!r}")
         label = None if label in (None, "", ANY_LABEL) else str(label)
@@ -329,46 +326,51 @@ class SearchApp:
         if label is not None and label not in choices:
             raise InputError(f"label {label!r} is not in the gallery; choose one of: {', '.join(choices[1:])}")
 
-        query = decode_image(image)
+        query_spec = Query.file(image, tile_large=tiling == TILE_MODES[0])
+        found = self.galleries.search(query_spec, k_int, label, embed=self._embed, progress=progress)
+        query = found.image
         notes = [note] if (note := colour_warning(query)) else []
         for note in notes:
             gr.Warning(note)
-        found = self.galleries.search(
-            query, k_int, label, tile_large=tiling == TILE_MODES[0], embed=self._embed, progress=progress
-        )
         if not found.hits:
             raise InputError(f"no gallery patch has the label {label!r}")
+        shown = time.perf_counter()
         gallery, table = result_rows(found, self.roots)
         several = len(found.tiles) > 1
+        overview = draw_tile_grid(
+            found.work,
+            found.tiles,
+            votes=None if label is not None else found.tile_votes(),
+            skipped=found.skipped,
+        )
+        tiles = tile_views(found, self.embedder.processor)
+        drawn = time.perf_counter()
         csv_path, zip_path = write_export(
             self._responses.new_folder("export-"),
             results_csv(found, self.roots),
             query,
             [hit.thumbnail for hit in found.hits],
         )
+        self.last_timings = {**found.timings, "draw": drawn - shown, "export": time.perf_counter() - drawn}
         elapsed = 1000 * (time.perf_counter() - started)
         logger.info(
-            "search: %s px, %s (%d skipped), k=%d, %.0f ms",
+            "search: %s px, %s (%d skipped), k=%d, %.0f ms (%s)",
             query.size,
             plural(len(found.tiles), "tile"),
             len(found.skipped),
             k_int,
             elapsed,
+            ", ".join(f"{stage} {1000 * s:.0f}" for stage, s in self.last_timings.items()),
         )
         # No vote chart where it would read as a suggestion: a label filter (every result has that
         # label by construction) or no close match.
-        no_chart = label is not None or found.close_match is False
+        no_chart = found.suggestion is None
         return SearchOutputs(
             gallery=gallery,
             votes=None if no_chart else vote_shares(found.votes),
             summary=result_summary(found, query.size, self.input_size, label, notes),
-            overview=draw_tile_grid(
-                found.work,
-                found.tiles,
-                votes=None if label is not None else found.tile_votes(),
-                skipped=found.skipped,
-            ),
-            tiles=tile_views(found, self.embedder.processor),
+            overview=overview,
+            tiles=tiles,
             table=table,
             tile_table=tile_rows(found, filtered=label is not None) if several else [],
             csv=csv_path,

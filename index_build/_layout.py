@@ -27,6 +27,7 @@ MOVED = {
     "metrics": "index_build.search.metrics",
     "patch_index": "index_build.search.patch_index",
     "query": "index_build.search.query",
+    "search_core": "index_build.search.search_core",
     "shard": "index_build.search.shard",
     "starter": "index_build.search.starter",
     "heatmap": "index_build.wsi.heatmap",

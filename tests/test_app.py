@@ -392,6 +392,31 @@ def test_tiled_search_shows_every_tile_vote_and_skips_blank_glass(search_app, tm
     assert sum(shown.values()) == 100 and set(shown) == set(counted)
 
 
+def test_page_handler_and_evaluate_rank_the_same_patches(tiny, base_index_dir, tmp_path):
+    """One query core: the Search tab's handler and ``evaluate --tile`` rank the same gallery patches
+    for the same file, blank-glass tiles skipped by both (the evaluation used to search them)."""
+    from index_build.data import load_image_dataset
+    from index_build.display import public_source
+    from index_build.evaluate import tiled_retrieval
+
+    image = Image.new("RGB", (1000, 1000), (242, 242, 240))  # blank glass on the right half
+    image.paste(tissue(500).resize((500, 1000)), (0, 0))
+    (tmp_path / "queries" / "tissue").mkdir(parents=True)
+    path = save(image, tmp_path / "queries" / "tissue" / "half.png")
+    fresh = SearchApp.create(index=str(base_index_dir), data_dir=tmp_path / "data", embedder=tiny)  # no personal
+    out = fresh.search(path, 8)
+    index = fresh.galleries.main
+    retrieved, _labels, _seconds, tiles, ids = tiled_retrieval(
+        load_image_dataset(str(tmp_path / "queries")), tiny, index.search_embeddings, index.row_labels, 8, False
+    )
+    assert len(set(index.sources)) == len(index)  # a source names one gallery patch
+    assert tiles == 18 and sum(row[5] == "skipped (blank glass)" for row in out.tile_table) == 18
+    assert len(ids[0]) == 8
+    assert [row[5] for row in out.table] == [public_source(index.sources[i], fresh.roots["index"]) for i in ids[0]]
+    assert [row[1] for row in out.table] == retrieved[0].tolist()
+    assert set(fresh.last_timings) == {"decode", "tile", "embed", "search", "merge", "draw", "export"}
+
+
 def test_filtered_tiled_search_has_no_tile_votes(search_app, tmp_path):
     out = search_app.search(save(tissue(1000), tmp_path / "big.png"), 8, "DAB-positive")
     assert len(out.tile_table) == 36 and {row[5] for row in out.tile_table} == {"-"}

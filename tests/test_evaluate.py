@@ -15,7 +15,7 @@ from index_build.evaluate import BackboneEmbedder, evaluate, format_table, tiled
 from index_build.evaluate import main as evaluate_main
 from index_build.index import PatchIndex, build_index
 from index_build.models import Embedder
-from index_build.query import tiled_search
+from index_build.search_core import Query, run_query
 from modeling_lgffem import LgffemConfig, LgffemImageProcessor, LgffemModel
 
 # grey value of a constant image -> its 2-d embedding
@@ -198,8 +198,9 @@ def test_real_crc_leave_one_out_baseline(shared_data, tiny_embedder):
 
 
 def _expected_tiled_labels(index: PatchIndex, embedder, images, k: int) -> list[list[str]]:
-    """The ranked labels the app's tiled search shows for each query image."""
-    return [[h.label for h in tiled_search(image, embedder, [("index", index)], k).hits] for image in images]
+    """The ranked labels the app's tiled search shows for each query image (the query core over the index)."""
+    found = [run_query(Query.picture(image), [("index", index)], k, embedder=embedder) for image in images]
+    return [[h.label for h in result.hits] for result in found]
 
 
 def _tiled_case(tmp_path, tiny_embedder, gallery_images: dict, query_images: dict, k: int):
@@ -216,7 +217,7 @@ def _tiled_case(tmp_path, tiny_embedder, gallery_images: dict, query_images: dic
     direct = evaluate(tiny_embedder, gallery_ds, queries_ds, k=k, num_workers=0, progress=False, tile=True)
     images = [row["image"].convert("RGB") for row in queries_ds]
     expected = _expected_tiled_labels(index, tiny_embedder, images, k)
-    retrieved, labels, _seconds, tiles = tiled_retrieval(
+    retrieved, labels, _seconds, tiles, _ids = tiled_retrieval(
         queries_ds, tiny_embedder, index.search_embeddings, index.row_labels, k, progress=False
     )
     assert retrieved.tolist() == expected  # the evaluation ranks exactly what the page shows

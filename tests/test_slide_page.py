@@ -271,3 +271,32 @@ def test_region_below_the_close_match_threshold_gives_no_suggestion(loaded, monk
         "### No close match in this gallery\nThe best similarity, 1.000, is below this gallery's close-match "
         "threshold 1.500: the tile votes are shown for reference, not as a suggestion."
     ), out.summary
+
+
+def test_region_search_goes_through_the_query_core(loaded, svs):
+    """The page's ranked hits are the query core's for the region's tiles (background ones skipped),
+    with the core's k limit and per-stage timings."""
+    from index_build.search_core import run_query
+    from index_build.slide_page import region_query
+
+    page, session = loaded
+    region = (0, 1344, 1120, 448)
+    out = page.search(replace(session, region=region), 5)
+    with open_slide(svs) as slide:
+        tissue, skipped = tile_slide(slide, page.mpp, page.tile_size, region=region)
+        crops = [read_tile(slide, tile, page.tile_size) for tile in tissue]
+    ratio = page.tile_size / session.size0
+    core = run_query(
+        region_query(None, region, ratio, tissue, skipped, crops), page.galleries.current(), 5, embedder=page.embedder
+    )
+    assert [(h["gallery"], h["id"], h["tile"]) for h in out.session.hits] == [
+        (h.gallery, h.id, h.tile) for h in core.hits
+    ]
+    assert core.skipped == tuple(range(len(tissue) + 1, len(tissue) + len(skipped) + 1)) and len(skipped) > 0
+    assert [t[4] for t in out.session.tiles[: len(tissue)]] == [v or "" for v in core.tile_votes()[: len(tissue)]]
+    assert ratio == 1.0 and [t.box for t in core.tiles] == [
+        (t.x - region[0], t.y - region[1], t.x - region[0] + 224, t.y - region[1] + 224) for t in [*tissue, *skipped]
+    ]
+    assert set(page.last_timings) == {"decode", "tile", "embed", "search", "merge", "draw", "export"}
+    refused = page.search(replace(session, region=region), 51)
+    assert refused.summary == "⚠️ k must be a whole number from 1 to 50, got 51"

@@ -69,3 +69,15 @@ def test_real_tiles(shared_data):
     for label in ("LYM", "MUS", "STR", "TUM", "ADI", "MUC"):
         for path in sorted((crc / label).iterdir()):
             assert is_tissue(Image.open(path)), path.name
+
+
+def test_mask_of_uint8_pixels_matches_the_saturation_rule():
+    """The integer test used for uint8 pixels gives the float rule's mask on every kind of pixel."""
+    from index_build.tissue import MIN_VALUE, TISSUE_SATURATION, saturation, tissue_mask
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    pixels[0, :3] = [(255, 240, 240), (255, 241, 241), (40, 38, 37)]  # saturation 15.0 exactly, 14.0; value 40
+    expected = (saturation(pixels) >= TISSUE_SATURATION) & (pixels.max(axis=2) >= MIN_VALUE)
+    assert np.array_equal(tissue_mask(pixels), expected)
+    assert tissue_mask(pixels)[0, :3].tolist() == [True, False, True]

@@ -417,7 +417,7 @@ class ResponseFiles:
             if picture is None:
                 return None
             path = folder / f"{next(counter):03d}.png"
-            picture.save(path)
+            picture.save(path, compress_level=1)  # fast: these files only travel to this page
             return str(path)
 
         return to_file

@@ -13,8 +13,8 @@ per-session :class:`SlideSession` kept in a ``gr.State``.
 - **Search** (:meth:`SlidePage.search`): the region is tiled at the index's resolution
   (``slides.json`` of a slide index, else :data:`index_build.slides.DEFAULT_MPP`) and the model
   input; background tiles are skipped; every tissue tile is searched in every gallery and merged
-  as the Search tab does (:meth:`index_build.galleries.Galleries.search_embeddings`,
-  :func:`index_build.query.merge_tiles`).
+  as the Search tab does, by the query core (:func:`index_build.search_core.run_query`, through
+  :meth:`index_build.galleries.Galleries.search`).
   The tile vote map outlines each tile in the colour of the label it voted for.
 - **A result** (:meth:`SlidePage.explain`): where it comes from (slide and level-0 place marked on
   the slide's stored thumbnail, a full-resolution view read from the slide when this server has it)
@@ -30,6 +30,7 @@ import math
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,7 +42,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from index_build.display import ResponseFiles, short_source
 from index_build.metrics import majority_votes
-from index_build.query import Hit, merge_tiles
+from index_build.query import Hit, Tile
+from index_build.search_core import Query, check_k
 from index_build.slides import (
     DEFAULT_MPP,
     SLIDE_EXTENSIONS,
@@ -56,6 +58,7 @@ from index_build.slides import (
     tile_slide,
 )
 from index_build.tissue import MIN_TISSUE_FRACTION
+from index_build.uploads import InputError
 
 if TYPE_CHECKING:
     from index_build.galleries import Galleries
@@ -219,6 +222,7 @@ class SlidePage:
         self.input_size = int(self.embedder.processor.image_size)
         self.tile_size = int(self.catalog.tile_size) if self.catalog and self.catalog.tile_size else self.input_size
         self.mpp = float(self.catalog.mpp) if self.catalog and self.catalog.mpp else DEFAULT_MPP
+        self.last_timings: dict[str, float] = {}  # seconds per stage of the latest region search (see search)
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -414,16 +418,15 @@ class SlidePage:
         """Search handler: tile the region, skip background, search every tissue tile, merge, draw the vote map."""
         try:
             return self._search(session, k, progress)
-        except SlideError as err:
+        except (SlideError, InputError) as err:
             logger.info("region search refused: %s", err)
             return SearchView(None, [], f"⚠️ {err}", [], session)
 
     def _search(self, session: Optional[SlideSession], k: float, progress: Optional[gr.Progress]) -> SearchView:
         if session is None:
             raise SlideError("No slide yet: upload a slide first, then pick a region.")
-        k = int(k)
-        if not 1 <= k <= 50:
-            raise SlideError(f"k must be a whole number from 1 to 50, got {k}")
+        k = check_k(k)
+        started = time.perf_counter()
         mask = (np.load(session.mask), session.mask_scale)
         with open_slide(session.path, mpp_source=session.mpp if session.mpp_from == "page" else None) as slide:
             tissue, skipped = tile_slide(slide, self.mpp, self.tile_size, MIN_TISSUE_FRACTION, session.region, mask)
@@ -442,14 +445,20 @@ class SlidePage:
             x, y, w, h = session.region
             ratio = self.tile_size / session.size0
             query = slide.read_region(x, y, w, h, max(1, round(w * ratio)), max(1, round(h * ratio)))
-        if progress is not None:
-            progress(0.5, desc=f"searching {len(tissue)} tiles")
-        xq = np.concatenate(
-            [self.embed(self.embedder.preprocess(crops[i : i + 16])) for i in range(0, len(crops), 16)], axis=0
+        read = time.perf_counter() - started
+
+        def report(done: int, total: int) -> None:
+            progress((done, total), desc=f"searching {total} tiles", unit="tiles")
+
+        found = self.galleries.search(
+            region_query(query, session.region, ratio, tissue, skipped, crops),
+            k,
+            embed=self.embed,
+            progress=report if progress is not None else None,
         )
-        pairs, per_tile = self.galleries.search_embeddings(xq, k)
-        hits, votes, unit = merge_tiles(per_tile, k)
-        tile_votes = [majority_votes([hit.label for hit in found])[0][0] if found else "" for found in per_tile]
+        drawing = time.perf_counter()
+        hits = found.hits
+        tile_votes = [vote or "" for vote in found.tile_votes()[: len(tissue)]]
 
         folder = Path(tempfile.mkdtemp(prefix="search-", dir=self._work))
         query_path = folder / "region.png"
@@ -464,22 +473,25 @@ class SlidePage:
         session.hits = [{**record, "region_image": str(query_path)} for record in session.hits]
         to_file = self.responses.writer()
         vote_map = self.draw_vote_map(query, session, tissue, skipped, tile_votes)
+        drawn = time.perf_counter()
         results = [(to_file(hit.thumbnail or _blank(self.input_size)), self._caption(hit)) for hit in hits]
         table = [
             [rank, r["label"], round(r["score"], 4), r["tile"], r["gallery"], r["source"]]
             + ([r["slide"], r["x"], r["y"], r["size0"]] if r["slide"] else ["", "", "", ""])
             for rank, r in enumerate(session.hits, 1)
         ]
+        votes, unit, threshold = found.votes, found.unit, found.threshold
         total = sum(n for _, n in votes)
-        threshold = next((g.close_match_threshold for _, g in pairs if g.close_match_threshold is not None), None)
-        if threshold is not None and hits and hits[0].score < threshold:
+        if not hits:
+            headline = "### No results\nThe galleries are empty.  \n"
+        elif found.suggestion is None:
             headline = (
                 f"### No close match in this gallery\nThe best similarity, {hits[0].score:.3f}, is below this "
                 f"gallery's close-match threshold {threshold:.3f}: the tile votes are shown for reference, not as "
                 "a suggestion.  \n"
             )
         else:
-            headline = f"### Suggestion: **{votes[0][0]}** ({votes[0][1]} of {total} {unit})\n"
+            headline = f"### Suggestion: **{found.suggestion}** ({votes[0][1]} of {total} {unit})\n"
         summary = (
             headline + f"Votes: {', '.join(f'{lab}: {n}' for lab, n in votes)}.  \n"
             f"Region of {session.name}: {len(tissue)} tissue tile{'s' if len(tissue) != 1 else ''} searched, "
@@ -489,8 +501,22 @@ class SlidePage:
             f"majority label of its own {k} results; the k best patches over all tiles are shown. "
             "**Click a result** to see where it comes from and why it matches."
         )
-        logger.info("region search: %d tissue tiles, %d skipped, k=%d", len(tissue), len(skipped), k)
-        return SearchView(to_file(vote_map), results, summary, table, session)
+        view = SearchView(to_file(vote_map), results, summary, table, session)
+        # The core's stages; a region's "decode" is reading its tiles from the slide.
+        self.last_timings = {
+            **found.timings,
+            "decode": read,
+            "draw": drawn - drawing,
+            "export": time.perf_counter() - drawn,
+        }
+        logger.info(
+            "region search: %d tissue tiles, %d skipped, k=%d (%s)",
+            len(tissue),
+            len(skipped),
+            k,
+            ", ".join(f"{stage} {1000 * s:.0f} ms" for stage, s in self.last_timings.items()),
+        )
+        return view
 
     def place(self, hit: Hit) -> Optional[Place]:
         """Where a hit comes from on a slide: the slide index's ``slide, x, y, size0`` columns, else its
@@ -768,6 +794,25 @@ class SlidePage:
 # --------------------------------------------------------------------------------------
 # Drawing
 # --------------------------------------------------------------------------------------
+
+
+def region_query(
+    picture: Image.Image,
+    region: tuple[int, int, int, int],
+    ratio: float,
+    tissue: list[SlideTile],
+    skipped: list[SlideTile],
+    crops: list[Image.Image],
+) -> Query:
+    """The query core's region: the tissue tiles (numbered 1.. in order, with their crops), then the
+    background ones (no crop: skipped), boxed in ``picture`` (the region read at ``ratio`` px per level-0 px)."""
+    x0, y0 = region[0], region[1]
+    tiles = []
+    for n, t in enumerate([*tissue, *skipped], start=1):
+        left, top = round((t.x - x0) * ratio), round((t.y - y0) * ratio)
+        side = round(t.size0 * ratio)
+        tiles.append(Tile(n, 0, 0, (left, top, left + side, top + side)))
+    return Query.region(picture, tiles, [*crops, *([None] * len(skipped))])
 
 
 def _blank(size: int) -> Image.Image:

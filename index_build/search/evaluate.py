@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from index_build.embedding import embed_batches
 from index_build.metrics import kimia_eta, majority_vote_at_k, map_at_k, per_class_mean, recall_at_k, relevance_matrix
 from index_build.patch_index import PatchIndex
-from index_build.query import Hit, embed_tiles, merge_tiles
+from index_build.search_core import Query, VectorGallery, run_query
 from index_build.sources import check_source, env_model_revision, is_default_model
 from index_build.storage import has_index
 
@@ -143,45 +143,44 @@ def tiled_retrieval(
     gallery_labels: Sequence[Any],
     k: int,
     progress: bool = True,
-) -> tuple[np.ndarray, list[str], float, int]:
-    """Search every query as the app does: cut into tiles, search each tile, merge (``index_build.query``).
+) -> tuple[np.ndarray, list[str], float, int, list[list[int]]]:
+    """Search every query as the app does, through the query core (:func:`index_build.search_core.run_query`):
+    cut into tiles, skip the blank-glass tiles, search each tile, merge.
 
     Args:
         queries: a Dataset of (image, label) rows, images of any size.
         embedder: the model (``preprocess``, ``embed_pixels``; its processor's ``image_size`` is the tile size).
         search: ``(xq, k) -> (D, I)`` over the gallery.
         gallery_labels: the label of every gallery id.
-        k: results per tile, and merged results per query.
+        k: results per tile, and merged results per query (at most :data:`~index_build.search_core.MAX_K`).
         progress: show a progress bar.
 
     Returns:
-        ``(retrieved, labels, seconds, tiles)``: the merged ranked labels (``Nq x k``, ``None``
+        ``(retrieved, labels, seconds, tiles, ids)``: the merged ranked labels (``Nq x k``, ``None``
         where fewer than ``k`` distinct patches were found), the query labels, the wall time of
-        the whole pass and the total number of tiles searched.
+        the whole pass, the total number of tiles searched (blank-glass tiles left out) and the
+        merged ranked gallery ids of every query.
     """
     from tqdm.auto import tqdm
 
     from modeling_lgffem import to_rgb_uint8
 
-    retrieved, labels, tiles_searched = [], [], 0
+    gallery = [("gallery", VectorGallery(search, gallery_labels))]
+    retrieved, labels, ranked, tiles_searched = [], [], [], 0
     start = time.perf_counter()
     for row in tqdm(range(len(queries)), unit="img", desc="tiled queries", disable=not progress):
         item = queries[row]
-        _, tiles, _pixels, xq = embed_tiles(to_rgb_uint8(item["image"]), embedder)
-        scores, ids = search(xq, k)
-        per_tile = [
-            [Hit("gallery", int(i), float(s), gallery_labels[i], "", None, t + 1) for s, i in zip(d, ii) if i >= 0]
-            for t, (d, ii) in enumerate(zip(scores, ids))
-        ]
-        hits, _votes, _unit = merge_tiles(per_tile, k)
-        retrieved.append([h.label for h in hits] + [None] * (k - len(hits)))
+        found = run_query(Query.picture(to_rgb_uint8(item["image"])), gallery, k, embedder=embedder, thumbnails=False)
+        retrieved.append([h.label for h in found.hits] + [None] * (k - len(found.hits)))
+        ranked.append([h.id for h in found.hits])
         labels.append(item["label"])
-        tiles_searched += len(tiles)
+        tiles_searched += len(found.searched)
     return (
         np.array(retrieved, dtype=object).reshape(len(labels), k),
         labels,
         time.perf_counter() - start,
         tiles_searched,
+        ranked,
     )
 
 
@@ -296,7 +295,9 @@ def _evaluate_tiled(
 
     if n_gallery < k:
         raise ValueError(f"the gallery has too few images ({n_gallery}) for k={k}")
-    retrieved, query_labels, seconds, tiles = tiled_retrieval(queries, embedder, search, gallery_labels, k, progress)
+    retrieved, query_labels, seconds, tiles, _ids = tiled_retrieval(
+        queries, embedder, search, gallery_labels, k, progress
+    )
     metrics = retrieval_metrics(query_labels, retrieved, k)
     metrics.update(
         queries_per_s=len(query_labels) / max(seconds, 1e-9),
@@ -357,7 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tile",
         action="store_true",
-        help="search large queries as the app does: tiles of the model input, searched and merged",
+        help="search large queries as the app does (the query core): tiles of the model input, blank glass "
+        "skipped, searched and merged",
     )
     parser.add_argument("--per-class", action="store_true", help="also print per-class Recall@1")
     parser.add_argument("--json", dest="json_path", default=None, help="write the metrics as JSON to this file")

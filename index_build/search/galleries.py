@@ -24,12 +24,12 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 from PIL import Image
 
-from index_build.query import Hit, TiledResult, search_galleries, tiled_search
+from index_build.search_core import Query, QueryResult, run_query
 from index_build.starter import ensure_starter_index, model_key
 from index_build.storage import MANIFEST_FILE, IndexLoadError, has_index, index_identity, index_lock, now
 
@@ -196,26 +196,25 @@ class Galleries:
             personal = [(PERSONAL, self.personal)] if self.personal is not None and len(self.personal) else []
             return [(MAIN, self.main), *personal]
 
-    def search_embeddings(self, xq: np.ndarray, k: int) -> tuple[list[tuple[str, PatchIndex]], list[list[Hit]]]:
-        """:func:`~index_build.query.search_galleries` of query vectors over :meth:`current`, ordered
-        against additions and deletes by the galleries' lock. Returns the galleries searched and the hits."""
-        with self._lock:
-            galleries = self.current()
-            return galleries, search_galleries(galleries, xq, k)
-
     def search(
         self,
-        image: Image.Image,
-        k: int,
+        query: Query,
+        k: Any,
         label: Optional[str] = None,
-        tile_large: bool = True,
         embed: Optional[Callable[[torch.Tensor], np.ndarray]] = None,
         progress: Optional[Callable[[int, int], None]] = None,
-    ) -> TiledResult:
-        """:func:`~index_build.query.tiled_search` over both galleries (hits name ``"index"`` or ``"personal"``)."""
-        galleries = self.current()
-        return tiled_search(
-            image, self.embedder, galleries, k, label, tile_large, embed, guard=self._lock, progress=progress
+    ) -> QueryResult:
+        """:func:`~index_build.search_core.run_query` over :meth:`current` (hits name ``"index"`` or
+        ``"personal"``), searched under the galleries' lock against additions and deletes."""
+        return run_query(
+            query,
+            self.current(),
+            k,
+            embedder=self.embedder,
+            label=label,
+            embed=embed,
+            guard=self._lock,
+            progress=progress,
         )
 
     def add(self, images: Sequence[Image.Image], labels: Sequence[str], sources: Sequence[str]) -> int:

@@ -1,40 +1,33 @@
-"""Queries of any size: tiling, per-tile hits, merging and search over several galleries.
+"""Tiling and merging rules of queries of any size (the query core, :mod:`index_build.search_core`, runs them).
 
 A query image up to 1.5x the model input on its longer side is searched whole. A larger one
 (a 1000 x 1000 Kimia Path24C patch, a screenshot of a region) is shrunk, if needed, so that its
 longer side holds at most 6 tiles, then cut into square tiles of the model input on an even grid
 (:func:`plan_tiles`, :func:`cut_tiles`). Every tile is searched for its own k nearest patches in
-every gallery (:func:`search_galleries`); :func:`merge_tiles` keeps each gallery patch's best
-similarity and votes over the tiles. :func:`tiled_search` does it all; the app, the evaluation
-(``python -m index_build.evaluate --tile``) and scripts share it. In :func:`tiled_search`, tiles of
-a tiled query that are blank glass by :data:`index_build.tissue.TISSUE_RULE` are neither searched
-nor counted as votes (they are reported as skipped).
+every gallery; :func:`merge_tiles` keeps each gallery patch's best similarity and
+:func:`vote_tiles` votes over the tiles. :func:`index_build.search_core.run_query` does it all for
+the app, the slide page, the evaluation (``python -m index_build.evaluate --tile``) and scripts;
+there, tiles of a tiled query that are blank glass by :data:`index_build.tissue.TISSUE_RULE` are
+neither searched nor counted as votes (they are reported as skipped).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Optional
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
 
-import numpy as np
 from PIL import Image
 
 from index_build.metrics import majority_votes
-from index_build.tissue import TISSUE_RULE, is_tissue, tissue_fraction
-
-if TYPE_CHECKING:
-    import torch
-
-    from index_build.patch_index import PatchIndex
+from index_build.tissue import TISSUE_RULE
 
 MIN_SIDE = 32  # px: below this a patch holds too little tissue to search
 WHOLE_IMAGE_FACTOR = 1.5  # images up to 1.5x the model input on their longer side are searched whole
 MAX_TILES_PER_SIDE = 6  # larger images are shrunk so that their longer side holds at most 6 tiles
 MAX_TILES = 36
-EMBED_CHUNK = 6  # tiles embedded per forward pass in tiled_search: progress is reported after each
+EMBED_CHUNK = 6  # tiles embedded per forward pass by the query core: progress is reported after each
 
 __all__ = [
     "MAX_TILES",
@@ -47,13 +40,11 @@ __all__ = [
     "TiledResult",
     "axis_starts",
     "cut_tiles",
-    "embed_tiles",
     "merge_tiles",
     "plan_tiles",
-    "search_galleries",
-    "tiled_search",
     "tile_vote",
     "tiling_rule",
+    "vote_tiles",
 ]
 
 
@@ -160,35 +151,6 @@ class Hit:
     tile: int  # 1-based tile number
 
 
-def search_galleries(
-    galleries: Sequence[tuple[str, PatchIndex]], xq: np.ndarray, k: int, label: Optional[str] = None
-) -> list[list[Hit]]:
-    """Search every tile embedding in every gallery and keep each tile's ``k`` best hits.
-
-    Args:
-        galleries: ``(name, index)`` pairs; a gallery without ``label`` contributes nothing.
-        xq: one embedding per tile (``T x D``).
-        k: hits per tile.
-        label: only hits with this label.
-
-    Returns:
-        One list of hits per tile, best first.
-    """
-    per_tile: list[list[Hit]] = [[] for _ in range(len(xq))]
-    for name, gallery in galleries:
-        if len(gallery) == 0 or (label is not None and not gallery.has_label(label)):
-            continue
-        results = gallery.search(embeddings=xq, k=min(k, len(gallery)), label=label)
-        for tile, r in enumerate(results):
-            per_tile[tile] += [
-                Hit(name, int(i), float(s), str(lab), str(src), thumb, tile + 1)
-                for i, s, lab, src, thumb in zip(r.ids, r.scores, r.labels, r.sources, r.thumbnails)
-            ]
-    if len(galleries) > 1:
-        per_tile = [sorted(hits, key=lambda h: -h.score)[:k] for hits in per_tile]
-    return per_tile
-
-
 def tile_vote(hits: Sequence[Hit]) -> Optional[str]:
     """One tile's vote: the majority label of its own hits (``None``: no hits, e.g. a skipped tile)."""
     return majority_votes([h.label for h in hits])[0][0] if hits else None
@@ -208,11 +170,21 @@ def merge_tiles(per_tile: Sequence[Sequence[Hit]], k: int) -> tuple[list[Hit], l
             if key not in best or hit.score > best[key].score:
                 best[key] = hit
     merged = sorted(best.values(), key=lambda h: (-h.score, h.tile, h.gallery, h.id))[:k]
+    return (merged, *vote_tiles(per_tile, merged))
+
+
+def vote_tiles(per_tile: Sequence[Sequence[Hit]], merged: Sequence[Hit]) -> tuple[list[tuple[str, int]], str]:
+    """The votes of :func:`tiling_rule`: ``(votes, unit)``, the counts (most first) and what a vote is.
+
+    One tile: its merged hits vote (``"results"``). Several: each tile votes for the majority label
+    of its own hits (:func:`tile_vote`; a tile without hits does not vote), a tie going to the label
+    whose tile has the highest top-1 similarity (``"tiles"``).
+    """
     if len(per_tile) == 1:
-        return merged, majority_votes([h.label for h in merged]), "results"
+        return majority_votes([h.label for h in merged]), "results"
     tile_votes = [(hits[0].score, tile_vote(hits)) for hits in per_tile if hits]
     tile_votes.sort(key=lambda sv: -sv[0])
-    return merged, majority_votes([label for _, label in tile_votes]), "tiles"
+    return majority_votes([label for _, label in tile_votes]), "tiles"
 
 
 @dataclass
@@ -244,76 +216,3 @@ class TiledResult:
         if self.threshold is None or not self.hits:
             return None
         return self.hits[0].score >= self.threshold
-
-
-def embed_tiles(
-    image: Image.Image,
-    embedder: Any,
-    tile_large: bool = True,
-    embed: Optional[Callable[[torch.Tensor], np.ndarray]] = None,
-) -> tuple[Image.Image, list[Tile], Any, np.ndarray]:
-    """Cut ``image`` into the tiles of :func:`plan_tiles` for ``embedder``'s input size and embed them.
-
-    Returns:
-        ``(working_image, tiles, pixel_values, xq)``: one embedding per tile, in tile order.
-    """
-    work, tiles, crops = cut_tiles(image, int(embedder.processor.image_size), tile_large)
-    pixel_values = embedder.preprocess(crops)
-    return work, tiles, pixel_values, (embed or embedder.embed_pixels)(pixel_values)
-
-
-def tiled_search(
-    image: Image.Image,
-    embedder: Any,
-    galleries: Sequence[tuple[str, PatchIndex]],
-    k: int,
-    label: Optional[str] = None,
-    tile_large: bool = True,
-    embed: Optional[Callable[[torch.Tensor], np.ndarray]] = None,
-    guard: Optional[AbstractContextManager] = None,
-    progress: Optional[Callable[[int, int], None]] = None,
-    skip_blank: bool = True,
-) -> TiledResult:
-    """Search ``image`` the way the app does: tile, embed, search every gallery, merge.
-
-    Args:
-        image: an RGB query image of any size.
-        embedder: the model (``preprocess``, ``embed_pixels``, ``processor.image_size``).
-        galleries: ``(name, index)`` pairs searched together.
-        k: results wanted (per tile, and merged).
-        label: only results with this label.
-        tile_large: cut large images into tiles (``False``: always search the image whole).
-        embed: replaces ``embedder.embed_pixels`` (the app runs it under ``spaces.GPU``).
-        guard: held while the galleries are searched (a lock against concurrent additions);
-            tiling and embedding run outside it.
-        progress: called as ``progress(tiles_done, tiles_to_embed)`` before the first and after
-            every :data:`EMBED_CHUNK` tiles embedded.
-        skip_blank: with several tiles, leave out the blank-glass tiles (:data:`TISSUE_RULE`);
-            when every tile is blank, all are searched.
-    """
-    work, tiles, crops = cut_tiles(image, int(embedder.processor.image_size), tile_large)
-    pixel_values = embedder.preprocess(crops)
-    tissue, skipped = None, ()
-    if len(tiles) > 1:
-        tissue = [tissue_fraction(crop) for crop in crops]
-        if skip_blank:
-            blank = tuple(t.number for t, crop in zip(tiles, crops) if not is_tissue(crop))
-            skipped = blank if len(blank) < len(tiles) else ()
-    searched = [i for i, t in enumerate(tiles) if t.number not in skipped]
-    embed = embed or embedder.embed_pixels
-    parts = []
-    for start in range(0, len(searched), EMBED_CHUNK):
-        if progress is not None:
-            progress(start, len(searched))
-        parts.append(np.asarray(embed(pixel_values[searched[start : start + EMBED_CHUNK]])))
-    if progress is not None:
-        progress(len(searched), len(searched))
-    xq = np.concatenate(parts)
-    with guard or nullcontext():
-        found = search_galleries(galleries, xq, k, label)
-    per_tile: list[list[Hit]] = [[] for _ in tiles]
-    for i, hits in zip(searched, found):
-        per_tile[i] = [replace(h, tile=tiles[i].number) for h in hits]
-    hits, votes, unit = merge_tiles(per_tile, k)
-    threshold = next((g.close_match_threshold for _, g in galleries if g.close_match_threshold is not None), None)
-    return TiledResult(work, tiles, pixel_values, per_tile, hits, votes, unit, threshold, tissue, skipped)

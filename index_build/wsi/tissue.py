@@ -69,7 +69,12 @@ def saturation(image: Image.Image | np.ndarray) -> np.ndarray:
 def tissue_mask(image: Image.Image | np.ndarray) -> np.ndarray:
     """Boolean H x W mask of the tissue pixels of an RGB image, by :data:`TISSUE_RULE` (no cleaning)."""
     rgb = _rgb_array(image)
-    return (saturation(rgb) >= TISSUE_SATURATION) & (rgb.max(axis=2) >= MIN_VALUE)
+    high = rgb.max(axis=2)
+    if rgb.dtype == np.uint8:
+        # saturation >= S  <=>  255 * (high - low) >= S * high, in integers (no float division)
+        spread = high.astype(np.int32) - rgb.min(axis=2)
+        return (255 * spread >= TISSUE_SATURATION * high.astype(np.int32)) & (high >= MIN_VALUE)
+    return (saturation(rgb) >= TISSUE_SATURATION) & (high >= MIN_VALUE)
 
 
 def clean_mask(mask: np.ndarray, min_object: int = 64, max_hole: int = 256) -> np.ndarray:
