@@ -359,6 +359,7 @@ class SearchApp:
         # No vote chart where it would read as a suggestion: a label filter (every result has that
         # label by construction) or no close match.
         no_chart = label is not None or found.close_match is False
+        no_chart = no_chart or (found.verdict is not None and found.verdict.kind != "suggestion")
         return SearchOutputs(
             gallery=gallery,
             votes=None if no_chart else vote_shares(found.votes),

@@ -206,6 +206,13 @@ TILED_RULE = (
     "*Tile votes* below and *How large images are searched*)."
 )
 
+VERDICT_RULE = (
+    "The verdict reads the 8 best hits of each tile: a suggestion when the precision this gallery's own "
+    "leave-group-out search gives such evidence (vote share, similarity margin between the best two labels, "
+    "best similarity) reaches 97%; tiles without a close match abstain, and tiles that surely name different "
+    "labels make the query mixed (see *The verdict* in the README)."
+)
+
 
 def result_rows(
     found: TiledResult, roots: Optional[dict[str, Optional[str]]] = None
@@ -311,6 +318,8 @@ def result_summary(
             "(clear the filter to get one). " + (below if found.close_match is False else "") + "  \n"
         )
         vote_text = ""
+    elif found.verdict is not None:  # the one decision (index_build.verdict): no separate vote line
+        headline, vote_text = found.verdict.text() + "  \n", ""
     elif found.close_match is False:
         headline = (
             f"### No close match in this gallery\n{below} The nearest patches are shown for reference, "
@@ -334,7 +343,7 @@ def result_summary(
         + f"Query: {size_text}, searched as {plural(len(tiles), 'tile')}"
         f"{' (' + str(size) + ' px)' if several else ''}{skipped_text}; "
         f"{plural(len(found.hits), 'result')}{' with label ' + repr(label) if label else ''}.  \n"
-        f"_{TILED_RULE if several else SINGLE_RULE}_"
+        f"_{(TILED_RULE if several else SINGLE_RULE) if found.verdict is None else VERDICT_RULE}_"
     )
 
 

@@ -24,6 +24,7 @@ from PIL import Image
 
 from index_build.metrics import majority_votes
 from index_build.tissue import TISSUE_RULE, is_tissue, tissue_fraction
+from index_build.verdict import VERDICT_K, Verdict, decide
 
 if TYPE_CHECKING:
     import torch
@@ -229,6 +230,7 @@ class TiledResult:
     threshold: Optional[float] = None  # the main gallery's calibrated close-match similarity
     tissue: Optional[list[float]] = None  # tissue share of every tile (tiled queries; ``None``: not measured)
     skipped: tuple[int, ...] = ()  # numbers of the blank-glass tiles, neither searched nor voting
+    verdict: Optional[Verdict] = None  # the search's one decision (``None`` with a label filter)
 
     def tile_votes(self) -> list[Optional[str]]:
         """Every tile's vote (:func:`tile_vote`), in tile order; ``None`` for a skipped tile."""
@@ -309,11 +311,21 @@ def tiled_search(
     if progress is not None:
         progress(len(searched), len(searched))
     xq = np.concatenate(parts)
-    with guard or nullcontext():
-        found = search_galleries(galleries, xq, k, label)
+    with guard or nullcontext():  # the verdict reads at least VERDICT_K hits per tile, the page shows k
+        found = search_galleries(galleries, xq, max(k, VERDICT_K), label)
+    threshold = next((g.close_match_threshold for _, g in galleries if g.close_match_threshold is not None), None)
+    verdict = None
+    if label is None:
+        main = next((g for _, g in galleries if len(g)), None)
+        verdict = decide(
+            [[(h.label, h.score) for h in hits] for hits in found],
+            threshold,
+            main.decision_rule if main is not None else None,
+            sorted({lab for _, g in galleries for lab in g.labels}),
+            skipped=len(skipped),
+        )
     per_tile: list[list[Hit]] = [[] for _ in tiles]
     for i, hits in zip(searched, found):
-        per_tile[i] = [replace(h, tile=tiles[i].number) for h in hits]
+        per_tile[i] = [replace(h, tile=tiles[i].number) for h in hits[:k]]
     hits, votes, unit = merge_tiles(per_tile, k)
-    threshold = next((g.close_match_threshold for _, g in galleries if g.close_match_threshold is not None), None)
-    return TiledResult(work, tiles, pixel_values, per_tile, hits, votes, unit, threshold, tissue, skipped)
+    return TiledResult(work, tiles, pixel_values, per_tile, hits, votes, unit, threshold, tissue, skipped, verdict)

@@ -56,6 +56,7 @@ from index_build.slides import (
     tile_slide,
 )
 from index_build.tissue import MIN_TISSUE_FRACTION
+from index_build.verdict import VERDICT_K, decide
 
 if TYPE_CHECKING:
     from index_build.galleries import Galleries
@@ -447,8 +448,9 @@ class SlidePage:
         xq = np.concatenate(
             [self.embed(self.embedder.preprocess(crops[i : i + 16])) for i in range(0, len(crops), 16)], axis=0
         )
-        pairs, per_tile = self.galleries.search_embeddings(xq, k)
-        hits, votes, unit = merge_tiles(per_tile, k)
+        pairs, deep = self.galleries.search_embeddings(xq, max(k, VERDICT_K))
+        per_tile = [found[:k] for found in deep]
+        hits, votes, _unit = merge_tiles(per_tile, k)
         tile_votes = [majority_votes([hit.label for hit in found])[0][0] if found else "" for found in per_tile]
 
         folder = Path(tempfile.mkdtemp(prefix="search-", dir=self._work))
@@ -470,19 +472,20 @@ class SlidePage:
             + ([r["slide"], r["x"], r["y"], r["size0"]] if r["slide"] else ["", "", "", ""])
             for rank, r in enumerate(session.hits, 1)
         ]
-        total = sum(n for _, n in votes)
         threshold = next((g.close_match_threshold for _, g in pairs if g.close_match_threshold is not None), None)
-        if threshold is not None and hits and hits[0].score < threshold:
-            headline = (
-                f"### No close match in this gallery\nThe best similarity, {hits[0].score:.3f}, is below this "
-                f"gallery's close-match threshold {threshold:.3f}: the tile votes are shown for reference, not as "
-                "a suggestion.  \n"
-            )
-        else:
-            headline = f"### Suggestion: **{votes[0][0]}** ({votes[0][1]} of {total} {unit})\n"
+        main = next((g for _, g in pairs if len(g)), None)
+        verdict = decide(  # the one decision of index_build.verdict, on the 8+ hits of every tissue tile
+            [[(hit.label, hit.score) for hit in found] for found in deep],
+            threshold,
+            main.decision_rule if main is not None else None,
+            sorted({lab for _, g in pairs for lab in g.labels}),
+            skipped=len(skipped),
+        )
+        headline = verdict.text() + "  \n"
         summary = (
-            headline + f"Votes: {', '.join(f'{lab}: {n}' for lab, n in votes)}.  \n"
-            f"Region of {session.name}: {len(tissue)} tissue tile{'s' if len(tissue) != 1 else ''} searched, "
+            headline
+            + (f"Tile votes: {', '.join(f'{lab}: {n}' for lab, n in votes)}.  \n" if verdict.close_tiles else "")
+            + f"Region of {session.name}: {len(tissue)} tissue tile{'s' if len(tissue) != 1 else ''} searched, "
             f"{len(skipped)} background tile{'s' if len(skipped) != 1 else ''} skipped (tiles of "
             f"{self.tile_size} px at {self.mpp:g} µm/px; tissue rule: at least {MIN_TISSUE_FRACTION:.0%} tissue). "
             "Each tile votes for the "
