@@ -123,8 +123,11 @@ def estimate(features: Sequence[float], rule: dict) -> float:
 
 
 def _logistic(x: np.ndarray, y: np.ndarray, l2: float = L2, steps: int = 50) -> tuple[np.ndarray, float]:
-    """Ridge logistic regression by Newton's method: weights and intercept."""
-    a = np.hstack([x, np.ones((len(x), 1))])
+    """Ridge logistic regression by Newton's method on standardised features: weights and intercept
+    for the raw features (so that the penalty treats features of different scales alike)."""
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    scale[scale == 0] = 1.0
+    a = np.hstack([(x - mean) / scale, np.ones((len(x), 1))])
     w = np.zeros(a.shape[1])
     penalty = np.full(a.shape[1], l2)
     penalty[-1] = 0.0
@@ -136,7 +139,8 @@ def _logistic(x: np.ndarray, y: np.ndarray, l2: float = L2, steps: int = 50) -> 
         w -= step
         if np.max(np.abs(step)) < 1e-8:
             break
-    return w[:-1], float(w[-1])
+    weights = w[:-1] / scale
+    return weights, float(w[-1] - np.dot(weights, mean))
 
 
 # --------------------------------------------------------------------------------------
