@@ -309,9 +309,26 @@ class PatchIndex:
 
     @property
     def decision_rule(self) -> dict:
-        """The fitted decision rule of :mod:`index_build.verdict` (manifest ``decision``); an index
-        written before it existed gets :data:`~index_build.verdict.DEFAULT_RULE`."""
-        return rule_of(self.manifest)
+        """The fitted decision rule of :mod:`index_build.verdict` (manifest ``decision``).
+
+        An index written before the rule existed gets it fitted on first use from its stored vectors
+        (kept in memory, marked ``"computed": "on load"``, not written); where the vectors cannot be
+        read back (IVF without a direct map) or no rule can be fitted (a single label), the
+        conservative :data:`~index_build.verdict.DEFAULT_RULE`.
+        """
+        if "decision" in self.manifest or len(self) == 0:
+            return rule_of(self.manifest)
+        cached = getattr(self, "_decision_on_load", None)
+        if cached is None:
+            try:
+                fitted = gallery_decision(
+                    self.reconstruct_all(), self.metadata_table(), self.manifest.get("close_match")
+                )
+            except RuntimeError:
+                fitted = None
+            cached = dict(fitted, computed="on load") if fitted else rule_of({})
+            self._decision_on_load = cached
+        return cached
 
     # -- append -----------------------------------------------------------------------
 

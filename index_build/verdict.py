@@ -61,8 +61,8 @@ RULE = (
     "share, the similarity margin between the best two labels and the top-1 similarity over the threshold; "
     f"a suggestion needs an estimate of at least {MIN_PRECISION:.0%}"
 )
-# For an index written before the fit existed: a suggestion only on (almost) unanimous, well-separated
-# evidence. Conservative by construction (it never claims more than 0.97 ... at 8 of 8 votes).
+# For a gallery with no fitted rule (a single label, or an old IVF index whose vectors cannot be read
+# back): a suggestion only on unanimous votes with a clear margin (about 99% at 8 of 8; 96% at 7 of 8).
 DEFAULT_RULE: dict[str, Any] = {
     "k": VERDICT_K,
     "features": list(FEATURES),

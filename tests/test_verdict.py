@@ -153,5 +153,12 @@ def test_index_records_the_rule_and_rewrites_refit(tmp_path, tiny_embedder):
     assert index.decision_rule == rule
     assert index.remove([0, 1]) == 2  # every rewrite (append, delete) refits on the changed gallery
     assert PatchIndex.load(tmp_path / "idx", tiny_embedder).manifest["decision"]["sample"] == 38
-    del index.manifest["decision"]  # an index written before the fit
-    assert index.decision_rule is DEFAULT_RULE
+    stored = PatchIndex.load(tmp_path / "idx", tiny_embedder).manifest["decision"]
+    assert stored["sample"] == 38
+    old = PatchIndex.load(tmp_path / "idx", tiny_embedder)
+    del old.manifest["decision"]  # an index written before the fit: fitted on load, to the same rule
+    assert old.decision_rule == dict(stored, computed="on load")
+    one_label = PatchIndex.load(tmp_path / "idx", tiny_embedder)
+    del one_label.manifest["decision"]
+    one_label.row_labels = ["a"] * len(one_label)  # nothing to decide between: the conservative default
+    assert one_label.decision_rule is DEFAULT_RULE
