@@ -329,7 +329,7 @@ class Verdict:
     def text(self) -> str:
         """Markdown for the page and the ``/search`` API: headline, evidence, close-match share and scope."""
         lines = [f"### {self.headline()}"]
-        where = "in this gallery" + ("" if self.fitted else " (default rule: this index predates the fit)")
+        where = "in this gallery" + ("" if self.fitted else " (default rule: none could be fitted here)")
         if self.kind == "suggestion":
             lead = self.labels[0]
             agree = f"{lead.count} of {lead.of} {self.unit}"

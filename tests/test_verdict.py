@@ -115,7 +115,7 @@ def test_old_manifests_get_the_default_rule():
     # the default needs all 8 votes and a clear margin for 97%
     assert estimate([1.0, 0.1, 0.05], DEFAULT_RULE) >= 0.97 > estimate([0.75, 0.02, 0.03], DEFAULT_RULE)
     old = decide([hits(("a", 8, 0.95))], 0.9, None, LABELS)
-    assert old.kind == "suggestion" and not old.fitted and "(default rule: this index predates the fit)" in old.text()
+    assert old.kind == "suggestion" and not old.fitted and "(default rule: none could be fitted here)" in old.text()
 
 
 def test_groups_come_from_a_column_a_csv_or_the_source_file(tmp_path):
