@@ -171,7 +171,8 @@ def end_to_end_check(data: Path, sets: dict, model: str, n: int = 4) -> str:
         meta = metadata_table(np.arange(len(xb)), labels, files, [b""] * len(xb))
         write_index(Path(tmp) / "idx", xb, meta, embedder)
         index = PatchIndex.load(Path(tmp) / "idx", embedder)
-        assert index.decision_rule == gallery.rule, "the index's fitted rule differs from the benchmark's"
+        stored, mine = index.decision_rule, gallery.rule  # the index re-normalises: equal up to float noise
+        assert np.allclose(stored["weights"] + [stored["intercept"]], mine["weights"] + [mine["intercept"]], atol=1e-3)
         for _ in range(n):
             pick = rng.choice(len(q_files), 4, replace=False)
             mosaic = Image.new("RGB", (448, 448))

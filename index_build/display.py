@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TABLE_HEADERS",
     "TILE_HEADERS",
+    "VERDICT_HEADERS",
     "draw_tile_grid",
     "plural",
     "public_index_name",
@@ -48,6 +49,7 @@ __all__ = [
 ]
 
 TABLE_HEADERS = ["rank", "label", "similarity", "tile", "gallery", "source"]
+VERDICT_HEADERS = ["verdict", "estimated precision", "close-match threshold", "close-match tiles"]
 TILE_HEADERS = ["tile", "position", "tissue", "top label", "top similarity", "vote"]
 BLANK = "skipped (blank glass)"
 
@@ -259,11 +261,20 @@ def tile_rows(found: TiledResult, filtered: bool = False) -> list[list[Any]]:
 
 
 def results_csv(found: TiledResult, roots: Optional[dict[str, Optional[str]]] = None) -> str:
-    """The results as CSV text: a header (:data:`TABLE_HEADERS`) and the rows of :func:`result_rows`."""
+    """The results as CSV text: a header (:data:`TABLE_HEADERS` + :data:`VERDICT_HEADERS`) and the rows of
+    :func:`result_rows`, each followed by the search's verdict, its estimated precision, the close-match
+    threshold and the share of tiles with a close match (the same on every row; empty with a label filter)."""
+    v = found.verdict
+    threshold = "" if found.threshold is None else f"{found.threshold:.3f}"
+    tail = (
+        [v.headline(), "" if v.precision is None else f"{v.precision:.3f}", threshold, f"{v.close_share:.3f}"]
+        if v
+        else ["", "", threshold, ""]
+    )
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(TABLE_HEADERS)
-    writer.writerows(result_rows(found, roots)[1])
+    writer.writerow(TABLE_HEADERS + VERDICT_HEADERS)
+    writer.writerows(row + tail for row in result_rows(found, roots)[1])
     return buffer.getvalue()
 
 
@@ -343,8 +354,17 @@ def result_summary(
         + f"Query: {size_text}, searched as {plural(len(tiles), 'tile')}"
         f"{' (' + str(size) + ' px)' if several else ''}{skipped_text}; "
         f"{plural(len(found.hits), 'result')}{' with label ' + repr(label) if label else ''}.  \n"
-        f"_{(TILED_RULE if several else SINGLE_RULE) if found.verdict is None else VERDICT_RULE}_"
+        + (f"_{TILED_RULE if several else SINGLE_RULE}_" if found.verdict is None else "")
+        + (f"_{TILED_RULE}_  \n" if several and found.verdict is not None else "")
+        + (f"_{VERDICT_RULE}_" if found.verdict is not None else "")
     )
+
+
+def _tile_word(vote: Optional[str], hits: Sequence[Any], threshold: Optional[float]) -> str:
+    """A tile's caption word: its vote, or "no close match" when its best hit is below the threshold."""
+    if hits and threshold is not None and hits[0].score < threshold:
+        return "no close match"
+    return vote or "-"
 
 
 def tile_views(found: TiledResult, processor: Any) -> list[tuple[Image.Image, str]]:
@@ -357,9 +377,9 @@ def tile_views(found: TiledResult, processor: Any) -> list[tuple[Image.Image, st
         (
             image,
             f"tile {t.number} (row {t.row + 1}, col {t.col + 1}) → "
-            f"{'skipped (blank glass)' if t.number in found.skipped else vote or '-'}",
+            f"{'skipped (blank glass)' if t.number in found.skipped else _tile_word(vote, hits, found.threshold)}",
         )
-        for image, t, vote in zip(seen, found.tiles, found.tile_votes())
+        for image, t, vote, hits in zip(seen, found.tiles, found.tile_votes(), found.per_tile)
     ]
 
 

@@ -328,7 +328,8 @@ class Verdict:
 
     def text(self) -> str:
         """Markdown for the page and the ``/search`` API: headline, evidence, close-match share and scope."""
-        lines = [f"### {self.headline()}"]
+        head = f"Suggestion: **{self.label}**" if self.kind == "suggestion" else self.headline()
+        lines = [f"### {head}"]
         where = "in this gallery" + ("" if self.fitted else " (default rule: none could be fitted here)")
         if self.kind == "suggestion":
             lead = self.labels[0]
