@@ -341,13 +341,17 @@ class Verdict:
             named = "; ".join(f"{e.label}: {e.count} of {e.of} {self.unit}, best {e.best:.3f}" for e in self.labels)
             lines.append(f"The evidence is not strong enough for a suggestion ({named}).")
         else:
-            if self.best_score is not None and self.threshold is not None and self.tiles <= 1:
+            if self.best_score is not None and self.threshold is not None and self.best_score < self.threshold:
                 lines.append(
                     f"The best similarity, {self.best_score:.3f}, is below this gallery's close-match threshold "
-                    f"{self.threshold:.3f}. The nearest patches are shown for reference, not as a suggestion."
+                    f"{self.threshold:.3f}."
                 )
-            else:
-                lines.append("Most tissue tiles have no close match. The nearest patches are shown for reference.")
+            elif self.best_score is not None and self.threshold is not None:
+                lines.append(
+                    f"Fewer than half of the tissue tiles reach this gallery's close-match threshold "
+                    f"{self.threshold:.3f} (best similarity {self.best_score:.3f})."
+                )
+            lines.append("The nearest patches are shown for reference, not as a suggestion.")
         if self.kind != "no_close_match" and self.best_score is not None and self.threshold is not None:
             lines.append(f"Best similarity {self.best_score:.3f} (close-match threshold {self.threshold:.3f}).")
         if self.tiles > 1 or self.skipped:
