@@ -52,6 +52,7 @@ TABLE_HEADERS = ["rank", "label", "similarity", "tile", "gallery", "source"]
 VERDICT_HEADERS = ["verdict", "estimated precision", "close-match threshold", "close-match tiles"]
 TILE_HEADERS = ["tile", "position", "tissue", "top label", "top similarity", "vote"]
 BLANK = "skipped (blank glass)"
+MAX_RESPONSE_BYTES = 200 * 1024 * 1024  # all response and export files of one process, at most
 
 
 def plural(n: int, word: str, many: Optional[str] = None) -> str:
@@ -411,11 +412,14 @@ class ResponseFiles:
     """Fresh, never-rewritten image files for each response of a web page.
 
     Each :meth:`writer` call makes a new folder under this process's root folder; folders older
-    than ``ttl_s`` are removed then (a client has fetched its images long before).
+    than ``ttl_s`` are removed then (a client has fetched its images long before), and then the
+    oldest folders until all of them hold at most ``max_bytes`` (each search writes about 2 MB of
+    images and export files: without the bound a busy page filled gigabytes within the hour).
     """
 
-    def __init__(self, ttl_s: float = 3600.0) -> None:
+    def __init__(self, ttl_s: float = 3600.0, max_bytes: int = MAX_RESPONSE_BYTES) -> None:
         self.ttl_s = float(ttl_s)
+        self.max_bytes = int(max_bytes)
         self._root: Optional[Path] = None
 
     @property
@@ -426,11 +430,25 @@ class ResponseFiles:
         return self._root
 
     def prune(self) -> None:
-        """Remove response folders older than ``ttl_s``."""
+        """Remove response folders older than ``ttl_s``, then the oldest until the rest fit ``max_bytes``."""
         cutoff = time.time() - self.ttl_s
+        kept = []
         for old in self.root.iterdir():
-            if old.stat().st_mtime < cutoff:
-                shutil.rmtree(old, ignore_errors=True)
+            try:
+                mtime = old.stat().st_mtime
+                if mtime < cutoff:
+                    shutil.rmtree(old, ignore_errors=True)
+                    continue
+                size = sum(entry.stat().st_size for entry in os.scandir(old) if entry.is_file())
+            except OSError:  # removed meanwhile (another thread pruning)
+                continue
+            kept.append((mtime, old.name, size, old))
+        total = sum(size for _, _, size, _ in kept)
+        for _, _, size, old in sorted(kept):
+            if total <= self.max_bytes:
+                break
+            shutil.rmtree(old, ignore_errors=True)
+            total -= size
 
     def new_folder(self, prefix: str = "response-") -> Path:
         """A new, empty folder for one response's files (old ones are pruned first)."""

@@ -818,3 +818,28 @@ def test_import_is_light():
     )
     assert out.stdout.split() == ["False", "False"]
     assert not Path(app.__file__).with_suffix(".pyi").exists()  # no Gradio stub written next to app.py
+
+
+def test_response_files_are_bounded_by_size(tmp_path):
+    """The oldest response folders go first once all of them exceed ``max_bytes``; the newest stay."""
+    import time
+
+    from index_build.display import ResponseFiles
+
+    files = ResponseFiles(max_bytes=1000)
+    folders = []
+    for i in range(5):
+        folder = files.new_folder("export-")
+        (folder / "results.zip").write_bytes(b"x" * 400)
+        stamp = time.time() - 100 + i  # distinct ages, well inside the hour
+        os.utime(folder, (stamp, stamp))
+        folders.append(folder)
+    # before the 5th folder: 4 x 400 bytes > 1000, so the two oldest went; the 5th is added after
+    assert sorted(p for p in files.root.iterdir()) == sorted(folders[2:])
+    files.prune()
+    assert sorted(p for p in files.root.iterdir()) == sorted(folders[3:])  # 1,200 bytes -> 800
+    aged = ResponseFiles(ttl_s=50, max_bytes=10**9)
+    old = aged.new_folder()
+    os.utime(old, (time.time() - 60, time.time() - 60))
+    aged.prune()
+    assert not old.exists()  # the hour-long (here 50 s) age limit still applies
