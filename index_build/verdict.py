@@ -152,7 +152,7 @@ def _csv_groups(paths: Sequence[str]) -> dict[str, str]:
     """``resolved path -> group_id`` from CSVs (``path,...,group_id``) in the folders above the files."""
     found: dict[str, str] = {}
     seen_dirs: set[Path] = set()
-    for parent in {Path(p).parent for p in paths}:
+    for parent in {Path(p).resolve().parent for p in paths}:  # a symlinked image: the CSV beside its target
         for folder in [parent, *list(parent.parents)[:3]]:
             if folder in seen_dirs:
                 continue
