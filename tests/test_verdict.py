@@ -129,6 +129,9 @@ def test_groups_come_from_a_column_a_csv_or_the_source_file(tmp_path):
     groups, how = near_duplicate_groups([str(f) for f in files])
     assert how == "group_id (CSV)"
     assert groups[0] == groups[1] == f"{tmp_path / 'gallery.csv'}:g1" and groups[2] == f"source:{files[2]}"
+    (tmp_path / "linked" / "a").mkdir(parents=True)  # a folder of links: the CSV beside the targets counts
+    (tmp_path / "linked" / "a" / "0.jpg").symlink_to(files[0])
+    assert near_duplicate_groups([str(tmp_path / "linked" / "a" / "0.jpg")])[0] == [groups[0]]
     assert near_duplicate_groups(["s.svs@0,0", "s.svs@224,0", "t.svs@0,0"])[0] == [
         "source:s.svs",
         "source:s.svs",
