@@ -468,7 +468,7 @@ class SlidePage:
         vote_map = self.draw_vote_map(query, session, tissue, skipped, tile_votes)
         results = [(to_file(hit.thumbnail or _blank(self.input_size)), self._caption(hit)) for hit in hits]
         table = [
-            [rank, r["label"], round(r["score"], 4), r["tile"], r["gallery"], r["source"]]
+            [rank, r["label"], f"{r['score']:.3f}", r["tile"], r["gallery"], r["source"]]
             + ([r["slide"], r["x"], r["y"], r["size0"]] if r["slide"] else ["", "", "", ""])
             for rank, r in enumerate(session.hits, 1)
         ]

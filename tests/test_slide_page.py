@@ -138,6 +138,7 @@ def test_region_search_finds_its_own_tiles_and_draws_the_vote_map(loaded):
         edge = vote_map[y - 1344 + 100, x - 896 + 3]  # on the tile's left outline
         assert tuple(edge) == page.label_colour(vote), (number, vote)
     assert out.table[0][6:] == ["cmu_small_region.svs", s.hits[0]["x"], s.hits[0]["y"], 224]
+    assert out.table[0][2] == "1.000" and all(len(row[2]) == 5 for row in out.table)  # 3 decimals, "1.000" too
 
 
 def test_background_tiles_are_skipped_and_counted(loaded, svs):
