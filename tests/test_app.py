@@ -433,8 +433,9 @@ def test_tiff_query_gets_a_png_preview(search_app, tmp_path):
     assert png.endswith(".png") and Image.open(png).format == "PNG"
     assert np.array_equal(np.asarray(Image.open(png)), np.asarray(uploads.decode_image(tiff)))
     assert search_app.search(png, 5, None).table == search_app.search(tiff, 5, None).table
-    assert search_app.preview(save(tissue(100), tmp_path / "q.png")) == gr.skip()  # browsers show PNG
-    assert search_app.preview(str(tmp_path / "missing.tif")) == gr.skip()
+    shown = save(tissue(100), tmp_path / "q.png")
+    assert search_app.preview(shown) == shown  # browsers show PNG: the upload itself (never an update)
+    assert search_app.preview(str(tmp_path / "missing.tif")) == str(tmp_path / "missing.tif")
     assert search_app.preview(None) == gr.skip()
 
 

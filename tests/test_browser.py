@@ -354,3 +354,51 @@ def test_personal_gallery_table_after_a_delete_in_chromium(server, tmp_path):
         finally:
             browser.close()
     assert (SHOTS / "personal-gallery-after-delete.png").stat().st_size > 10_000
+
+
+@pytest.mark.browser
+def test_search_tab_decodes_uploads_itself_in_chromium(server, tmp_path):
+    """The browser upload reaches the app undecoded: a text file named .png gets the app's one-line
+    message (not Gradio's "Error" and traceback), and an RGBA PNG's transparent half becomes white
+    glass exactly as through the API (same top similarity)."""
+    from gradio_client import Client, handle_file
+    from playwright.sync_api import sync_playwright
+
+    url, query, _ = server
+    fake = tmp_path / "not_image.png"
+    fake.write_text("this is a text file, not a PNG\n")
+    rgba = np.asarray(Image.open(query).convert("RGBA")).copy()
+    rgba[:, rgba.shape[1] // 2 :, 3] = 0  # the right half fully transparent
+    transparent = tmp_path / "half_transparent.png"
+    Image.fromarray(rgba, "RGBA").save(transparent)
+    api = Client(url, verbose=False, download_files=False).predict(
+        handle_file(str(transparent)), app.DEFAULT_K, app.ANY_LABEL, app.TILE_MODES[0], api_name="/search"
+    )
+    api_top = api[0][0]["caption"].split(" · ")[1]  # "sim 0.854"
+    with sync_playwright() as p:
+        browser = _chromium(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.wait_for_selector("#search-button", timeout=60_000)
+            page.locator("#query input[type=file]").set_input_files(str(fake))
+            page.wait_for_timeout(1_000)
+            page.click("#search-button")
+            page.get_by_text("not an image file").first.wait_for(timeout=60_000)
+            assert "not_image.png: not an image file" in page.locator("#summary").inner_text()
+            toasts = page.locator(".toast-body").all_inner_texts()  # a warning, never an error naming a cache path
+            assert page.locator(".toast-body.error").count() == 0 and not any("/tmp/gradio" in t for t in toasts)
+            assert "Error" not in page.locator("#summary").inner_text()
+
+            page.goto(url)
+            page.wait_for_selector("#search-button", timeout=60_000)
+            page.locator("#query input[type=file]").set_input_files(str(transparent))
+            page.locator("#query img").first.wait_for(timeout=30_000)
+            page.click("#search-button")
+            page.wait_for_function(
+                f"document.querySelectorAll('#results .thumbnail-item').length === {app.DEFAULT_K}", timeout=120_000
+            )
+            first = page.locator("#results .caption-label").first.inner_text().split(" · ")[1]
+            assert first == api_top, (first, api_top)
+        finally:
+            browser.close()
