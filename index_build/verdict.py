@@ -14,7 +14,7 @@ The decision is calibrated on the gallery itself at build time (like the close-m
     - ``top1``: the best similarity minus the close-match threshold (clipped to [-0.1, 0.1]).
 
     A logistic regression of "the majority label is the patch's own" on these three features
-    (L2-regularised, fitted by Newton's method) estimates the precision of a suggestion made on
+    (L2-regularised on standardised features, Newton's method) estimates the precision of a suggestion on
     that evidence in this gallery. A search result is a **suggestion** when its estimate reaches
     :data:`MIN_PRECISION` (0.97).
 
