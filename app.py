@@ -406,11 +406,15 @@ class SearchApp:
         )
 
     def preview(self, image: Optional[str]) -> Any:
-        """Upload handler: a PNG copy of a query the browser cannot show (TIFF), else no change."""
+        """Upload handler: a PNG copy of a query the browser cannot show (TIFF), else the upload itself.
+
+        Never ``gr.skip()`` for an upload: Gradio answers any update of a component by rebuilding it in
+        the session from its class, which would drop :func:`uploaded_image`'s undecoded preprocessing
+        (the next search would then be decoded by Gradio: a text file named .png gave a traceback)."""
         if not image:
             return gr.skip()
         png = preview_png(image, str(self._responses.new_folder("preview-")))
-        return png if png is not None else gr.skip()
+        return png if png is not None else image
 
     def select_result(self, evt: gr.SelectData) -> tuple[Optional[str], str]:
         """Result-click handler: the clicked result at its full stored resolution, and its caption."""

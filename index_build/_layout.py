@@ -28,6 +28,7 @@ MOVED = {
     "patch_index": "index_build.search.patch_index",
     "query": "index_build.search.query",
     "search_core": "index_build.search.search_core",
+    "verdict": "index_build.search.verdict",
     "shard": "index_build.search.shard",
     "starter": "index_build.search.starter",
     "heatmap": "index_build.wsi.heatmap",

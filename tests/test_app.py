@@ -22,6 +22,7 @@ from app import SearchApp, StartupError
 from index_build import query, starter, storage, uploads
 from index_build.metrics import majority_votes
 from index_build.uploads import InputError
+from index_build.verdict import decide
 
 torch.set_num_threads(2)
 
@@ -289,13 +290,21 @@ def test_search_finds_itself(search_app, starter_subset, tmp_path):
     assert [float(s) for s in scores] == sorted((float(s) for s in scores), reverse=True)
     caption = out.gallery[0][1]
     assert caption.startswith(f"{labels[3]} · sim 1.000 · ") and "immunohistochemistry" in caption
-    assert sum(round(100 * share) for share in out.votes.values()) == 100
-    counts = {lab: round(share * 8) for lab, share in out.votes.items()}
-    expected = majority_votes([row[1] for row in out.table])
-    assert list(counts.items()) == expected
-    assert f"Suggestion: **{expected[0][0]}** ({expected[0][1]} of 8 results)" in out.summary
-    tied = [lab for lab, n in expected[1:] if n == expected[0][1]]
-    assert ("tied with" in out.summary) == bool(tied)
+    # one verdict, decided on the query's 8 hits by the index's own threshold and fitted rule
+    index = search_app.index
+    found = search_app.galleries.search(uploads.decode_image(path), 8)
+    verdict = decide(
+        [[(h.label, h.score) for h in found.per_tile[0]]],
+        index.close_match_threshold,
+        index.decision_rule,
+        search_app.label_choices()[1:],
+    )
+    assert out.summary.startswith(verdict.text()) and verdict.unit == "results"
+    assert (out.votes is not None) == (verdict.kind == "suggestion")
+    if out.votes is not None:
+        assert sum(round(100 * share) for share in out.votes.values()) == 100
+        counts = {lab: round(share * 8) for lab, share in out.votes.items()}
+        assert list(counts.items()) == majority_votes([row[1] for row in out.table])
     assert len(out.tiles) == 1 and out.tiles[0][0].size == (64, 64)
     assert out.tiles[0][1] == "query as the model saw it (64×64)"
     assert np.abs(np.asarray(out.tiles[0][0], int) - np.asarray(images[3], int)).max() <= 1  # undone normalisation
@@ -308,16 +317,16 @@ def test_no_close_match_shows_no_suggestion(search_app, starter_subset, tmp_path
     threshold = search_app.index.close_match_threshold
     assert threshold is not None
     out = search_app.search(path, 8, app.ANY_LABEL)  # the query is a gallery patch: similarity 1.0
-    assert out.summary.startswith("### Suggestion: **") and out.votes is not None
+    assert not out.summary.startswith("### No close match")
     assert f"Best similarity 1.000 (close-match threshold {threshold:.3f})" in out.summary
     calibration = dict(search_app.index.manifest["close_match"], threshold=1.5)  # nothing reaches it
     monkeypatch.setitem(search_app.index.manifest, "close_match", calibration)
     out = search_app.search(path, 8, app.ANY_LABEL)
     assert out.summary.startswith(
-        "### No close match in this gallery\nThe best similarity, 1.000, is below this gallery's close-match "
+        "### No close match in this gallery  \nThe best similarity, 1.000, is below this gallery's close-match "
         "threshold 1.500"
     )
-    assert out.votes is None and "### Suggestion" not in out.summary
+    assert out.votes is None and "### Suggestion" not in out.summary and "Votes" not in out.summary
     assert len(out.gallery) == 8 and len(out.table) == 8
 
 
@@ -362,11 +371,11 @@ def test_large_query_is_tiled(search_app, tmp_path):
     assert out.overview.size == (384, 384 + legend)
     assert all(1 <= row[3] <= 36 for row in out.table)
     assert all(f" · tile {row[3]} · " in caption for row, (_, caption) in zip(out.table, out.gallery))
-    assert "of 36 tiles" in out.summary and "shrunk to 384×384 px" in out.summary
+    assert "of 36 tissue tiles" in out.summary and "shrunk to 384×384 px" in out.summary
     assert "**Best results** are the gallery patches most similar to any single tile" in out.summary
-    assert sum(round(100 * share) for share in out.votes.values()) == 100
+    assert (out.votes is not None) == out.summary.startswith("### Suggestion: **")
     whole = search_app.search(path, 8, None, "whole image")
-    assert len(whole.tiles) == 1 and "of 8 results" in whole.summary and whole.tile_table == []
+    assert len(whole.tiles) == 1 and whole.tile_table == [] and "tissue tiles" not in whole.summary
     assert "searched as 1 tile;" in whole.summary
 
 
@@ -388,8 +397,11 @@ def test_tiled_search_shows_every_tile_vote_and_skips_blank_glass(search_app, tm
     assert sum(counted.values()) == 18 and "18 skipped as blank glass" in out.summary
     assert all(row[3] not in blank for row in out.table)  # no result comes from a blank tile
     assert out.tiles[3][1] == "tile 4 (row 1, col 4) → skipped (blank glass)"
-    shown = {lab: round(100 * share) for lab, share in out.votes.items()}
-    assert sum(shown.values()) == 100 and set(shown) == set(counted)
+    assert "of 18 tissue tiles" in out.summary and "18 blank tiles skipped" in out.summary  # the verdict's count
+    assert (out.votes is not None) == out.summary.startswith("### Suggestion: **")  # a chart only for a suggestion
+    if out.votes is not None:
+        shown = {lab: round(100 * share) for lab, share in out.votes.items()}
+        assert sum(shown.values()) == 100 and set(shown) == set(counted)
 
 
 def test_page_handler_and_evaluate_rank_the_same_patches(tiny, base_index_dir, tmp_path):
@@ -446,8 +458,9 @@ def test_tiff_query_gets_a_png_preview(search_app, tmp_path):
     assert png.endswith(".png") and Image.open(png).format == "PNG"
     assert np.array_equal(np.asarray(Image.open(png)), np.asarray(uploads.decode_image(tiff)))
     assert search_app.search(png, 5, None).table == search_app.search(tiff, 5, None).table
-    assert search_app.preview(save(tissue(100), tmp_path / "q.png")) == gr.skip()  # browsers show PNG
-    assert search_app.preview(str(tmp_path / "missing.tif")) == gr.skip()
+    shown = save(tissue(100), tmp_path / "q.png")
+    assert search_app.preview(shown) == shown  # browsers show PNG: the upload itself (never an update)
+    assert search_app.preview(str(tmp_path / "missing.tif")) == str(tmp_path / "missing.tif")
     assert search_app.preview(None) == gr.skip()
 
 
@@ -457,8 +470,13 @@ def test_export_csv_and_zip(search_app, tmp_path):
     query = tissue(128)
     out = search_app.search(save(query, tmp_path / "q.png"), 5, None)
     rows = list(csv.reader(Path(out.csv).read_text().splitlines()))
-    assert rows[0] == ["rank", "label", "similarity", "tile", "gallery", "source"]
-    assert rows[1:] == [[str(v) for v in row] for row in out.table]
+    verdict = ["verdict", "estimated precision", "close-match threshold", "close-match tiles"]
+    assert rows[0] == ["rank", "label", "similarity", "tile", "gallery", "source"] + verdict
+    assert [row[:6] for row in rows[1:]] == [[str(v) for v in row] for row in out.table]
+    # every row carries the search's verdict (the summary's headline), its precision and the threshold
+    assert {tuple(row[6:]) for row in rows[1:]} == {tuple(rows[1][6:])}
+    assert f"### {rows[1][6]}" in out.summary and f"close-match threshold {rows[1][8]}" in out.summary
+    assert rows[1][9] == "1.000"
     with zipfile.ZipFile(out.archive) as archive:
         names = archive.namelist()
         assert names == ["results.csv", "query.png"] + [f"result_{i:02d}.png" for i in range(1, 6)]
@@ -826,3 +844,28 @@ def test_import_is_light():
     )
     assert out.stdout.split() == ["False", "False"]
     assert not Path(app.__file__).with_suffix(".pyi").exists()  # no Gradio stub written next to app.py
+
+
+def test_response_files_are_bounded_by_size(tmp_path):
+    """The oldest response folders go first once all of them exceed ``max_bytes``; the newest stay."""
+    import time
+
+    from index_build.display import ResponseFiles
+
+    files = ResponseFiles(max_bytes=1000)
+    folders = []
+    for i in range(5):
+        folder = files.new_folder("export-")
+        (folder / "results.zip").write_bytes(b"x" * 400)
+        stamp = time.time() - 100 + i  # distinct ages, well inside the hour
+        os.utime(folder, (stamp, stamp))
+        folders.append(folder)
+    # before the 5th folder: 4 x 400 bytes > 1000, so the two oldest went; the 5th is added after
+    assert sorted(p for p in files.root.iterdir()) == sorted(folders[2:])
+    files.prune()
+    assert sorted(p for p in files.root.iterdir()) == sorted(folders[3:])  # 1,200 bytes -> 800
+    aged = ResponseFiles(ttl_s=50, max_bytes=10**9)
+    old = aged.new_folder()
+    os.utime(old, (time.time() - 60, time.time() - 60))
+    aged.prune()
+    assert not old.exists()  # the hour-long (here 50 s) age limit still applies

@@ -135,8 +135,9 @@ def test_upload_and_search_in_chromium(server, tmp_path):
             assert len(captions) == K
             assert all(caption.match(text.strip()) for text in captions), captions
             summary = page.locator("#summary").inner_text()
-            assert re.search(rf"Suggestion: ({'|'.join(labels)}) \(\d of {K} results\)", summary), summary
-            assert page.locator("#votes").inner_text().strip() != ""
+            # one verdict (index_build.verdict), ending with the gallery's scope
+            verdict = rf"^(Suggestion: ({'|'.join(labels)})|Close call: |No close match in this gallery)"
+            assert re.search(verdict, summary) and "This gallery holds" in summary, summary
             page.locator("#seen .thumbnail-item").first.wait_for(timeout=30_000)
             # Captions sit below their image, not over it, and are not cut off.
             item = page.locator("#results .thumbnail-item").first
@@ -229,13 +230,18 @@ def test_search_through_gradio_client(server):
     )
     assert len(gallery) == 5 and all(item["caption"].split(" · ")[0] in labels for item in gallery)
     assert [row[0] for row in table["data"]] == [1, 2, 3, 4, 5]
-    assert summary.startswith("### Suggestion: **") and "of 5 results" in summary
-    assert votes["label"] in labels and len(seen) == 1 and tile_table["data"] in ([], [[""] * 6], [[None] * 6])
+    assert summary.startswith(("### Suggestion: **", "### Close call: ", "### No close match")), summary
+    assert (votes is not None and votes.get("label") in labels) == summary.startswith("### Suggestion: **")
+    assert len(seen) == 1 and tile_table["data"] in ([], [[""] * 6], [[None] * 6])
     import httpx
 
     text = httpx.get(csv_file["url"], timeout=30).text  # the same CSV the page's button gives
-    rows = [line.split(",") for line in text.splitlines()]
-    assert rows[0] == ["rank", "label", "similarity", "tile", "gallery", "source"]
+    import csv
+
+    rows = list(csv.reader(text.splitlines()))
+    verdict = ["verdict", "estimated precision", "close-match threshold", "close-match tiles"]
+    assert rows[0] == ["rank", "label", "similarity", "tile", "gallery", "source"] + verdict
+    assert summary.startswith(f"### {rows[1][6]}".replace("Suggestion: ", "Suggestion: **"))
     assert [r[:4] for r in rows[1:]] == [[str(v) for v in row[:4]] for row in table["data"]]
     assert not any(r[5].startswith("/") for r in rows[1:])  # no server paths
     assert zip_file["url"].endswith("results.zip")
@@ -333,3 +339,51 @@ def test_personal_gallery_table_after_a_delete_in_chromium(server, tmp_path):
         finally:
             browser.close()
     assert (SHOTS / "personal-gallery-after-delete.png").stat().st_size > 10_000
+
+
+@pytest.mark.browser
+def test_search_tab_decodes_uploads_itself_in_chromium(server, tmp_path):
+    """The browser upload reaches the app undecoded: a text file named .png gets the app's one-line
+    message (not Gradio's "Error" and traceback), and an RGBA PNG's transparent half becomes white
+    glass exactly as through the API (same top similarity)."""
+    from gradio_client import Client, handle_file
+    from playwright.sync_api import sync_playwright
+
+    url, query, _ = server
+    fake = tmp_path / "not_image.png"
+    fake.write_text("this is a text file, not a PNG\n")
+    rgba = np.asarray(Image.open(query).convert("RGBA")).copy()
+    rgba[:, rgba.shape[1] // 2 :, 3] = 0  # the right half fully transparent
+    transparent = tmp_path / "half_transparent.png"
+    Image.fromarray(rgba, "RGBA").save(transparent)
+    api = Client(url, verbose=False, download_files=False).predict(
+        handle_file(str(transparent)), app.DEFAULT_K, app.ANY_LABEL, app.TILE_MODES[0], api_name="/search"
+    )
+    api_top = api[0][0]["caption"].split(" · ")[1]  # "sim 0.854"
+    with sync_playwright() as p:
+        browser = _chromium(p)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.wait_for_selector("#search-button", timeout=60_000)
+            page.locator("#query input[type=file]").set_input_files(str(fake))
+            page.wait_for_timeout(1_000)
+            page.click("#search-button")
+            page.get_by_text("not an image file").first.wait_for(timeout=60_000)
+            assert "not_image.png: not an image file" in page.locator("#summary").inner_text()
+            toasts = page.locator(".toast-body").all_inner_texts()  # a warning, never an error naming a cache path
+            assert page.locator(".toast-body.error").count() == 0 and not any("/tmp/gradio" in t for t in toasts)
+            assert "Error" not in page.locator("#summary").inner_text()
+
+            page.goto(url)
+            page.wait_for_selector("#search-button", timeout=60_000)
+            page.locator("#query input[type=file]").set_input_files(str(transparent))
+            page.locator("#query img").first.wait_for(timeout=30_000)
+            page.click("#search-button")
+            page.wait_for_function(
+                f"document.querySelectorAll('#results .thumbnail-item').length === {app.DEFAULT_K}", timeout=120_000
+            )
+            first = page.locator("#results .caption-label").first.inner_text().split(" · ")[1]
+            assert first == api_top, (first, api_top)
+        finally:
+            browser.close()

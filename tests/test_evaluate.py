@@ -79,6 +79,9 @@ def test_queries_against_gallery_hand_computed(gallery, queries):
     assert m["per_class_recall@1"] == {"A": 1.0, "B": 0.5}
     assert (m["n_gallery"], m["n_queries"]) == (4, 3)
     assert m["queries_per_s"] > 0
+    # the verdict reads all 4 patches (8 wanted): 2 of each label, so every query is a close call (a
+    # 4-patch gallery is too small for a fit: the default rule, which needs near-unanimous votes)
+    assert (m["verdict_coverage"], m["verdict_precision"], m["verdict_kinds"]) == (0.0, None, {"close_call": 3})
 
 
 def test_leave_one_out_hand_computed(gallery):
@@ -118,7 +121,7 @@ def test_format_table():
     m.update(eta_total=0.25, queries_per_s=12.345, n_gallery=4, n_queries=2)
     lines = format_table([("m", m)]).splitlines()
     assert lines[0].startswith("| model | n_gallery | n_queries | Recall@1 | Recall@5 | mMV@5 | mAP@5 | η_p")
-    assert lines[2] == "| m | 4 | 2 | 0.5000 | 1.0000 | 0.2500 | 0.7500 | 0.5000 | 0.5000 | 0.2500 | 12.3 |"
+    assert lines[2] == "| m | 4 | 2 | 0.5000 | 1.0000 | 0.2500 | 0.7500 | 0.5000 | 0.5000 | 0.2500 | - | - | 12.3 |"
 
 
 @pytest.fixture(scope="module")

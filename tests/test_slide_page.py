@@ -138,6 +138,7 @@ def test_region_search_finds_its_own_tiles_and_draws_the_vote_map(loaded):
         edge = vote_map[y - 1344 + 100, x - 896 + 3]  # on the tile's left outline
         assert tuple(edge) == page.label_colour(vote), (number, vote)
     assert out.table[0][6:] == ["cmu_small_region.svs", s.hits[0]["x"], s.hits[0]["y"], 224]
+    assert out.table[0][2] == "1.000" and all(len(row[2]) == 5 for row in out.table)  # 3 decimals, "1.000" too
 
 
 def test_background_tiles_are_skipped_and_counted(loaded, svs):
@@ -263,14 +264,17 @@ def test_an_index_built_by_the_slide_build(svs, tmp_path):
 def test_region_below_the_close_match_threshold_gives_no_suggestion(loaded, monkeypatch):
     page, session = loaded
     session = replace(session, region=(896, 1344, 448, 448))
-    assert page.search(session, 4).summary.startswith("### Suggestion: **")  # its own tiles: similarity 1
+    own = page.search(session, 4).summary  # its own tiles: similarity 1, a close match
+    assert not own.startswith("### No close match") and "Best similarity 1.000 (close-match threshold" in own
+    assert "4 of 4 tissue tiles (100%) have a close match" in own and "This gallery holds" in own
     main = page.galleries.main
     monkeypatch.setattr(type(main), "close_match_threshold", property(lambda self: 1.5))
     out = page.search(session, 4)
     assert out.summary.startswith(
-        "### No close match in this gallery\nThe best similarity, 1.000, is below this gallery's close-match "
-        "threshold 1.500: the tile votes are shown for reference, not as a suggestion."
+        "### No close match in this gallery  \nThe best similarity, 1.000, is below this gallery's close-match "
+        "threshold 1.500.  \nThe nearest patches are shown for reference, not as a suggestion."
     ), out.summary
+    assert "Tile votes" not in out.summary and "0 of 4 tissue tiles (0%) have a close match" in out.summary
 
 
 def test_region_search_goes_through_the_query_core(loaded, svs):

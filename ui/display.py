@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TABLE_HEADERS",
     "TILE_HEADERS",
+    "VERDICT_HEADERS",
     "draw_tile_grid",
     "plural",
     "public_index_name",
@@ -48,8 +49,10 @@ __all__ = [
 ]
 
 TABLE_HEADERS = ["rank", "label", "similarity", "tile", "gallery", "source"]
+VERDICT_HEADERS = ["verdict", "estimated precision", "close-match threshold", "close-match tiles"]
 TILE_HEADERS = ["tile", "position", "tissue", "top label", "top similarity", "vote"]
 BLANK = "skipped (blank glass)"
+MAX_RESPONSE_BYTES = 200 * 1024 * 1024  # all response and export files of one process, at most
 
 
 def plural(n: int, word: str, many: Optional[str] = None) -> str:
@@ -206,6 +209,13 @@ TILED_RULE = (
     "*Tile votes* below and *How large images are searched*)."
 )
 
+VERDICT_RULE = (
+    "The verdict reads the 8 best hits of each tile: a suggestion when the precision this gallery's own "
+    "leave-group-out search gives such evidence (vote share, similarity margin between the best two labels, "
+    "best similarity) reaches 97%; tiles without a close match abstain, and tiles that surely name different "
+    "labels make the query mixed (see *The verdict* in the README)."
+)
+
 
 def result_rows(
     found: TiledResult, roots: Optional[dict[str, Optional[str]]] = None
@@ -252,11 +262,20 @@ def tile_rows(found: TiledResult, filtered: bool = False) -> list[list[Any]]:
 
 
 def results_csv(found: TiledResult, roots: Optional[dict[str, Optional[str]]] = None) -> str:
-    """The results as CSV text: a header (:data:`TABLE_HEADERS`) and the rows of :func:`result_rows`."""
+    """The results as CSV text: a header (:data:`TABLE_HEADERS` + :data:`VERDICT_HEADERS`) and the rows of
+    :func:`result_rows`, each followed by the search's verdict, its estimated precision, the close-match
+    threshold and the share of tiles with a close match (the same on every row; empty with a label filter)."""
+    v = found.verdict
+    threshold = "" if found.threshold is None else f"{found.threshold:.3f}"
+    tail = (
+        [v.headline(), "" if v.precision is None else f"{v.precision:.3f}", threshold, f"{v.close_share:.3f}"]
+        if v
+        else ["", "", threshold, ""]
+    )
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(TABLE_HEADERS)
-    writer.writerows(result_rows(found, roots)[1])
+    writer.writerow(TABLE_HEADERS + VERDICT_HEADERS)
+    writer.writerows(row + tail for row in result_rows(found, roots)[1])
     return buffer.getvalue()
 
 
@@ -311,6 +330,8 @@ def result_summary(
             "(clear the filter to get one). " + (below if found.close_match is False else "") + "  \n"
         )
         vote_text = ""
+    elif found.verdict is not None:  # the one decision (index_build.verdict): no separate vote line
+        headline, vote_text = found.verdict.text() + "  \n", ""
     elif found.close_match is False:
         headline = (
             f"### No close match in this gallery\n{below} The nearest patches are shown for reference, "
@@ -334,8 +355,17 @@ def result_summary(
         + f"Query: {size_text}, searched as {plural(len(tiles), 'tile')}"
         f"{' (' + str(size) + ' px)' if several else ''}{skipped_text}; "
         f"{plural(len(found.hits), 'result')}{' with label ' + repr(label) if label else ''}.  \n"
-        f"_{TILED_RULE if several else SINGLE_RULE}_"
+        + (f"_{TILED_RULE if several else SINGLE_RULE}_" if found.verdict is None else "")
+        + (f"_{TILED_RULE}_  \n" if several and found.verdict is not None else "")
+        + (f"_{VERDICT_RULE}_" if found.verdict is not None else "")
     )
+
+
+def _tile_word(vote: Optional[str], hits: Sequence[Any], threshold: Optional[float]) -> str:
+    """A tile's caption word: its vote, or "no close match" when its best hit is below the threshold."""
+    if hits and threshold is not None and hits[0].score < threshold:
+        return "no close match"
+    return vote or "-"
 
 
 def tile_views(found: TiledResult, processor: Any) -> list[tuple[Image.Image, str]]:
@@ -348,9 +378,9 @@ def tile_views(found: TiledResult, processor: Any) -> list[tuple[Image.Image, st
         (
             image,
             f"tile {t.number} (row {t.row + 1}, col {t.col + 1}) → "
-            f"{'skipped (blank glass)' if t.number in found.skipped else vote or '-'}",
+            f"{'skipped (blank glass)' if t.number in found.skipped else _tile_word(vote, hits, found.threshold)}",
         )
-        for image, t, vote in zip(seen, found.tiles, found.tile_votes())
+        for image, t, vote, hits in zip(seen, found.tiles, found.tile_votes(), found.per_tile)
     ]
 
 
@@ -382,11 +412,14 @@ class ResponseFiles:
     """Fresh, never-rewritten image files for each response of a web page.
 
     Each :meth:`writer` call makes a new folder under this process's root folder; folders older
-    than ``ttl_s`` are removed then (a client has fetched its images long before).
+    than ``ttl_s`` are removed then (a client has fetched its images long before), and then the
+    oldest folders until all of them hold at most ``max_bytes`` (each search writes about 2 MB of
+    images and export files: without the bound a busy page filled gigabytes within the hour).
     """
 
-    def __init__(self, ttl_s: float = 3600.0) -> None:
+    def __init__(self, ttl_s: float = 3600.0, max_bytes: int = MAX_RESPONSE_BYTES) -> None:
         self.ttl_s = float(ttl_s)
+        self.max_bytes = int(max_bytes)
         self._root: Optional[Path] = None
 
     @property
@@ -397,11 +430,25 @@ class ResponseFiles:
         return self._root
 
     def prune(self) -> None:
-        """Remove response folders older than ``ttl_s``."""
+        """Remove response folders older than ``ttl_s``, then the oldest until the rest fit ``max_bytes``."""
         cutoff = time.time() - self.ttl_s
+        kept = []
         for old in self.root.iterdir():
-            if old.stat().st_mtime < cutoff:
-                shutil.rmtree(old, ignore_errors=True)
+            try:
+                mtime = old.stat().st_mtime
+                if mtime < cutoff:
+                    shutil.rmtree(old, ignore_errors=True)
+                    continue
+                size = sum(entry.stat().st_size for entry in os.scandir(old) if entry.is_file())
+            except OSError:  # removed meanwhile (another thread pruning)
+                continue
+            kept.append((mtime, old.name, size, old))
+        total = sum(size for _, _, size, _ in kept)
+        for _, _, size, old in sorted(kept):
+            if total <= self.max_bytes:
+                break
+            shutil.rmtree(old, ignore_errors=True)
+            total -= size
 
     def new_folder(self, prefix: str = "response-") -> Path:
         """A new, empty folder for one response's files (old ones are pruned first)."""

@@ -476,25 +476,24 @@ class SlidePage:
         drawn = time.perf_counter()
         results = [(to_file(hit.thumbnail or _blank(self.input_size)), self._caption(hit)) for hit in hits]
         table = [
-            [rank, r["label"], round(r["score"], 4), r["tile"], r["gallery"], r["source"]]
+            [rank, r["label"], f"{r['score']:.3f}", r["tile"], r["gallery"], r["source"]]
             + ([r["slide"], r["x"], r["y"], r["size0"]] if r["slide"] else ["", "", "", ""])
             for rank, r in enumerate(session.hits, 1)
         ]
-        votes, unit, threshold = found.votes, found.unit, found.threshold
-        total = sum(n for _, n in votes)
-        if not hits:
+        votes = found.votes
+        verdict = found.verdict  # the one decision of index_build.verdict, made by the query core
+        if not hits or verdict is None:
             headline = "### No results\nThe galleries are empty.  \n"
-        elif found.suggestion is None:
-            headline = (
-                f"### No close match in this gallery\nThe best similarity, {hits[0].score:.3f}, is below this "
-                f"gallery's close-match threshold {threshold:.3f}: the tile votes are shown for reference, not as "
-                "a suggestion.  \n"
-            )
         else:
-            headline = f"### Suggestion: **{found.suggestion}** ({votes[0][1]} of {total} {unit})\n"
+            headline = verdict.text() + "  \n"
         summary = (
-            headline + f"Votes: {', '.join(f'{lab}: {n}' for lab, n in votes)}.  \n"
-            f"Region of {session.name}: {len(tissue)} tissue tile{'s' if len(tissue) != 1 else ''} searched, "
+            headline
+            + (
+                f"Tile votes: {', '.join(f'{lab}: {n}' for lab, n in votes)}.  \n"
+                if verdict and verdict.close_tiles
+                else ""
+            )
+            + f"Region of {session.name}: {len(tissue)} tissue tile{'s' if len(tissue) != 1 else ''} searched, "
             f"{len(skipped)} background tile{'s' if len(skipped) != 1 else ''} skipped (tiles of "
             f"{self.tile_size} px at {self.mpp:g} µm/px; tissue rule: at least {MIN_TISSUE_FRACTION:.0%} tissue). "
             "Each tile votes for the "

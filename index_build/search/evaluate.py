@@ -30,13 +30,14 @@ from index_build.patch_index import PatchIndex
 from index_build.search_core import Query, VectorGallery, run_query
 from index_build.sources import check_source, env_model_revision, is_default_model
 from index_build.storage import has_index
+from index_build.verdict import VERDICT_K, Verdict, decide
 
 logger = logging.getLogger(__name__)
 
 BASELINES = ("gap", "gem")
 BASELINE_GEM_P = 3.0
 
-__all__ = ["BASELINES", "BackboneEmbedder", "embed_rows", "evaluate", "format_table", "main"]
+__all__ = ["BASELINES", "BackboneEmbedder", "embed_rows", "evaluate", "format_table", "main", "verdict_metrics"]
 
 
 class BackboneEmbedder:
@@ -161,16 +162,38 @@ def tiled_retrieval(
         the whole pass, the total number of tiles searched (blank-glass tiles left out) and the
         merged ranked gallery ids of every query.
     """
+    retrieved, labels, seconds, tiles, ids, _verdicts = _tiled_pass(
+        queries, embedder, search, gallery_labels, k, progress
+    )
+    return retrieved, labels, seconds, tiles, ids
+
+
+def _tiled_pass(
+    queries,
+    embedder: Any,
+    search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]],
+    gallery_labels: Sequence[Any],
+    k: int,
+    progress: bool = True,
+    decision: Optional[tuple[Optional[float], Optional[dict], Sequence[str]]] = None,
+) -> tuple[np.ndarray, list[str], float, int, list[list[int]], list[Verdict]]:
+    """:func:`tiled_retrieval`, plus the verdict of every query when ``decision`` = ``(threshold, rule,
+    labels)`` is given (each tile searched for at least ``VERDICT_K`` hits; the ranking uses ``k``)."""
     from tqdm.auto import tqdm
 
     from modeling_lgffem import to_rgb_uint8
 
-    gallery = [("gallery", VectorGallery(search, gallery_labels))]
-    retrieved, labels, ranked, tiles_searched = [], [], [], 0
+    gallery = VectorGallery(search, gallery_labels)
+    if decision is not None:  # the verdict's inputs: this gallery's threshold, fitted rule and labels
+        gallery.close_match_threshold, gallery.decision_rule, gallery.labels = decision
+    galleries = [("gallery", gallery)]
+    retrieved, labels, ranked, tiles_searched, verdicts = [], [], [], 0, []
     start = time.perf_counter()
     for row in tqdm(range(len(queries)), unit="img", desc="tiled queries", disable=not progress):
         item = queries[row]
-        found = run_query(Query.picture(to_rgb_uint8(item["image"])), gallery, k, embedder=embedder, thumbnails=False)
+        found = run_query(Query.picture(to_rgb_uint8(item["image"])), galleries, k, embedder=embedder, thumbnails=False)
+        if decision is not None:
+            verdicts.append(found.verdict)
         retrieved.append([h.label for h in found.hits] + [None] * (k - len(found.hits)))
         ranked.append([h.id for h in found.hits])
         labels.append(item["label"])
@@ -181,7 +204,38 @@ def tiled_retrieval(
         time.perf_counter() - start,
         tiles_searched,
         ranked,
+        verdicts,
     )
+
+
+def verdict_metrics(query_labels: Sequence[Any], verdicts: Sequence[Verdict]) -> dict[str, Any]:
+    """``verdict_coverage`` (share of queries given a suggestion), ``verdict_precision`` (share of the
+    suggestions that are right; ``None`` without suggestions) and ``verdict_kinds`` (count per kind)."""
+    suggested = [v.label == str(q) for q, v in zip(query_labels, verdicts) if v.kind == "suggestion"]
+    kinds: dict[str, int] = {}
+    for v in verdicts:
+        kinds[v.kind] = kinds.get(v.kind, 0) + 1
+    return {
+        "verdict_coverage": len(suggested) / len(verdicts) if verdicts else 0.0,
+        "verdict_precision": sum(suggested) / len(suggested) if suggested else None,
+        "verdict_kinds": kinds,
+    }
+
+
+def gallery_decision_inputs(gallery: Any, xb: Optional[np.ndarray] = None, labels: Sequence[Any] = ()) -> tuple:
+    """``(threshold, rule, labels)`` of a gallery: an index's own (manifest), or, for a dataset embedded
+    here (``xb``), calibrated and fitted now as ``python -m index_build`` would."""
+    from index_build.calibration import close_match_threshold
+    from index_build.verdict import fit_decision, near_duplicate_groups
+
+    if isinstance(gallery, PatchIndex):
+        return gallery.close_match_threshold, gallery.decision_rule, gallery.labels
+    calibration = close_match_threshold(xb)
+    threshold = calibration["threshold"] if calibration else None
+    sources = [str(s) for s in gallery.with_format(None)["source"]] if "source" in gallery.column_names else []
+    groups, how = near_duplicate_groups(sources) if sources else ([str(i) for i in range(len(xb))], "row")
+    names = [str(label) for label in labels]
+    return threshold, fit_decision(xb, names, groups, threshold, groups_from=how), sorted(set(names))
 
 
 def retrieval_metrics(query_labels: Sequence[Any], retrieved_labels: np.ndarray, k: int = 5) -> dict[str, Any]:
@@ -240,7 +294,7 @@ def evaluate(
         raise ValueError("tile needs queries: tiled search is for query images, not leave-one-out")
     if tile:
         return _evaluate_tiled(embedder, gallery, queries, k, batch_size, num_workers, progress)
-    depth = k + 1 if leave_one_out else k
+    depth = max(k, VERDICT_K) + 1 if leave_one_out else max(k, VERDICT_K)
     if isinstance(gallery, PatchIndex):
         gallery_labels = gallery.row_labels
         if leave_one_out:
@@ -248,9 +302,10 @@ def evaluate(
         else:
             xq, query_labels, embed_seconds = embed_rows(queries, embedder, batch_size, num_workers, progress)
         start = time.perf_counter()
-        scores, ids = gallery.search_embeddings(xq, depth)
+        scores, ids = gallery.search_embeddings(xq, min(depth, len(gallery)))
         search_seconds = time.perf_counter() - start
         n_gallery = len(gallery)
+        decision = gallery_decision_inputs(gallery)
     else:
         xb, gallery_labels, gallery_seconds = embed_rows(gallery, embedder, batch_size, num_workers, progress)
         if leave_one_out:
@@ -261,13 +316,25 @@ def evaluate(
         scores, ids = _exact_search(xb, xq, min(depth, len(xb)))
         search_seconds = time.perf_counter() - start
         n_gallery = len(xb)
+        decision = gallery_decision_inputs(gallery, xb, gallery_labels)
     if leave_one_out:
-        ids, scores = _drop_self(ids, scores, min(k, ids.shape[1] - 1))
+        ids, scores = _drop_self(ids, scores, min(depth - 1, ids.shape[1] - 1))
     if ids.shape[1] < k:
         raise ValueError(f"the gallery has too few images ({n_gallery}) for k={k}")
     labels = np.asarray(gallery_labels, dtype=object)
-    retrieved = np.where(ids >= 0, labels[np.clip(ids, 0, None)], None)
-    metrics = retrieval_metrics(query_labels, retrieved, k)
+    found = np.where(ids >= 0, labels[np.clip(ids, 0, None)], None)
+    metrics = retrieval_metrics(query_labels, found[:, :k], k)
+    threshold, rule, scope = decision
+    verdicts = [
+        decide(
+            [[(str(lab), float(sc)) for lab, sc, i in zip(row_labels, row_scores, row_ids) if i >= 0]],
+            threshold,
+            rule,
+            scope,
+        )
+        for row_labels, row_scores, row_ids in zip(found, scores, ids)
+    ]
+    metrics.update(verdict_metrics(query_labels, verdicts))
     metrics.update(
         queries_per_s=len(query_labels) / max(embed_seconds + search_seconds, 1e-9),
         n_gallery=int(n_gallery),
@@ -286,6 +353,8 @@ def _evaluate_tiled(
 
         def search(xq: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
             return gallery.search_embeddings(xq, min(depth, n_gallery))
+
+        decision = gallery_decision_inputs(gallery)
     else:
         xb, gallery_labels, _seconds = embed_rows(gallery, embedder, batch_size, num_workers, progress)
         n_gallery = len(xb)
@@ -293,12 +362,14 @@ def _evaluate_tiled(
         def search(xq: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
             return _exact_search(xb, xq, min(depth, n_gallery))
 
+        decision = gallery_decision_inputs(gallery, xb, gallery_labels)
     if n_gallery < k:
         raise ValueError(f"the gallery has too few images ({n_gallery}) for k={k}")
-    retrieved, query_labels, seconds, tiles, _ids = tiled_retrieval(
-        queries, embedder, search, gallery_labels, k, progress
+    retrieved, query_labels, seconds, tiles, _ids, verdicts = _tiled_pass(
+        queries, embedder, search, gallery_labels, k, progress, decision
     )
     metrics = retrieval_metrics(query_labels, retrieved, k)
+    metrics.update(verdict_metrics(query_labels, verdicts))
     metrics.update(
         queries_per_s=len(query_labels) / max(seconds, 1e-9),
         n_gallery=int(n_gallery),
@@ -313,11 +384,13 @@ def _evaluate_tiled(
 def format_table(rows: Sequence[tuple[str, dict]], k: int = 5) -> str:
     """A Markdown table, one row per ``(name, metrics)``."""
     header = ["model", "n_gallery", "n_queries", "Recall@1", f"Recall@{k}", f"mMV@{k}", f"mAP@{k}"]
-    header += ["η_p", "η_W", "η_total", "queries/s"]
+    header += ["η_p", "η_W", "η_total", "verdict coverage", "verdict precision", "queries/s"]
     keys = ["recall@1", f"recall@{k}", f"mmv@{k}", f"map@{k}", "eta_p", "eta_w", "eta_total"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, m in rows:
         cells = [name, str(m["n_gallery"]), str(m["n_queries"])] + [f"{m[key]:.4f}" for key in keys]
+        for key in ("verdict_coverage", "verdict_precision"):
+            cells.append("-" if m.get(key) is None else f"{m[key]:.4f}")
         cells.append(f"{m['queries_per_s']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -42,6 +42,7 @@ from index_build.storage import (
     read_directory,
     write_directory,
 )
+from index_build.verdict import fit_decision, near_duplicate_groups, rule_of
 
 if TYPE_CHECKING:
     import torch
@@ -306,6 +307,29 @@ class PatchIndex:
         calibration = self.manifest.get("close_match")
         return float(calibration["threshold"]) if isinstance(calibration, dict) and "threshold" in calibration else None
 
+    @property
+    def decision_rule(self) -> dict:
+        """The fitted decision rule of :mod:`index_build.verdict` (manifest ``decision``).
+
+        An index written before the rule existed gets it fitted on first use from its stored vectors
+        (kept in memory, marked ``"computed": "on load"``, not written); where the vectors cannot be
+        read back (IVF without a direct map) or no rule can be fitted (a single label), the
+        conservative :data:`~index_build.verdict.DEFAULT_RULE`.
+        """
+        if "decision" in self.manifest or len(self) == 0:
+            return rule_of(self.manifest)
+        cached = getattr(self, "_decision_on_load", None)
+        if cached is None:
+            try:
+                fitted = gallery_decision(
+                    self.reconstruct_all(), self.metadata_table(), self.manifest.get("close_match")
+                )
+            except RuntimeError:
+                fitted = None
+            cached = dict(fitted, computed="on load") if fitted else rule_of({})
+            self._decision_on_load = cached
+        return cached
+
     # -- append -----------------------------------------------------------------------
 
     def add(
@@ -444,6 +468,7 @@ class PatchIndex:
         try:  # recalibrate on the changed gallery (exact for flat and HNSW, decoded codes otherwise)
             vectors = index.reconstruct_n(0, index.ntotal) if index.ntotal else np.zeros((0, index.d), np.float32)
             manifest["close_match"] = close_match_threshold(vectors)
+            manifest["decision"] = gallery_decision(vectors, metadata, manifest["close_match"])
         except RuntimeError:  # an IVF index without a direct map cannot reconstruct: keep the old value
             pass
         manifest = write_directory(self.path, index, metadata, manifest, extra_files)
@@ -578,9 +603,29 @@ def write_index(
     if not normalized:
         faiss.normalize_L2(xb)
     index, used = make_faiss_index(xb, index_type, index_params)
+    close_match = close_match_threshold(xb)
     return write_built_index(
-        path, index, used, metadata, embedder, index_type, dataset_info, skipped, close_match_threshold(xb), extra_files
+        path,
+        index,
+        used,
+        metadata,
+        embedder,
+        index_type,
+        dataset_info,
+        skipped,
+        close_match,
+        extra_files,
+        decision=gallery_decision(xb, metadata, close_match),
     )
+
+
+def gallery_decision(vectors: np.ndarray, metadata: pa.Table, close_match: Optional[dict]) -> Optional[dict]:
+    """The fitted decision rule (:func:`index_build.verdict.fit_decision`) of a gallery, for its manifest."""
+    names = [name for name in ("group_id", "group", "slide") if name in metadata.column_names]
+    extra = {name: metadata.column(name).to_pylist() for name in names}
+    groups, how = near_duplicate_groups(metadata.column("source").to_pylist(), extra)
+    threshold = close_match.get("threshold") if isinstance(close_match, dict) else None
+    return fit_decision(vectors, metadata.column("label").to_pylist(), groups, threshold, groups_from=how)
 
 
 def write_built_index(
@@ -594,11 +639,13 @@ def write_built_index(
     skipped: Optional[Sequence[dict]],
     close_match: Optional[dict],
     extra_files: Optional[dict] = None,
+    decision: Optional[dict] = None,
 ) -> PatchIndex:
     """Writer of an index already built (:func:`write_index` builds it from the vectors first).
 
     ``used`` are the index parameters, ``close_match`` the gallery's calibration
-    (:mod:`index_build.calibration`); the other arguments are those of :func:`write_index`.
+    (:mod:`index_build.calibration`), ``decision`` its fitted decision rule
+    (:mod:`index_build.verdict`); the other arguments are those of :func:`write_index`.
     """
     path = Path(path)
     if metadata.num_rows != index.ntotal:
@@ -621,6 +668,7 @@ def write_built_index(
         "skipped": [dict(entry) for entry in skipped or ()],
         "packages": package_versions(),
         "close_match": close_match,
+        "decision": decision,
     }
     manifest = write_directory(path, index, metadata, manifest, extra_files)
     logger.info("wrote %s index with %d vectors to %s", index_type, index.ntotal, path)

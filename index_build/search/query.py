@@ -16,12 +16,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from PIL import Image
 
 from index_build.metrics import majority_votes
 from index_build.tissue import TISSUE_RULE
+
+if TYPE_CHECKING:
+    from index_build.verdict import Verdict
 
 MIN_SIDE = 32  # px: below this a patch holds too little tissue to search
 WHOLE_IMAGE_FACTOR = 1.5  # images up to 1.5x the model input on their longer side are searched whole
@@ -201,6 +204,7 @@ class TiledResult:
     threshold: Optional[float] = None  # the main gallery's calibrated close-match similarity
     tissue: Optional[list[float]] = None  # tissue share of every tile (tiled queries; ``None``: not measured)
     skipped: tuple[int, ...] = ()  # numbers of the blank-glass tiles, neither searched nor voting
+    verdict: Optional[Verdict] = None  # the search's one decision (``None`` with a label filter)
 
     def tile_votes(self) -> list[Optional[str]]:
         """Every tile's vote (:func:`tile_vote`), in tile order; ``None`` for a skipped tile."""

@@ -35,6 +35,7 @@ from PIL import Image
 from index_build.query import EMBED_CHUNK, Hit, Tile, TiledResult, cut_tiles, merge_tiles, vote_tiles
 from index_build.tissue import MIN_TISSUE_FRACTION, tissue_fraction
 from index_build.uploads import InputError, decode_image
+from index_build.verdict import VERDICT_K, Verdict, decide
 
 if TYPE_CHECKING:
     import torch
@@ -76,6 +77,8 @@ class VectorGallery:
     in-memory galleries): no sources, no thumbnails, no close-match threshold."""
 
     close_match_threshold: Optional[float] = None
+    decision_rule: Optional[dict] = None  # the verdict's fitted rule (None: its default rule)
+    labels: Optional[Sequence[str]] = None  # the gallery's scope (None: the labels of its rows)
 
     def __init__(self, search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], labels: Sequence[Any]):
         self._search = search
@@ -172,20 +175,35 @@ def check_k(k: Any) -> int:
     return k_int
 
 
+def _verdict(
+    galleries: Sequence[tuple[str, Gallery]], ranked: list[list[tuple[str, float]]], threshold, skipped: int
+) -> Verdict:
+    """The calibrated verdict (:func:`index_build.verdict.decide`) on every searched tile's ranked
+    ``(label, similarity)`` hits, with the first non-empty gallery's fitted rule and every gallery's labels."""
+    main = next((g for _, g in galleries if len(g)), None)
+    rule = getattr(main, "decision_rule", None) if main is not None else None
+    scope = sorted({str(lab) for _, g in galleries if len(g) for lab in getattr(g, "labels", None) or g.row_labels})
+    return decide(ranked, threshold, rule, scope, skipped=skipped)
+
+
 def _decide(
-    per_tile: Sequence[Sequence[Hit]], hits: Sequence[Hit], threshold: Optional[float], label: Optional[str]
+    per_tile: Sequence[Sequence[Hit]],
+    hits: Sequence[Hit],
+    threshold: Optional[float],
+    label: Optional[str],
+    verdict: Optional[Verdict],
 ) -> Decision:
-    """The decision, at one call point (a calibrated verdict can replace it): each tile votes for the
-    majority label of its own hits (one tile: the hits vote), the most votes win; no suggestion under a
-    label filter or when the best hit is below the close-match threshold."""
+    """The decision, at one call point: the tiles' vote counts (each tile votes for the majority label
+    of its own hits; one tile: the hits vote), and a suggestion only when the calibrated verdict makes
+    one (never under a label filter)."""
     votes, unit = vote_tiles(per_tile, hits)
     if not hits:
         return Decision(None, votes, unit, "no results")
-    if label is not None:
+    if label is not None or verdict is None:
         return Decision(None, votes, unit, "filtered")
-    if threshold is not None and hits[0].score < threshold:
-        return Decision(None, votes, unit, "no close match")
-    return Decision(votes[0][0], votes, unit, "vote")
+    if verdict.kind == "suggestion":
+        return Decision(verdict.label, votes, unit, "vote")
+    return Decision(None, votes, unit, verdict.kind.replace("_", " "))
 
 
 def _search(
@@ -301,17 +319,19 @@ def run_query(
         xq = np.concatenate(parts)
         lap("embed")
 
-    with guard or nullcontext():
-        found = _search(galleries, xq, k, label)
+    with guard or nullcontext():  # the verdict reads at least VERDICT_K hits per tile, the page shows k
+        found = _search(galleries, xq, max(k, VERDICT_K) if label is None else k, label)
         lap("search")
         by_name = dict(galleries)
         per_tile: list[list[Hit]] = [[] for _ in tiles]
         for i, tile_hits in zip(searched, found):
-            per_tile[i] = [_hit(by_name[n], n, j, s, tiles[i].number, False) for n, j, s in tile_hits]
+            per_tile[i] = [_hit(by_name[n], n, j, s, tiles[i].number, False) for n, j, s in tile_hits[:k]]
         hits = merge_tiles(per_tile, k)[0]
         hits = [_hit(by_name[h.gallery], h.gallery, h.id, h.score, h.tile, thumbnails) for h in hits]
+        ranked = [[(str(by_name[n].row_labels[j]), s) for n, j, s in tile_hits] for tile_hits in found]
     threshold = next((g.close_match_threshold for _, g in galleries if g.close_match_threshold is not None), None)
-    decision = _decide(per_tile, hits, threshold, label)
+    verdict = None if label is not None else _verdict(galleries, ranked, threshold, len(skipped))
+    decision = _decide(per_tile, hits, threshold, label, verdict)
     lap("merge")
     return QueryResult(
         work=work,
@@ -328,4 +348,5 @@ def run_query(
         image=image,
         decision=decision,
         timings=timings,
+        verdict=verdict,
     )

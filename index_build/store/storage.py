@@ -593,6 +593,10 @@ def validate_manifest(manifest: Any) -> None:
     calibration = _field(manifest, "close_match", (dict, type(None)), "close_match", required=False)
     if calibration:
         _field(calibration, "threshold", _NUMBER, "close_match.threshold", required=False)
+    decision = _field(manifest, "decision", (dict, type(None)), "decision", required=False)
+    if decision:
+        _field(decision, "weights", (list,), "decision.weights", required=False)
+        _field(decision, "intercept", _NUMBER, "decision.intercept", required=False)
 
 
 def _read_manifest(path: Path, files: dict[str, Path], verify: bool) -> dict:
