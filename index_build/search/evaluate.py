@@ -65,7 +65,7 @@ class BackboneEmbedder:
     @torch.inference_mode()
     def embed_pixels(self, pixel_values: torch.Tensor) -> np.ndarray:
         """Preprocessed batch -> N x C float32 L2-normalised pooled last-stage features."""
-        from modeling_lgffem import gem
+        from functional_lgffem import gem
 
         x = self.backbone(pixel_values.to(self.device, non_blocking=True))[-1].float()
         if self.pooling == "gap":
@@ -161,7 +161,7 @@ def tiled_retrieval(
     """
     from tqdm.auto import tqdm
 
-    from modeling_lgffem import to_rgb_uint8
+    from image_processing_lgffem import to_rgb_uint8
 
     retrieved, labels, tiles_searched = [], [], 0
     start = time.perf_counter()
