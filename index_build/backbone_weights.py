@@ -109,7 +109,6 @@ def backbone_state_dict(backbone: nn.Module, config: LgffemConfig, source: str) 
     return {k: state[k] for k in wanted}
 
 
-
 def fresh_model(config: LgffemConfig, source: Optional[str] = EFFICIENTNET_LITE) -> LgffemModel:
     """A fresh model (neck and head newly initialised, from the global torch RNG) on a pretrained backbone.
 

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from index_build.data import label_strings
 from image_processing_lgffem import LgffemImageProcessor, to_rgb_uint8
+from index_build.data import label_strings
 
 logger = logging.getLogger(__name__)
 
