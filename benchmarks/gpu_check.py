@@ -38,7 +38,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeling_lgffem import LgffemConfig, LgffemImageProcessor, LgffemModel  # noqa: E402
+from configuration_lgffem import LgffemConfig  # noqa: E402
+from image_processing_lgffem import LgffemImageProcessor  # noqa: E402
+from modeling_lgffem import LgffemModel  # noqa: E402
 
 PAPER = dict(
     backbone="convnextv2_base",

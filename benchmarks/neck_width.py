@@ -20,7 +20,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from modeling_lgffem import LgffemConfig, LgffemModel  # noqa: E402
+from configuration_lgffem import LgffemConfig  # noqa: E402
+from modeling_lgffem import LgffemModel  # noqa: E402
 
 
 def count(module: torch.nn.Module) -> int:

@@ -20,8 +20,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from configuration_lgffem import LgffemConfig
+from image_processing_lgffem import LgffemImageProcessor
+from index_build.backbone_weights import EFFICIENTNET_LITE, fresh_model
 from index_build.sources import DEFAULT_MODEL
-from modeling_lgffem import EFFICIENTNET_LITE, LgffemConfig, LgffemImageProcessor, LgffemModel
+from modeling_lgffem import LgffemModel
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +61,7 @@ def untrained_model(seed: int = DEFAULT_SEED) -> LgffemModel:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return LgffemModel.from_backbone_weights(LgffemConfig(), EFFICIENTNET_LITE)
+        return fresh_model(LgffemConfig(), EFFICIENTNET_LITE)
 
 
 def file_sha256(path: Union[str, os.PathLike]) -> str:
@@ -100,7 +103,7 @@ def load_neck_head(path: Union[str, os.PathLike], backbone_weights: Optional[str
         meta = f.metadata() or {}
     if meta.get("format") != "lgffem-neck-head/1" or "config" not in meta:
         raise ValueError(f"{path} is not an LGFFEM neck-and-head file (metadata {sorted(meta)})")
-    model = LgffemModel.from_backbone_weights(LgffemConfig(**json.loads(meta["config"])), backbone_weights)
+    model = fresh_model(LgffemConfig(**json.loads(meta["config"])), backbone_weights)
     state = load_file(str(path))
     expected = {k for k in model.state_dict() if not k.startswith("backbone.")}
     if set(state) != expected:

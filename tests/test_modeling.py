@@ -1,33 +1,27 @@
-"""LGFFEM model, config, image processor and the transformers round trip."""
+"""LGFFEM model, config, image processor and the transformers round trip (new and old Hub folders)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
-import timm
 import torch
 from PIL import Image
 
-from modeling_lgffem import (
-    LgffemConfig,
-    LgffemImageProcessor,
-    LgffemModel,
-    efficientnet_lite_state_dict,
-    gem,
-    grn,
-    layer_norm_2d,
-    to_rgb_uint8,
-    weighted_fuse,
-)
+from configuration_lgffem import LgffemConfig
+from functional_lgffem import gem, grn, layer_norm_2d, weighted_fuse
+from image_processing_lgffem import LgffemImageProcessor, to_rgb_uint8
+from modeling_lgffem import LgffemModel
 
 ROOT = Path(__file__).resolve().parents[1]
+# The remote code that save_pretrained copies into a Hub folder (and the auto_map names).
+HUB_CODE = ("configuration_lgffem.py", "functional_lgffem.py", "image_processing_lgffem.py", "modeling_lgffem.py")
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -50,27 +44,6 @@ def test_paper_parameter_counts(backbone: str, neck_params: int) -> None:
         out = model(torch.randn(2, 3, 64, 64)).embeddings
     assert out.shape == (2, 2048)
     assert out.dtype == torch.float32
-
-
-def test_efficientnet_lite_mapping_predicts_espresso() -> None:
-    skimage_data = pytest.importorskip("skimage.data")
-    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    net.load_state_dict(efficientnet_lite_state_dict("tf_efficientnet_lite0"))
-    net.eval()
-    pixels = LgffemImageProcessor()(Image.fromarray(skimage_data.coffee()))["pixel_values"]
-    with torch.inference_mode():
-        top = net(pixels).argmax(-1).item()
-    assert top == 967  # ImageNet "espresso"
-
-
-def test_default_model_backbone_holds_pretrained_weights_after_post_init() -> None:
-    model = LgffemModel.from_backbone_weights(LgffemConfig())
-    mapped = efficientnet_lite_state_dict("tf_efficientnet_lite0")
-    backbone = model.backbone.state_dict()
-    checked = [k for k in backbone if not k.endswith("num_batches_tracked")]
-    assert len(checked) == 240  # every weight and BN statistic of the features-only Lite0
-    for key in checked:
-        torch.testing.assert_close(backbone[key], mapped[key], rtol=0, atol=0)
 
 
 def test_default_config_is_offline_lite0() -> None:
@@ -210,10 +183,28 @@ def test_forward_rejects_unknown_arguments(tiny_config: LgffemConfig) -> None:
         model(torch.zeros(1, 3, 64, 64), normalise=False)
 
 
-def test_model_file_has_no_global_switch_or_context_variable() -> None:
-    source = (ROOT / "modeling_lgffem.py").read_text()
+@pytest.mark.parametrize("name", HUB_CODE)
+def test_model_file_has_no_global_switch_or_context_variable(name: str) -> None:
+    source = (ROOT / name).read_text()
     assert "contextvars" not in source and "ContextVar" not in source
     assert ".reference" not in source
+
+
+@pytest.mark.parametrize("name", HUB_CODE)
+def test_hub_code_imports_only_public_libraries_and_its_siblings(name: str) -> None:
+    """The remote code runs without the project: no index_build, no weights package, nothing private."""
+    tree = ast.parse((ROOT / name).read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add("." * node.level + (node.module or "").split(".")[0])
+    siblings = {Path(n).stem for n in HUB_CODE}
+    allowed = {"__future__", "collections", "dataclasses", "os", "typing", "numpy", "PIL", "timm", "torch"}
+    allowed |= {"transformers"} | siblings | {f".{s}" for s in siblings}
+    assert imported <= allowed, imported - allowed
+    assert "pytorch_model" not in (ROOT / name).read_text()  # the EfficientNet-Lite weights packages
 
 
 # ---------------------------------------------------------------- image processor
@@ -261,50 +252,6 @@ def test_processor_rejects_non_images() -> None:
         to_rgb_uint8("not an image")  # type: ignore[arg-type]
 
 
-# ---------------------------------------------------------------- backbone weights
-
-
-@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-def test_backbone_weights_from_file(tmp_path: Path, tiny_config: LgffemConfig, suffix: str) -> None:
-    donor = LgffemModel(tiny_config)
-    state = {f"backbone.{k}": v.clone() for k, v in donor.backbone.state_dict().items()}
-    path = tmp_path / f"weights{suffix}"
-    if suffix == ".safetensors":
-        from safetensors.torch import save_file
-
-        save_file(state, str(path))
-    else:
-        torch.save(state, path)
-    model = LgffemModel.from_backbone_weights(tiny_config, str(path))
-    for key, value in donor.backbone.state_dict().items():
-        assert torch.equal(model.backbone.state_dict()[key], value)
-
-
-def test_backbone_weights_file_missing_tensors(tmp_path: Path, tiny_config: LgffemConfig) -> None:
-    path = tmp_path / "partial.pth"
-    torch.save({"conv_stem.weight": torch.zeros(32, 3, 3, 3)}, path)
-    with pytest.raises(ValueError, match="lack"):
-        LgffemModel.from_backbone_weights(tiny_config, str(path))
-    with pytest.raises(FileNotFoundError, match="not found"):
-        LgffemModel.from_backbone_weights(tiny_config, str(tmp_path / "none.pth"))
-
-
-def test_timm_weights_are_requested_only_by_the_explicit_call(tmp_path: Path, tiny_config: LgffemConfig) -> None:
-    real_create = timm.create_model
-    calls: list[bool] = []
-
-    def fake_create(name, pretrained=False, **kwargs):
-        calls.append(pretrained)
-        return real_create(name, pretrained=False, **kwargs)  # no network here
-
-    with mock.patch.object(timm, "create_model", side_effect=fake_create):
-        model = LgffemModel.from_backbone_weights(tiny_config, "timm")
-        model.save_pretrained(tmp_path)
-        LgffemModel.from_pretrained(tmp_path)
-        LgffemModel(tiny_config)
-    assert calls == [False, True, False, False]  # architecture, weights; loading and __init__ never download
-
-
 # ---------------------------------------------------------------- save / load round trip
 
 _LOAD_SCRIPT = textwrap.dedent(
@@ -343,17 +290,22 @@ def test_round_trip_in_fresh_process(tmp_path: Path, use_real: bool, request: py
     model.save_pretrained(model_dir)
     assert sorted(p.name for p in model_dir.iterdir()) == [
         "config.json",
+        "configuration_lgffem.py",
+        "functional_lgffem.py",
+        "image_processing_lgffem.py",
         "model.safetensors",
         "modeling_lgffem.py",
         "preprocessor_config.json",
     ]
+    for name in HUB_CODE:  # the copies are the checkout's files, byte for byte
+        assert (model_dir / name).read_bytes() == (ROOT / name).read_bytes()
     config = json.loads((model_dir / "config.json").read_text())
     assert config["auto_map"] == {
-        "AutoConfig": "modeling_lgffem.LgffemConfig",
+        "AutoConfig": "configuration_lgffem.LgffemConfig",
         "AutoModel": "modeling_lgffem.LgffemModel",
     }
     preprocessor = json.loads((model_dir / "preprocessor_config.json").read_text())
-    assert preprocessor["auto_map"] == {"AutoImageProcessor": "modeling_lgffem.LgffemImageProcessor"}
+    assert preprocessor["auto_map"] == {"AutoImageProcessor": "image_processing_lgffem.LgffemImageProcessor"}
 
     images = _test_images(data_dir)
     np.savez(tmp_path / "images.npz", *images)
@@ -378,19 +330,6 @@ def test_round_trip_in_fresh_process(tmp_path: Path, use_real: bool, request: py
     assert np.abs(got - expected).max() < 1e-6
 
 
-def test_loading_needs_neither_weights_file_nor_package(tmp_path: Path, tiny_config: LgffemConfig) -> None:
-    weights = tmp_path / "backbone.pth"
-    donor = LgffemModel(tiny_config)
-    torch.save(donor.backbone.state_dict(), weights)
-    model = LgffemModel.from_backbone_weights(tiny_config, str(weights))
-    model.save_pretrained(tmp_path / "m")
-    weights.unlink()  # loading must fill the backbone from model.safetensors only
-    with mock.patch("modeling_lgffem.efficientnet_lite_state_dict", side_effect=AssertionError("no package")):
-        loaded = LgffemModel.from_pretrained(tmp_path / "m")
-    for key, value in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], value), key
-
-
 def test_image_feature_extraction_pipeline(tmp_path: Path, tiny_config: LgffemConfig) -> None:
     from transformers import pipeline
 
@@ -403,3 +342,111 @@ def test_image_feature_extraction_pipeline(tmp_path: Path, tiny_config: LgffemCo
         expected = model(**LgffemImageProcessor.from_config(tiny_config)(image)).embeddings.numpy()
     assert got.shape == (1, 64)
     np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------- folders saved before the split
+# Until December 2026 the config, the model and the image processor were one file, and a saved folder
+# holds that single modeling_lgffem.py with every auto_map entry pointing into it. This is that file,
+# from the last commit that had it, run as it ran then to write the folder.
+SINGLE_FILE_COMMIT = "6ea3564"
+_OLD_SAVE_SCRIPT = textwrap.dedent(
+    """
+    import sys, numpy as np, torch
+    from PIL import Image
+    from modeling_lgffem import LgffemConfig, LgffemImageProcessor, LgffemModel, efficientnet_lite_state_dict
+    model_dir, images_npz, out = sys.argv[1:4]
+    torch.manual_seed(0)
+    model = LgffemModel(LgffemConfig(neck_channels=16, neck_layers=1, image_size=64))
+    with torch.no_grad():  # move the zero/one initialisations, so that every tensor is checked
+        for name, p in model.named_parameters():
+            if not name.startswith("backbone."):
+                p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(model_dir)
+    images = [Image.fromarray(a) for a in np.load(images_npz, allow_pickle=False).values()]
+    with torch.inference_mode():
+        np.save(out, model(**LgffemImageProcessor.from_config(model.config)(images)).embeddings.numpy())
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def old_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, np.ndarray]:
+    """(folder, images.npz, embeddings): a tiny model saved by the single-file modeling_lgffem.py."""
+    try:
+        source = subprocess.run(
+            ["git", "-C", str(ROOT), "show", f"{SINGLE_FILE_COMMIT}:modeling_lgffem.py"],
+            capture_output=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip(f"needs the git history (commit {SINGLE_FILE_COMMIT}) for the single-file model")
+    tmp = tmp_path_factory.mktemp("old-folder")
+    (tmp / "code").mkdir()
+    (tmp / "code" / "modeling_lgffem.py").write_bytes(source)
+    np.savez(tmp / "images.npz", *_test_images(None))
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp / "hf")}
+    args = [str(tmp / "model"), str(tmp / "images.npz"), str(tmp / "old.npy")]
+    result = subprocess.run(
+        [sys.executable, "-c", _OLD_SAVE_SCRIPT, *args],
+        cwd=tmp / "code",  # the old file, not the checkout's, is the one imported
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp / "model", tmp / "images.npz", np.load(tmp / "old.npy")
+
+
+def test_the_old_folder_is_the_single_file_layout(old_folder) -> None:
+    model_dir, _, _ = old_folder
+    assert sorted(p.name for p in model_dir.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "modeling_lgffem.py",
+        "preprocessor_config.json",
+    ]
+    assert json.loads((model_dir / "config.json").read_text())["auto_map"] == {
+        "AutoConfig": "modeling_lgffem.LgffemConfig",
+        "AutoModel": "modeling_lgffem.LgffemModel",
+    }
+    assert "_LITE_PACKAGES" in (model_dir / "modeling_lgffem.py").read_text()
+
+
+def test_old_folder_loads_through_auto_model_in_a_fresh_process(old_folder, tmp_path: Path) -> None:
+    model_dir, images_npz, expected = old_folder
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run(
+        [sys.executable, "-c", _LOAD_SCRIPT, str(model_dir), str(images_npz), str(tmp_path / "e.npy")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "transformers_modules" in result.stdout and "LgffemImageProcessor" in result.stdout
+    got = np.load(tmp_path / "e.npy")
+    assert got.shape == expected.shape == (len(_test_images(None)), 64)
+    assert np.abs(got - expected).max() < 1e-6
+
+
+def test_old_folder_loads_with_the_split_code_and_saves_the_new_layout(old_folder, tmp_path: Path) -> None:
+    """The project's own classes and its loader read an old folder; saving it again writes the split layout."""
+    from index_build.models import load_model
+
+    model_dir, images_npz, expected = old_folder
+    images = [Image.fromarray(a) for a in np.load(images_npz, allow_pickle=False).values()]
+    model = LgffemModel.from_pretrained(model_dir)
+    processor = LgffemImageProcessor.from_pretrained(model_dir)
+    with torch.inference_mode():
+        got = model(**processor(images)).embeddings.numpy()
+    assert np.abs(got - expected).max() < 1e-6
+    np.testing.assert_allclose(load_model(str(model_dir), device="cpu").embed_images(images), expected, atol=1e-6)
+
+    model.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["auto_map"] == {
+        "AutoConfig": "configuration_lgffem.LgffemConfig",
+        "AutoModel": "modeling_lgffem.LgffemModel",
+    }
+    assert sorted(p.name for p in (tmp_path / "again").glob("*.py")) == sorted(HUB_CODE)

@@ -8,21 +8,35 @@ import pytest
 from huggingface_hub.utils import filter_repo_objects
 
 from train import publish
-from train.publish import main, plan_upload
+from train.publish import code_files, main, plan_upload
 
+CONFIG = (
+    b'{"auto_map": {"AutoConfig": "configuration_lgffem.LgffemConfig", "AutoModel": "modeling_lgffem.LgffemModel"}}'
+)
+PREPROCESSOR = b'{"auto_map": {"AutoImageProcessor": "image_processing_lgffem.LgffemImageProcessor"}}'
+# The remote code as save_pretrained writes it: three files named by auto_map, one imported by the model.
+CODE_FILES = {
+    "configuration_lgffem.py": b"# config\n",
+    "functional_lgffem.py": b"# ops\n",
+    "image_processing_lgffem.py": b"# processor\n",
+    "modeling_lgffem.py": b"try:\n    from .functional_lgffem import gem\nexcept ImportError:\n    pass\n",
+}
 MODEL_FILES = {
     "README.md": b"---\nlibrary_name: transformers\n---\n",
-    "config.json": b"{}",
+    "config.json": CONFIG,
     "model.safetensors": b"0123456789",
-    "modeling_lgffem.py": b"# model\n",
-    "preprocessor_config.json": b"{}",
+    "preprocessor_config.json": PREPROCESSOR,
     "metrics.csv": b"epoch,loss\n1,2.0\n",
     "training_args.json": b"{}",
+    **CODE_FILES,
 }
 # What publishing a model folder uploads, sorted: everything in MODEL_FILES, nothing in NOT_UPLOADED.
 EXPECTED_UPLOAD = (
     "README.md",
     "config.json",
+    "configuration_lgffem.py",
+    "functional_lgffem.py",
+    "image_processing_lgffem.py",
     "metrics.csv",
     "model.safetensors",
     "modeling_lgffem.py",
@@ -67,23 +81,83 @@ def test_plan_lists_exactly_the_model_files(model_dir):
     assert sorted(filter_repo_objects(every_file, allow_patterns=list(plan.files))) == list(plan.files)
 
 
+def test_code_files_are_what_auto_map_loads(model_dir):
+    assert code_files(model_dir) == [
+        "configuration_lgffem.py",
+        "functional_lgffem.py",  # imported by modeling_lgffem.py, named by no auto_map
+        "image_processing_lgffem.py",
+        "modeling_lgffem.py",
+    ]
+
+
+def test_a_folder_saved_with_the_single_file_model_still_publishes(tmp_path):
+    old = {
+        "config.json": CONFIG.replace(b"configuration_lgffem.", b"modeling_lgffem."),
+        "preprocessor_config.json": b'{"auto_map": {"AutoImageProcessor": "modeling_lgffem.LgffemImageProcessor"}}',
+        "modeling_lgffem.py": b"# config, model and processor in one file\n",
+        "model.safetensors": b"0",
+        "README.md": b"card",
+    }
+    folder = _write(tmp_path / "old", old)
+    assert code_files(folder) == ["modeling_lgffem.py"]
+    assert plan_upload(folder, "org/old", "model").files == (
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "modeling_lgffem.py",
+        "preprocessor_config.json",
+    )
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"functional_lgffem.py": None}, "missing functional_lgffem.py (loaded through its auto_map)"),
+        (
+            {"configuration_lgffem.py": None, "image_processing_lgffem.py": None},
+            "missing configuration_lgffem.py, image_processing_lgffem.py (loaded through its auto_map)",
+        ),
+        ({"config.json": b"{}", "preprocessor_config.json": b"{}"}, "config.json names no model code (no auto_map)"),
+    ],
+)
+def test_a_model_folder_without_its_remote_code_is_refused(tmp_path, change, message):
+    files = {name: data for name, data in {**MODEL_FILES, **change}.items() if data is not None}
+    folder = _write(tmp_path / "m", files)
+    with pytest.raises(ValueError) as err:
+        plan_upload(folder, "org/m", "model")
+    assert str(err.value) == f"{folder} is not a trained model folder (python -m train): {message}"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [(b"[1, 2]", "is not a JSON object"), (b"{", "is not valid JSON (Expecting property name enclosed in double")],
+)
+def test_a_broken_config_json_is_named(tmp_path, text, message):
+    folder = _write(tmp_path / "m", {**MODEL_FILES, "config.json": text})
+    with pytest.raises(ValueError) as err:
+        plan_upload(folder, "org/m", "model")
+    assert str(err.value).startswith(f"{folder / 'config.json'} {message}")
+
+
 def test_dry_run_prints_the_upload_and_calls_nothing(model_dir, capsys):
     api = mock.MagicMock()
     assert main(["--model-dir", str(model_dir), "--repo-id", "org/lgffem-lung", "--private", "--dry-run"], api=api) == 0
     assert api.mock_calls == []
-    size = sum(len(v) for v in MODEL_FILES.values())
     expected = [
         "DRY RUN, nothing uploaded. Would upload:",
         "repo: org/lgffem-lung (type model, private, revision main)",
         f"folder: {model_dir}",
         "commit message: Upload LGFFEM model from lgffem-lung",
-        f"files (7, {size} B):",
+        "files (10, 357 B):",
         "  README.md  35 bytes",
-        "  config.json  2 bytes",
+        "  config.json  109 bytes",
+        "  configuration_lgffem.py  9 bytes",
+        "  functional_lgffem.py  6 bytes",
+        "  image_processing_lgffem.py  12 bytes",
         "  metrics.csv  17 bytes",
         "  model.safetensors  10 bytes",
-        "  modeling_lgffem.py  8 bytes",
-        "  preprocessor_config.json  2 bytes",
+        "  modeling_lgffem.py  73 bytes",
+        "  preprocessor_config.json  84 bytes",
         "  training_args.json  2 bytes",
     ]
     assert capsys.readouterr().out.splitlines() == expected

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from image_processing_lgffem import LgffemImageProcessor, to_rgb_uint8
 from index_build.data import label_strings
-from modeling_lgffem import LgffemImageProcessor, to_rgb_uint8
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 
 from index_build import models
-from modeling_lgffem import EFFICIENTNET_LITE, LgffemModel, backbone_state_dict
+from index_build.backbone_weights import EFFICIENTNET_LITE, backbone_state_dict
+from modeling_lgffem import LgffemModel
 
 
 def export(model_dir: Path, out: Path = models.DEFAULT_WEIGHTS, models_py: Optional[Path] = None) -> str:

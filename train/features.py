@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from modeling_lgffem import LgffemImageProcessor, to_rgb_uint8
+from image_processing_lgffem import LgffemImageProcessor, to_rgb_uint8
 from train.data import AugmentConfig
 
 logger = logging.getLogger(__name__)

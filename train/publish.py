@@ -4,16 +4,19 @@
     python -m train.publish --index-dir indexes/lung --repo-id ORG/lung-index --dry-run
 
 The files to upload are listed first (checkpoints, hidden folders and temporary files are
-left out); ``--dry-run`` prints that list and stops, otherwise exactly those files are
-uploaded with ``HfApi.create_repo`` and ``HfApi.upload_folder``. The token comes from
-``--token``, ``HF_TOKEN`` or ``huggingface-cli login``.
+left out; a model folder must hold every Python file its ``auto_map`` loads); ``--dry-run``
+prints that list and stops, otherwise exactly those files are uploaded with
+``HfApi.create_repo`` and ``HfApi.upload_folder``. The token comes from ``--token``,
+``HF_TOKEN`` or ``huggingface-cli login``.
 """
 
 from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,9 +27,10 @@ from huggingface_hub import HfApi
 
 logger = logging.getLogger(__name__)
 
-# A folder is only published when it holds what its users need to load it.
+# A folder is only published when it holds what its users need to load it (for a model, also
+# the remote code its auto_map names: see code_files).
 REQUIRED = {
-    "model": ("config.json", "model.safetensors", "modeling_lgffem.py", "preprocessor_config.json", "README.md"),
+    "model": ("config.json", "model.safetensors", "preprocessor_config.json", "README.md"),
     "dataset": ("index.faiss", "metadata.parquet", "manifest.json"),
 }
 # Never uploaded: training state, temporary and hidden files.
@@ -79,6 +83,51 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
+_RELATIVE_IMPORT = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.MULTILINE)
+
+
+def code_files(folder: str | Path) -> list[str]:
+    """The Python files that loading a model folder with ``trust_remote_code`` runs, sorted.
+
+    These are the modules named in the ``auto_map`` of ``config.json`` and
+    ``preprocessor_config.json`` (``configuration_lgffem.py``, ``modeling_lgffem.py``,
+    ``image_processing_lgffem.py``; a folder saved before December 2026 names only
+    ``modeling_lgffem.py``) and, recursively, what they import relatively (``from .x import``).
+    Files that are named but absent are listed too; references into other repos (``repo--module``)
+    are not.
+
+    Raises:
+        ValueError: a JSON file is not a valid JSON object.
+    """
+    root = Path(folder)
+    modules = set()
+    for name in ("config.json", "preprocessor_config.json"):
+        path = root / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise ValueError(f"{path} is not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} is not a JSON object")
+        auto_map = data.get("auto_map") or {}
+        for ref in auto_map.values():
+            for target in ref if isinstance(ref, (list, tuple)) else [ref]:
+                if isinstance(target, str) and "--" not in target and "." in target:
+                    modules.add(target.rsplit(".", 1)[0])
+    todo, seen = sorted(modules), set()
+    while todo:
+        module = todo.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        path = root / f"{module}.py"
+        if path.is_file():
+            todo += _RELATIVE_IMPORT.findall(path.read_text(encoding="utf-8"))
+    return sorted(f"{module}.py" for module in seen)
+
+
 def _excluded(rel: str) -> bool:
     parts = rel.split("/")
     if any(p.startswith(".") for p in parts):
@@ -97,7 +146,8 @@ def plan_upload(
     """Check ``folder`` and list the files to upload.
 
     Raises:
-        ValueError: bad ``repo_id`` or ``repo_type``, or a required file is missing.
+        ValueError: bad ``repo_id`` or ``repo_type``, or a required file (for a model, also one
+            of its :func:`code_files`) is missing.
         FileNotFoundError: ``folder`` does not exist.
     """
     if repo_type not in REQUIRED:
@@ -109,11 +159,16 @@ def plan_upload(
     if not root.is_dir():
         raise FileNotFoundError(f"folder not found: {root}")
     missing = [name for name in REQUIRED[repo_type] if not (root / name).is_file()]
+    what = "a trained model folder (python -m train)" if repo_type == "model" else "an index (python -m index_build)"
     if missing:
-        what = (
-            "a trained model folder (python -m train)" if repo_type == "model" else "an index (python -m index_build)"
-        )
         raise ValueError(f"{root} is not {what}: missing {', '.join(missing)}")
+    if repo_type == "model":
+        code = code_files(root)
+        if not code:
+            raise ValueError(f"{root} is not {what}: config.json names no model code (no auto_map)")
+        missing = [name for name in code if not (root / name).is_file()]
+        if missing:
+            raise ValueError(f"{root} is not {what}: missing {', '.join(missing)} (loaded through its auto_map)")
     files = sorted(
         p.relative_to(root).as_posix()
         for p in root.rglob("*")

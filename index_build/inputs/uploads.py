@@ -89,7 +89,7 @@ def decode_image(source: Union[str, os.PathLike, IO[bytes]], name: Optional[str]
     Raises:
         InputError: not an image, corrupt or truncated, too many pixels, too small or too large a file.
     """
-    from modeling_lgffem import to_rgb_uint8
+    from image_processing_lgffem import to_rgb_uint8
 
     label = name or (os.path.basename(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else "image")
     if isinstance(source, (str, os.PathLike)):

@@ -66,7 +66,7 @@ class BackboneEmbedder:
     @torch.inference_mode()
     def embed_pixels(self, pixel_values: torch.Tensor) -> np.ndarray:
         """Preprocessed batch -> N x C float32 L2-normalised pooled last-stage features."""
-        from modeling_lgffem import gem
+        from functional_lgffem import gem
 
         x = self.backbone(pixel_values.to(self.device, non_blocking=True))[-1].float()
         if self.pooling == "gap":
@@ -181,7 +181,7 @@ def _tiled_pass(
     labels)`` is given (each tile searched for at least ``VERDICT_K`` hits; the ranking uses ``k``)."""
     from tqdm.auto import tqdm
 
-    from modeling_lgffem import to_rgb_uint8
+    from image_processing_lgffem import to_rgb_uint8
 
     gallery = VectorGallery(search, gallery_labels)
     if decision is not None:  # the verdict's inputs: this gallery's threshold, fitted rule and labels

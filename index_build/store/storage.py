@@ -117,7 +117,7 @@ class IndexBusyError(TimeoutError):
 
 def make_thumbnail(image: ImageLike, size: int = THUMBNAIL_SIZE, quality: int = THUMBNAIL_QUALITY) -> bytes:
     """JPEG bytes of an RGB copy of ``image`` whose longer side is at most ``size`` pixels."""
-    from modeling_lgffem import to_rgb_uint8
+    from image_processing_lgffem import to_rgb_uint8
 
     rgb = to_rgb_uint8(image).copy()
     rgb.thumbnail((size, size), Image.Resampling.BILINEAR)
