@@ -500,9 +500,10 @@ class SearchApp:
         """Delete personal images by id (written atomically, under the gallery's writer lock).
 
         Args:
-            ids: ``"3, 5-7"``, a number or a list of numbers: ids of the personal-gallery table.
-            table: the table as the page showed it (its ``id`` and ``source`` columns); when given,
-                nothing is deleted if another session changed those rows since.
+            ids: ``"3, 5-7"``, a number or a list of numbers: ids of the personal-gallery table
+                (stable: a delete never renumbers them and an id is never given to another image).
+            table: optional, the table as ``/personal_images`` returned it (its ``id`` and ``source``
+                columns); when given, nothing is deleted if those rows show other sources now.
         """
         from index_build.patch_index import IndexChangedError
         from index_build.storage import IndexBusyError
@@ -731,6 +732,9 @@ def build_demo(app: SearchApp) -> gr.Blocks:
             with gr.Row():
                 delete_ids = gr.Textbox(label="Ids to delete", placeholder="e.g. 3, 5-7", elem_id="delete-ids")
                 delete_button = gr.Button("Delete", variant="stop", elem_id="delete-button")
+                # the API's optional second argument (the table as /personal_images returned it); ids are
+                # stable, so the page itself needs no guard: a hidden JSON value that accepts None
+                delete_guard = gr.JSON(value=None, visible=False)
         SlidePage(
             app.galleries,
             app._embed,
@@ -762,7 +766,7 @@ def build_demo(app: SearchApp) -> gr.Blocks:
         )
         delete_button.click(
             app.delete_images,
-            inputs=[delete_ids, personal_table],
+            inputs=[delete_ids, delete_guard],
             outputs=[add_status, *gallery_outputs],
             api_name="delete_images",
         ).then(lambda: "", outputs=[delete_ids], api_visibility="private")

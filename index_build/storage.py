@@ -64,8 +64,10 @@ METADATA_SCHEMA = pa.schema(
     [("id", pa.int64()), ("label", pa.string()), ("source", pa.string()), ("thumbnail", pa.binary())]
 )
 # Columns a metadata table may have after the four of METADATA_SCHEMA (in this order; nullable):
-# the personal gallery records when each patch was added and the SHA-256 of the decoded image it came from.
-OPTIONAL_COLUMNS = {"added": pa.string(), "sha256": pa.string()}
+# the personal gallery records when each patch was added, the SHA-256 of the decoded image it came from,
+# and its row id: a number given once, never changed by deletes and never given again (the manifest's
+# ``next_row_id`` is the next one to give).
+OPTIONAL_COLUMNS = {"added": pa.string(), "sha256": pa.string(), "row_id": pa.int64()}
 # Manifest "model" entries that must agree for vectors to be comparable.
 MODEL_KEYS = ("embedding_dim", "config_hash", "weights_fingerprint")
 _PACKAGES = ("torch", "timm", "transformers", "datasets", "faiss-cpu", "numpy", "pyarrow", "pillow")
@@ -640,6 +642,9 @@ def validate_manifest(manifest: Any) -> None:
             raise _ManifestError(f"'skipped[{i}]' must be an object, got {_JSON_TYPES.get(type(entry), 'a value')}")
         for key in ("source", "reason"):
             _field(entry, key, (str,), f"skipped[{i}].{key}")
+    next_row_id = _field(manifest, "next_row_id", (int,), "next_row_id", required=False)
+    if next_row_id is not None and next_row_id < 0:
+        raise _ManifestError(f"'next_row_id' must not be negative, got {next_row_id}")
     calibration = _field(manifest, "close_match", (dict, type(None)), "close_match", required=False)
     if calibration:
         _field(calibration, "threshold", _NUMBER, "close_match.threshold", required=False)
