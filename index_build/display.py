@@ -8,8 +8,10 @@ web page's responses are written to (:class:`ResponseFiles`).
 from __future__ import annotations
 
 import csv
+import html
 import io
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -29,6 +31,9 @@ if TYPE_CHECKING:
     from index_build.patch_index import PatchIndex
 
 __all__ = [
+    "code_text",
+    "csv_cell",
+    "escape_text",
     "TABLE_HEADERS",
     "TILE_HEADERS",
     "draw_tile_grid",
@@ -207,6 +212,34 @@ TILED_RULE = (
 )
 
 
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]|~:@]|(?<=www)\.)")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]+")
+
+
+def escape_text(text: Any) -> str:
+    """Text from an index (a label, a source, a slide name) as it may enter Markdown or HTML: shown
+    literally, never as markup. Line breaks and control characters become a space (no fake heading
+    on a line of its own), ``& < >`` become HTML entities (no tag, no image beacon) and the Markdown
+    punctuation ``\\ ` * _ [ ] | ~`` is backslash-escaped (no link, no emphasis, no table cell), as
+    are ``:``, ``@`` and the dot of ``www.`` (no autolinked URL or e-mail address)."""
+    flat = _CONTROL.sub(" ", str(text))
+    return html.escape(_MARKDOWN_SPECIAL.sub(r"\\\1", flat), quote=False)
+
+
+def code_text(text: Any) -> str:
+    """Text from an index inside a Markdown code span (shown literally there): no backtick to close
+    the span, no line break."""
+    return " ".join(str(text).replace("`", "'").split())
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as text: strings starting with ``= + - @`` (or a tab or
+    carriage return) are formulas there, so they get a leading ``'``; other values unchanged."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
 def result_rows(
     found: TiledResult, roots: Optional[dict[str, Optional[str]]] = None
 ) -> tuple[list[tuple[Optional[Image.Image], str]], list[list[Any]]]:
@@ -256,7 +289,7 @@ def results_csv(found: TiledResult, roots: Optional[dict[str, Optional[str]]] = 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(TABLE_HEADERS)
-    writer.writerows(result_rows(found, roots)[1])
+    writer.writerows([csv_cell(cell) for cell in row] for row in result_rows(found, roots)[1])
     return buffer.getvalue()
 
 
@@ -303,11 +336,13 @@ def result_summary(
         "resemble each other."
     )
     shares = vote_shares(votes)
-    vote_text = f"Votes ({found.unit}): {', '.join(f'{lab} {n} ({shares[lab]:.0%})' for lab, n in votes)}.  \n"
+    vote_text = (
+        f"Votes ({found.unit}): {', '.join(f'{escape_text(lab)} {n} ({shares[lab]:.0%})' for lab, n in votes)}.  \n"
+    )
     if label is not None:
         headline = (
-            f"### Results within **{label}**\n"
-            f"A label filter is on, so every result is `{label}` by construction: this is not a suggestion "
+            f"### Results within **{escape_text(label)}**\n"
+            f"A label filter is on, so every result is `{code_text(label)}` by construction: this is not a suggestion "
             "(clear the filter to get one). " + (below if found.close_match is False else "") + "  \n"
         )
         vote_text = ""
@@ -318,14 +353,15 @@ def result_summary(
         )
     else:
         tied = [lab for lab, n in votes[1:] if n == votes[0][1]]
-        tie_text = f", tied with {', '.join(tied)} (tie broken by the rule below)" if tied else ""
+        tie_text = f", tied with {', '.join(map(escape_text, tied))} (tie broken by the rule below)" if tied else ""
         match_text = (
             f"Best similarity {found.best_score:.3f} (close-match threshold {found.threshold:.3f}).  \n"
             if found.close_match
             else ""
         )
         count = sum(n for _, n in votes)
-        headline = f"### Suggestion: **{votes[0][0]}** ({votes[0][1]} of {count} {found.unit}){tie_text}\n" + match_text
+        top = escape_text(votes[0][0])
+        headline = f"### Suggestion: **{top}** ({votes[0][1]} of {count} {found.unit}){tie_text}\n" + match_text
     skipped_text = f", {len(found.skipped)} skipped as blank glass" if found.skipped else ""
     return (
         "".join(f"⚠️ {note}  \n" for note in notes)
@@ -333,7 +369,7 @@ def result_summary(
         + vote_text
         + f"Query: {size_text}, searched as {plural(len(tiles), 'tile')}"
         f"{' (' + str(size) + ' px)' if several else ''}{skipped_text}; "
-        f"{plural(len(found.hits), 'result')}{' with label ' + repr(label) if label else ''}.  \n"
+        f"{plural(len(found.hits), 'result')}{' with label ' + escape_text(repr(label)) if label else ''}.  \n"
         f"_{TILED_RULE if several else SINGLE_RULE}_"
     )
 

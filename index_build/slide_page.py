@@ -39,7 +39,7 @@ import gradio as gr
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from index_build.display import ResponseFiles, short_source
+from index_build.display import ResponseFiles, code_text, escape_text, short_source
 from index_build.metrics import majority_votes
 from index_build.query import Hit, merge_tiles
 from index_build.slides import (
@@ -483,9 +483,9 @@ class SlidePage:
                 "a suggestion.  \n"
             )
         else:
-            headline = f"### Suggestion: **{votes[0][0]}** ({votes[0][1]} of {total} {unit})\n"
+            headline = f"### Suggestion: **{escape_text(votes[0][0])}** ({votes[0][1]} of {total} {unit})\n"
         summary = (
-            headline + f"Votes: {', '.join(f'{lab}: {n}' for lab, n in votes)}.  \n"
+            headline + f"Votes: {', '.join(f'{escape_text(lab)}: {n}' for lab, n in votes)}.  \n"
             f"Region of {session.name}: {len(tissue)} tissue tile{'s' if len(tissue) != 1 else ''} searched, "
             f"{len(skipped)} background tile{'s' if len(skipped) != 1 else ''} skipped (tiles of "
             f"{self.tile_size} px at {self.mpp:g} µm/px; tissue rule: at least {MIN_TISSUE_FRACTION:.0%} tissue). "
@@ -590,13 +590,16 @@ class SlidePage:
     def _where(self, record: dict) -> tuple[Optional[Image.Image], str, Optional[Image.Image]]:
         gallery = self._gallery(record["gallery"])
         stored = gallery.thumbnail(record["id"]) if gallery is not None else None
-        rank_text = f"**{record['label']}**, similarity {record['score']:.3f} (from query tile {record['tile']})"
+        label = escape_text(record["label"])
+        rank_text = f"**{label}**, similarity {record['score']:.3f} (from query tile {record['tile']})"
         slide = record["slide"]
         if slide is None:
             where = "your personal gallery" if record["gallery"] == "personal" else "the gallery"
-            return None, f"{rank_text}: patch `{record['source']}` of {where} (not from a slide).", stored
+            source = code_text(record["source"])
+            return None, f"{rank_text}: patch `{source}` of {where} (not from a slide).", stored
         x, y, size0 = record["x"], record["y"], record["size0"]
-        text = f"{rank_text}: slide `{slide}`, level-0 x={x:,}, y={y:,}" + (f", {size0:,} px a side" if size0 else "")
+        text = f"{rank_text}: slide `{code_text(slide)}`, level-0 x={x:,}, y={y:,}"
+        text += f", {size0:,} px a side" if size0 else ""
         picture = None
         thumbnail = None
         if self.catalog is not None and slide in self.catalog.slides:
