@@ -505,9 +505,10 @@ class SearchApp:
         """Delete personal images by id (written atomically, under the gallery's writer lock).
 
         Args:
-            ids: ``"3, 5-7"``, a number or a list of numbers: ids of the personal-gallery table.
-            table: the table as the page showed it (its ``id`` and ``source`` columns); when given,
-                nothing is deleted if another session changed those rows since.
+            ids: ``"3, 5-7"``, a number or a list of numbers: ids of the personal-gallery table
+                (stable: a delete never renumbers them and an id is never given to another image).
+            table: optional, the table as ``/personal_images`` returned it (its ``id`` and ``source``
+                columns); when given, nothing is deleted if those rows show other sources now.
         """
         from index_build.patch_index import IndexChangedError
         from index_build.storage import IndexBusyError
@@ -736,7 +737,16 @@ def build_demo(app: SearchApp) -> gr.Blocks:
             with gr.Row():
                 delete_ids = gr.Textbox(label="Ids to delete", placeholder="e.g. 3, 5-7", elem_id="delete-ids")
                 delete_button = gr.Button("Delete", variant="stop", elem_id="delete-button")
-        SlidePage(app.galleries, app._embed, getattr(app, "max_slide_mb", None), app._responses).build()
+                # the API's optional second argument (the table as /personal_images returned it); ids are
+                # stable, so the page itself needs no guard: a hidden JSON value that accepts None
+                delete_guard = gr.JSON(value=None, visible=False)
+        SlidePage(
+            app.galleries,
+            app._embed,
+            getattr(app, "max_slide_mb", None),
+            app._responses,
+            slides_root=getattr(app, "slides_root", None),
+        ).build()
         with gr.Tab("About"):
             gr.Markdown(
                 "Embeddings from the Local–Global Feature Fusion Embedding Model (LGFFEM; Nuñez-Fernández, "
@@ -761,7 +771,7 @@ def build_demo(app: SearchApp) -> gr.Blocks:
         )
         delete_button.click(
             app.delete_images,
-            inputs=[delete_ids, personal_table],
+            inputs=[delete_ids, delete_guard],
             outputs=[add_status, *gallery_outputs],
             api_name="delete_images",
         ).then(lambda: "", outputs=[delete_ids], api_visibility="private")
@@ -818,7 +828,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         default=max_slide_mb_default(),
         help="largest slide accepted by the Whole slide tab, in MB (env LGFFEM_MAX_SLIDE_MB; default 2048)",
     )
+    parser.add_argument(
+        "--slides-root",
+        default=os.environ.get("LGFFEM_SLIDES_ROOT") or None,
+        help="folder of the source slides of a slide index: the Whole slide tab reads full-resolution views "
+        "only from inside it (env LGFFEM_SLIDES_ROOT; default none: the stored tiles are shown)",
+    )
     args = parser.parse_args(argv)
+    if args.slides_root is not None and not os.path.isdir(os.path.expanduser(args.slides_root)):
+        parser.error(f"--slides-root is not a folder: {args.slides_root}")
     if args.concurrency < 1 or args.max_queue < 1 or args.max_slide_mb < 1:
         parser.error("--concurrency, --max-queue and --max-slide-mb must be at least 1")
     try:  # a bad path is an argument error, reported before the model is loaded
@@ -851,6 +869,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     app.max_slide_mb = args.max_slide_mb
+    app.slides_root = os.path.expanduser(args.slides_root) if args.slides_root else None
     demo = build_demo(app)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
     # Gradio's limit is the largest upload of any tab; the Search and Add tabs check their own (MAX_UPLOAD_BYTES).

@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING, Any, Optional
 from index_build.faiss_index import INDEX_TYPES, check_index_type
 from index_build.slide_index import is_slide_folder
 from index_build.slides import DEFAULT_MAX_PIXELS, DEFAULT_MPP
-from index_build.sources import check_source, env_model_revision, is_default_model, parse_shard, source_kind
+from index_build.sources import (
+    check_source,
+    env_model_revision,
+    is_default_model,
+    parse_shard,
+    public_dataset_source,
+    source_kind,
+)
 from index_build.storage import DEFAULT_CHUNK_SIZE, WORK_DIR, has_index, recorded_model_revision
 from index_build.tissue import MIN_TISSUE_FRACTION
 
@@ -191,7 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> PatchIndex:
         shard=shard,
     )
     info = {
-        "source": args.source,
+        "source": public_dataset_source(args.source),
         "split": args.split,
         "image_column": args.image_column or "image",
         "label_column": args.label_column or "label",
@@ -249,7 +256,7 @@ def _build_slides(args: argparse.Namespace, embedder) -> PatchIndex:
     except (SlideError, ValueError) as err:
         raise SystemExit(f"error: {err}") from None
     info = {
-        "source": args.source,
+        "source": public_dataset_source(args.source),
         "kind": "slides",
         "mpp": args.mpp,
         "tile_size": tile_size,

@@ -287,6 +287,11 @@ def test_new_label_add_search_and_delete_through_gradio_client(server, tmp_path)
     status, _, _, table, banner = other.predict("0", table_now, api_name="/delete_images")
     assert status == "Deleted 1 image (id 0) from your personal gallery."
     assert [row[3] for row in table["data"]] == ["upload:mus1.png"] and "**+ 1 personal image**" in banner
+    # The README's call, without a table: ids are stable, so id 1 is still mus1.png.
+    status, _, _, table, banner = other.predict("1, 5-7", None, api_name="/delete_images")
+    assert status.startswith("⚠️ no image with id 5, 6, 7 in your personal gallery")
+    status, _, _, table, banner = other.predict("1", None, api_name="/delete_images")
+    assert status == "Deleted 1 image (id 1) from your personal gallery." and table["data"] in ([], [[]])
 
 
 @pytest.mark.browser

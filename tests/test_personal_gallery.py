@@ -102,7 +102,10 @@ def test_label_boxes_accept_labels_that_were_not_there_when_the_page_was_built(t
         "Dataframe",
         "Markdown",
     ]
-    assert [type(c).__name__ for c in api["delete_images"].inputs] == ["Textbox", "Dataframe"]
+    assert [type(c).__name__ for c in api["delete_images"].inputs] == [
+        "Textbox",
+        "JSON",
+    ]  # the optional guard accepts None
     assert "personal_images" in api  # page load: labels, table and banner as they are now
 
 
@@ -225,10 +228,10 @@ def test_table_delete_and_banner(tmp_path, tiny, index_a, fixed_time):
 
     out = fresh.delete_images("1, 3-4", table)
     assert out.status == "Deleted 3 images (ids 1, 3, 4) from your personal gallery."
-    assert [row[0] for row in out.table] == [0, 1] and [row[3] for row in out.table] == [
+    assert [row[0] for row in out.table] == [0, 2] and [row[3] for row in out.table] == [
         "upload:p0.png",
         "upload:p2.png",
-    ]
+    ]  # ids are stable: the kept rows keep theirs
     assert "**+ 2 personal images**" in out.banner
     assert "theirs" not in out.label_filter["choices"] and "theirs" not in fresh.label_choices()
     # The search sees the delete: the deleted image is no longer found, the kept one still is.
@@ -240,15 +243,17 @@ def test_table_delete_and_banner(tmp_path, tiny, index_a, fixed_time):
     reloaded = PatchIndex.load(fresh.personal_dir, tiny)
     assert len(reloaded) == 2 and reloaded.manifest["count"] == 2 and reloaded.manifest["labels"] == {"mine": 2}
     assert reloaded.sources == ["upload:p0.png", "upload:p2.png"] and reloaded.extra["added"] == [FIXED_TIME] * 2
+    assert reloaded.row_ids == [0, 2] and reloaded.manifest["next_row_id"] == 5
     restarted = SearchApp.create(index=str(index_a), data_dir=data_dir, embedder=tiny)
     assert [row[3] for row in restarted.personal_table()] == ["upload:p0.png", "upload:p2.png"]
 
     # The deleted image can be added again (its hash went with it).
     again = fresh.add_images([str(tmp_path / "p1.png")], "mine")
     assert again.status.startswith("✅ Added 1 patch") and len(fresh.personal) == 3
+    assert [row[0] for row in fresh.personal_table()] == [0, 2, 5]  # a new id: 1, 3 and 4 are never given again
 
     # Deleting everything leaves an empty gallery that searches and counts right.
-    out = fresh.delete_images([0, 1, 2], fresh.personal_table())
+    out = fresh.delete_images([0, 2, 5], fresh.personal_table())
     assert out.status.startswith("Deleted 3 images") and out.table == [] and "personal image" not in out.banner
     assert len(fresh.search(str(tmp_path / "q2.png"), 3).table) == 3
     assert len(PatchIndex.load(fresh.personal_dir, tiny)) == 0
@@ -260,15 +265,66 @@ def test_delete_refuses_rows_another_session_changed(tmp_path, tiny, index_a):
     shown = first.personal_table()
     other = SearchApp.create(index=str(index_a), data_dir=tmp_path, embedder=tiny)
     assert other.delete_images("0", other.personal_table()).status.startswith("Deleted 1 image")
-    with pytest.warns(UserWarning, match="changed since it was shown"):
-        out = first.delete_images("1", shown)  # id 1 is now s2.png: nothing deleted
-    assert out.status.startswith("⚠️ the gallery changed since it was shown (id 1 is now 'upload:s2.png')")
-    assert [row[3] for row in out.table] == ["upload:s1.png", "upload:s2.png"]
-    for ids, message in [("7", "no row with id 7"), ("x", "ids must be numbers"), ("", "no ids"), ("3-1", "ranges")]:
+    out = first.delete_images("1", shown)  # the stale table's id 1 is still s1.png: ids never move
+    assert out.status == "Deleted 1 image (id 1) from your personal gallery."
+    assert [(row[0], row[3]) for row in out.table] == [(2, "upload:s2.png")]
+    with pytest.warns(UserWarning):
+        gone = first.delete_images("0", None)  # deleted by the other session: refused, nothing else goes
+    assert gone.status == "⚠️ no image with id 0 in your personal gallery (deleted already?); nothing was deleted"
+    first.add_images([save(noise(33), tmp_path / "s3.png")], "mine")  # gets id 3, not a freed one
+    assert [row[0] for row in first.personal_table()] == [2, 3]
+    for ids, message in [("7", "no image with id 7"), ("x", "ids must be numbers"), ("", "no ids"), ("3-1", "ranges")]:
         with pytest.warns(UserWarning):
             bad = first.delete_images(ids, None)
         assert bad.status.startswith("⚠️") and message in bad.status, ids
     assert len(first.personal) == 2
+
+
+def test_two_images_of_one_name_are_told_apart_by_a_stale_delete(tmp_path, tiny, index_a):
+    """Client B deletes id 1, then client A (whose table still shows that first a.png as id 1) deletes
+    id 1: the second, different a.png stays (ids named rows, and once freed are never given again)."""
+    a = SearchApp.create(index=str(index_a), data_dir=tmp_path, embedder=tiny)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    a.add_images([save(noise(50), tmp_path / "x.png")], "mine")
+    a.add_images([save(noise(51), tmp_path / "one" / "a.png")], "mine")
+    shown = a.personal_table()
+    b = SearchApp.create(index=str(index_a), data_dir=tmp_path, embedder=tiny)
+    assert b.delete_images("1", None).status == "Deleted 1 image (id 1) from your personal gallery."
+    b.add_images([save(noise(52), tmp_path / "two" / "a.png")], "mine")  # same name, other pixels
+    with pytest.warns(UserWarning):
+        stale = a.delete_images("1", shown)
+    assert stale.status.startswith("⚠️ no image with id 1 in your personal gallery")
+    assert [(row[0], row[3]) for row in stale.table] == [(0, "upload:x.png"), (2, "upload:a.png")]
+    digest = PatchIndex.load(a.personal_dir, tiny).extra["sha256"][1]
+    from index_build.uploads import image_hash
+
+    assert digest == image_hash(noise(52)) != image_hash(noise(51))
+
+
+def test_a_gallery_without_row_ids_keeps_its_row_numbers_as_ids(tmp_path, tiny, index_a):
+    """A personal gallery written before row ids: its rows get their row numbers once, on the next add."""
+    import pyarrow.parquet as pq
+
+    first = SearchApp.create(index=str(index_a), data_dir=tmp_path, embedder=tiny)
+    first.add_images([save(noise(60 + i), tmp_path / f"o{i}.png") for i in range(3)], "mine")
+    old = PatchIndex.load(first.personal_dir, tiny)
+    from index_build.patch_index import write_index
+
+    table = old.metadata_table().drop_columns(["row_id"])
+    write_index(first.personal_dir, old.reconstruct_all(), table, tiny, normalized=True)
+    assert "row_id" not in pq.read_schema(first.personal_dir / "metadata.parquet").names
+    again = SearchApp.create(index=str(index_a), data_dir=tmp_path, embedder=tiny)
+    assert [row[0] for row in again.personal_table()] == [0, 1, 2]
+    again.add_images([save(noise(63), tmp_path / "o3.png")], "mine")
+    assert again.delete_images("1", None).status == "Deleted 1 image (id 1) from your personal gallery."
+    again.add_images([save(noise(64), tmp_path / "o4.png")], "mine")
+    assert [(row[0], row[3]) for row in again.personal_table()] == [
+        (0, "upload:o0.png"),
+        (2, "upload:o2.png"),
+        (3, "upload:o3.png"),
+        (4, "upload:o4.png"),
+    ]
 
 
 def test_parse_ids_and_row_selection():

@@ -31,6 +31,7 @@ def slide_server(tmp_path_factory, shared_data):
     tmp = tmp_path_factory.mktemp("slide-browser")
     write_slide_index(svs, tmp / "index", embedder, region=INDEXED)
     search_app = app.SearchApp.create(index=str(tmp / "index"), data_dir=tmp / "data", embedder=embedder)
+    search_app.slides_root = svs.parent  # --slides-root: full-resolution views are read from there only
     demo = app.build_demo(search_app)
     demo.queue(default_concurrency_limit=2)
     port = free_port()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -41,7 +42,7 @@ def svs_index(shared_data, tmp_path_factory):
     """The SVS in slides/skin/, indexed with the default model through the CLI."""
     root = tmp_path_factory.mktemp("svs")
     (root / "slides" / "skin").mkdir(parents=True)
-    (root / "slides" / "skin" / "cmu.svs").symlink_to(shared_data / "slides" / "cmu_small_region.svs")
+    shutil.copy(shared_data / "slides" / "cmu_small_region.svs", root / "slides" / "skin" / "cmu.svs")
     index = build_main([str(root / "slides"), "--out", str(root / "index"), *QUIET])
     return index, root
 
@@ -74,7 +75,11 @@ def test_svs_index_stores_catalog_thumbnail_and_mask(svs_index):
     assert thumb.size == mask.size == (766, 1024)
     assert catalog.scale("skin/cmu.svs") == pytest.approx(2220 / 766)
     assert 0.2 < (np.asarray(mask) > 0).mean() < 0.6
-    assert catalog.source_path("skin/cmu.svs") == root / "slides" / "skin" / "cmu.svs"
+    assert catalog.source_path("skin/cmu.svs") is None  # no --slides-root: nothing is read from outside the index
+    assert catalog.source_path("skin/cmu.svs", root / "slides") == (root / "slides" / "skin" / "cmu.svs").resolve()
+    assert catalog.root == "slides"  # the folder's name, not the builder's path
+    manifest = json.loads((index.path / "manifest.json").read_text())
+    assert manifest["dataset"]["source"] == "slides"
     assert (index.path / "slides" / f"{slide_key('skin/cmu.svs')}.thumb.png").is_file()
     assert load_slide_catalog(root) is None  # not an index
 

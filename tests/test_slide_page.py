@@ -3,6 +3,7 @@ upload checks, region picking, region search over a slide index, where a match c
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def served(tmp_path_factory, svs, tiny224):
     tmp = tmp_path_factory.mktemp("slide-page")
     info = write_slide_index(svs, tmp / "index", tiny224, region=INDEXED)
     search_app = app.SearchApp.create(index=str(tmp / "index"), data_dir=tmp / "data", embedder=tiny224)
-    page = SlidePage(search_app.galleries, search_app._embed, max_slide_mb=100)
+    page = SlidePage(search_app.galleries, search_app._embed, max_slide_mb=100, slides_root=svs.parent)
     return page, search_app, info
 
 
@@ -178,11 +179,11 @@ def test_a_result_shows_where_it_comes_from_and_why(loaded, svs):
     heat = Image.open(out.heat)
     assert heat.width > 448 and heat.height > 448  # the region, a title and a colour bar
 
-    page.catalog.root, root = "/nonexistent", page.catalog.root  # the slide is not on this server
+    page.slides_root, root = None, page.slides_root  # no --slides-root: the slide is not read
     try:
         far = page.explain(s, 0)
     finally:
-        page.catalog.root = root
+        page.slides_root = root
     assert "not on this server: the stored thumbnail is shown" in far.where_text and far.where is not None
     assert Image.open(far.view).size == page.galleries.main.thumbnail(hit["id"]).size
 
@@ -239,13 +240,13 @@ def test_an_index_built_by_the_slide_build(svs, tmp_path):
     torch.manual_seed(0)
     LgffemModel(LgffemConfig(neck_channels=16, neck_layers=1, image_size=64)).save_pretrained(tmp_path / "model")
     (tmp_path / "slides" / "skin").mkdir(parents=True)
-    (tmp_path / "slides" / "skin" / "cmu.svs").symlink_to(svs)
+    shutil.copy(svs, tmp_path / "slides" / "skin" / "cmu.svs")
     model = ["--model", str(tmp_path / "model")]
     build_main([str(tmp_path / "slides"), "--out", str(tmp_path / "index"), "--mpp", "2", *model, "--num-workers", "0"])
     search_app = app.SearchApp.create(
         model=str(tmp_path / "model"), index=str(tmp_path / "index"), data_dir=tmp_path / "data"
     )
-    page = SlidePage(search_app.galleries, max_slide_mb=100)
+    page = SlidePage(search_app.galleries, max_slide_mb=100, slides_root=tmp_path / "slides")
     assert page.mpp == 2.0 and page.tile_size == 64 and page._places is not None
     _, status, session = page.load(str(svs), 0, 2)
     assert session.size0 == 257 and "x=" in status  # 64 px at 2 µm/px on a 0.499 µm/px slide: 256.5 px

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from index_build.patch_index import PatchIndex
 
 __all__ = [
+    "code_text",
+    "csv_cell",
+    "escape_text",
     "TABLE_HEADERS",
     "TILE_HEADERS",
     "VERDICT_HEADERS",
@@ -275,7 +278,7 @@ def results_csv(found: TiledResult, roots: Optional[dict[str, Optional[str]]] = 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(TABLE_HEADERS + VERDICT_HEADERS)
-    writer.writerows(row + tail for row in result_rows(found, roots)[1])
+    writer.writerows([csv_cell(cell) for cell in row + tail] for row in result_rows(found, roots)[1])
     return buffer.getvalue()
 
 
@@ -322,11 +325,13 @@ def result_summary(
         "resemble each other."
     )
     shares = vote_shares(votes)
-    vote_text = f"Votes ({found.unit}): {', '.join(f'{lab} {n} ({shares[lab]:.0%})' for lab, n in votes)}.  \n"
+    vote_text = (
+        f"Votes ({found.unit}): {', '.join(f'{escape_text(lab)} {n} ({shares[lab]:.0%})' for lab, n in votes)}.  \n"
+    )
     if label is not None:
         headline = (
-            f"### Results within **{label}**\n"
-            f"A label filter is on, so every result is `{label}` by construction: this is not a suggestion "
+            f"### Results within **{escape_text(label)}**\n"
+            f"A label filter is on, so every result is `{code_text(label)}` by construction: this is not a suggestion "
             "(clear the filter to get one). " + (below if found.close_match is False else "") + "  \n"
         )
         vote_text = ""
@@ -339,14 +344,15 @@ def result_summary(
         )
     else:
         tied = [lab for lab, n in votes[1:] if n == votes[0][1]]
-        tie_text = f", tied with {', '.join(tied)} (tie broken by the rule below)" if tied else ""
+        tie_text = f", tied with {', '.join(map(escape_text, tied))} (tie broken by the rule below)" if tied else ""
         match_text = (
             f"Best similarity {found.best_score:.3f} (close-match threshold {found.threshold:.3f}).  \n"
             if found.close_match
             else ""
         )
         count = sum(n for _, n in votes)
-        headline = f"### Suggestion: **{votes[0][0]}** ({votes[0][1]} of {count} {found.unit}){tie_text}\n" + match_text
+        top = escape_text(votes[0][0])
+        headline = f"### Suggestion: **{top}** ({votes[0][1]} of {count} {found.unit}){tie_text}\n" + match_text
     skipped_text = f", {len(found.skipped)} skipped as blank glass" if found.skipped else ""
     return (
         "".join(f"⚠️ {note}  \n" for note in notes)
@@ -354,7 +360,7 @@ def result_summary(
         + vote_text
         + f"Query: {size_text}, searched as {plural(len(tiles), 'tile')}"
         f"{' (' + str(size) + ' px)' if several else ''}{skipped_text}; "
-        f"{plural(len(found.hits), 'result')}{' with label ' + repr(label) if label else ''}.  \n"
+        f"{plural(len(found.hits), 'result')}{' with label ' + escape_text(repr(label)) if label else ''}.  \n"
         + (f"_{TILED_RULE if several else SINGLE_RULE}_" if found.verdict is None else "")
         + (f"_{TILED_RULE}_  \n" if several and found.verdict is not None else "")
         + (f"_{VERDICT_RULE}_" if found.verdict is not None else "")

@@ -34,13 +34,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Union
 
 import gradio as gr
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from index_build.display import ResponseFiles, short_source
+from index_build.display import ResponseFiles, code_text, escape_text, short_source
 from index_build.metrics import majority_votes
 from index_build.query import Hit, Tile
 from index_build.search_core import Query, check_k
@@ -57,6 +57,7 @@ from index_build.slides import (
     tile_size0,
     tile_slide,
 )
+from index_build.storage import IndexLoadError
 from index_build.tissue import MIN_TISSUE_FRACTION
 from index_build.uploads import InputError
 
@@ -201,8 +202,11 @@ class SlidePage:
         embed: Optional[Callable[[Any], np.ndarray]] = None,
         max_slide_mb: Optional[int] = None,
         responses: Optional[ResponseFiles] = None,
+        slides_root: Optional[Union[str, Path]] = None,
     ) -> None:
         self.galleries = galleries
+        # The only folder full-resolution views are read from (``--slides-root``); never a path of the index.
+        self.slides_root: Optional[Path] = Path(slides_root).resolve() if slides_root is not None else None
         self.embedder = galleries.embedder
         self.embed = embed or self.embedder.embed_pixels
         self.max_slide_mb = int(max_slide_mb if max_slide_mb is not None else max_slide_mb_default())
@@ -213,7 +217,7 @@ class SlidePage:
         if main_path is not None:
             try:
                 self.catalog = load_slide_catalog(main_path)
-            except SlideError as err:
+            except (SlideError, IndexLoadError) as err:
                 logger.warning("slide catalog of %s unreadable: %s", main_path, err)
         self._places: Optional[dict[str, list]] = None  # the main gallery's slide columns, when it has them
         extra = getattr(galleries.main, "extra_columns", [])
@@ -489,7 +493,7 @@ class SlidePage:
         summary = (
             headline
             + (
-                f"Tile votes: {', '.join(f'{lab}: {n}' for lab, n in votes)}.  \n"
+                f"Tile votes: {', '.join(f'{escape_text(lab)}: {n}' for lab, n in votes)}.  \n"
                 if verdict and verdict.close_tiles
                 else ""
             )
@@ -611,28 +615,37 @@ class SlidePage:
     def _where(self, record: dict) -> tuple[Optional[Image.Image], str, Optional[Image.Image]]:
         gallery = self._gallery(record["gallery"])
         stored = gallery.thumbnail(record["id"]) if gallery is not None else None
-        rank_text = f"**{record['label']}**, similarity {record['score']:.3f} (from query tile {record['tile']})"
+        label = escape_text(record["label"])
+        rank_text = f"**{label}**, similarity {record['score']:.3f} (from query tile {record['tile']})"
         slide = record["slide"]
         if slide is None:
             where = "your personal gallery" if record["gallery"] == "personal" else "the gallery"
-            return None, f"{rank_text}: patch `{record['source']}` of {where} (not from a slide).", stored
+            source = code_text(record["source"])
+            return None, f"{rank_text}: patch `{source}` of {where} (not from a slide).", stored
         x, y, size0 = record["x"], record["y"], record["size0"]
-        text = f"{rank_text}: slide `{slide}`, level-0 x={x:,}, y={y:,}" + (f", {size0:,} px a side" if size0 else "")
+        text = f"{rank_text}: slide `{code_text(slide)}`, level-0 x={x:,}, y={y:,}"
+        text += f", {size0:,} px a side" if size0 else ""
         picture = None
+        thumbnail = None
         if self.catalog is not None and slide in self.catalog.slides:
-            picture = mark_place(self.catalog.thumbnail(slide), self.catalog.scale(slide), x, y, size0 or 1)
+            try:
+                thumbnail = self.catalog.thumbnail(slide)
+            except (OSError, IndexLoadError) as err:
+                logger.warning("stored thumbnail of %s unreadable: %s", slide, err)
+        if thumbnail is not None:
+            picture = mark_place(thumbnail, self.catalog.scale(slide), x, y, size0 or 1)
             text += " (marked in red on the slide's stored thumbnail)."
         else:
             text += " (this index stores no thumbnail of that slide)."
         view = stored
-        source = self.catalog.source_path(slide) if self.catalog is not None else None
+        source = self.catalog.source_path(slide, self.slides_root) if self.catalog is not None else None
         if source is not None and size0:
             try:
                 with open_slide(source) as opened:
                     view = full_view(opened, x, y, size0)
                 text += "  \nFull-resolution view read from the slide on this server (the tile outlined, with context)."
-            except SlideError as err:
-                text += f"  \nThe slide could not be read on this server ({err}): the stored thumbnail is shown."
+            except SlideError:
+                text += "  \nThe slide could not be read on this server: the stored thumbnail is shown."
         else:
             text += "  \nThe slide file is not on this server: the stored thumbnail is shown."
         return picture, text, view

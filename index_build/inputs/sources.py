@@ -22,6 +22,7 @@ __all__ = [
     "is_default_model",
     "is_hub_id",
     "parse_shard",
+    "public_dataset_source",
     "resolve_index_dir",
     "source_kind",
 ]
@@ -52,6 +53,15 @@ def is_hub_id(spec: Optional[str]) -> bool:
     if not spec or os.path.exists(os.path.expanduser(spec)):
         return False
     return not (spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or spec.lower().endswith(_LOCAL_SUFFIXES))
+
+
+def public_dataset_source(spec: str) -> str:
+    """``--dataset`` as a manifest records it: a Hub id as it is, a local path as the name of its folder
+    or file only (``/home/me/data/colon`` -> ``colon``), so that a published index names no path of
+    the machine it was built on."""
+    if is_hub_id(spec):
+        return spec
+    return Path(os.path.expanduser(spec)).resolve().name or spec
 
 
 def check_source(spec: str, what: str = "path") -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Optional, Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from index_build.query import MIN_SIDE, cut_tiles
 
@@ -108,7 +108,9 @@ def decode_image(source: Union[str, os.PathLike, IO[bytes]], name: Optional[str]
                 if width * height > MAX_PIXELS:
                     raise InputError(_too_many_pixels(label, width * height, (width, height)))
                 image.load()
-                rgb = to_rgb_uint8(image)
+                # phones store the pixels sideways with an EXIF Orientation tag: search what the browser shows
+                upright = ImageOps.exif_transpose(image)
+                rgb = to_rgb_uint8(upright)
                 rgb = rgb.copy() if rgb is image else rgb
     except InputError:
         raise

@@ -65,6 +65,7 @@ class PersonalRow:
     """One patch of the personal gallery, as the management table shows it."""
 
     id: int
+    """Its stable row id: never changed by deletes, never given to another image."""
     label: str
     source: str
     added: Optional[str]
@@ -183,8 +184,9 @@ class Galleries:
                 return []
             added = personal.extra.get("added") or [None] * len(personal)
             thumbnails = personal.metadata_table().column("thumbnail").to_pylist()
+            ids = personal.row_ids
             return [
-                PersonalRow(i, personal.row_labels[i], personal.sources[i], added[i], thumbnails[i] or b"")
+                PersonalRow(ids[i], personal.row_labels[i], personal.sources[i], added[i], thumbnails[i] or b"")
                 for i in range(len(personal))
             ]
 
@@ -269,12 +271,15 @@ class Galleries:
                 return AddReport(0, 0 if self.personal is None else len(self.personal), duplicates)
             extra = {"added": [now()] * len(images), "sha256": hashes}
             if self.personal is None:
+                extra["row_id"] = list(range(len(images)))
                 xb = self.embedder.embed_images(images)
                 thumbnails = [make_thumbnail(image) for image in images]
                 metadata = metadata_table(range(len(images)), labels, sources, thumbnails, extra)
                 info = {"personal gallery of index": index_identity(self.main.manifest)}
                 self.personal = write_index(self.personal_dir, xb, metadata, self.embedder, dataset_info=info)
             else:
+                if "row_id" not in self.personal.extra_columns:  # a gallery of an earlier version
+                    self.personal.assign_row_ids()
                 self.personal.add(images, labels, sources, extra=extra)
             return AddReport(len(images), len(self.personal), duplicates)
 
@@ -289,22 +294,42 @@ class Galleries:
         return known
 
     def delete(self, ids: Sequence[int], expected: Optional[dict[int, str]] = None) -> int:
-        """Delete patches of the personal gallery, atomically on disk. Returns how many.
+        """Delete patches of the personal gallery by their stable ids, atomically on disk. Returns how many.
+
+        An id names one image for good: deletes never renumber ids and an id is never given again,
+        so a stale list can only name an image that is still the same one, or one already gone.
 
         Args:
-            ids: their ids (row numbers; the rows after them are renumbered).
-            expected: id -> the source shown for it; nothing is deleted if another session or
-                process changed those rows since (:class:`~index_build.patch_index.IndexChangedError`).
+            ids: their ids (:attr:`PersonalRow.id`).
+            expected: id -> the source shown for it; nothing is deleted if it differs now
+                (:class:`~index_build.patch_index.IndexChangedError`).
 
         Raises:
-            ValueError: an id that is not in the personal gallery.
+            ValueError: an id that is not in the personal gallery (the message lists a few and a count).
             IndexBusyError: another process kept writing to the personal gallery too long.
         """
+        from index_build.patch_index import IndexChangedError
+
         with self._lock, index_lock(self.personal_dir):
             self.refresh()
             if self.personal is None:
                 raise ValueError("your personal gallery is empty: nothing to delete")
-            return self.personal.remove(ids, expected)
+            personal = self.personal
+            rows = {row_id: row for row, row_id in enumerate(personal.row_ids)}
+            wanted = sorted({int(i) for i in ids})
+            missing = [i for i in wanted if i not in rows]
+            if missing:
+                shown = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+                raise ValueError(
+                    f"no image with id {shown} in your personal gallery (deleted already?); nothing was deleted"
+                )
+            changed = [i for i, source in (expected or {}).items() if i in rows and personal.sources[rows[i]] != source]
+            if changed:
+                raise IndexChangedError(
+                    f"the gallery changed since it was shown (id {changed[0]}); nothing was deleted: reload the list"
+                )
+            # the pixel hashes read now guard the rows against any writer between here and the delete
+            return personal.remove([rows[i] for i in wanted], {rows[i]: personal.fingerprint(rows[i]) for i in wanted})
 
 
 def migrate_legacy(legacy: Path, target: Path, embedder: Embedder) -> bool:

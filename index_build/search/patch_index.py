@@ -219,6 +219,29 @@ class PatchIndex:
         """Metadata columns beyond ``id, label, source, thumbnail`` (``slide, x, y, size0, mpp`` for slides)."""
         return list(self._extra.column_names)
 
+    @property
+    def row_ids(self) -> list[int]:
+        """The stable id of each row (its ``row_id`` column; row numbers for an index without one)."""
+        if "row_id" not in self.extra_columns:
+            return list(range(len(self)))
+        return [int(v) if v is not None else i for i, v in enumerate(self.extra["row_id"])]
+
+    def next_row_id(self) -> int:
+        """The row id the next added row gets: never one that was given before (kept by ``next_row_id``)."""
+        ids = self.row_ids
+        return max(int(self.manifest.get("next_row_id") or 0), max(ids) + 1 if ids else 0)
+
+    def assign_row_ids(self) -> None:
+        """Give an index without a ``row_id`` column one (row numbers, the ids it was shown with). Commits."""
+        with index_lock(self.path):
+            self._refresh()
+            if "row_id" in self.extra_columns:
+                return
+            metadata = self.metadata_table().append_column(
+                pa.field("row_id", pa.int64()), pa.array(range(len(self)), pa.int64())
+            )
+            self._commit(faiss.clone_index(self.index), metadata, dict(self.manifest, next_row_id=self.next_row_id()))
+
     def column(self, name: str) -> list:
         """The values of an extra metadata column, in id order.
 
@@ -450,10 +473,18 @@ class PatchIndex:
         added = metadata_table(new_ids, labels, sources, thumbnails)
         for name in extra.column_names if extra is not None else ():
             added = added.append_column(name, extra.column(name))
+        manifest = dict(self.manifest, updated=now())
+        if "row_id" in self.extra_columns:  # stable ids: new rows get ids never given before
+            first = self.next_row_id()
+            row_ids = pa.array(range(first, first + n), pa.int64())
+            if "row_id" in added.column_names:
+                added = added.set_column(added.column_names.index("row_id"), "row_id", row_ids)
+            else:
+                added = added.append_column(pa.field("row_id", pa.int64()), row_ids)
+            manifest["next_row_id"] = first + n
         metadata = pa.concat_tables([self.metadata_table(), added], promote_options="default")
         index = faiss.clone_index(self.index)
         index.add(xb)
-        manifest = dict(self.manifest, updated=now())
         if skipped:
             manifest["skipped"] = [*recorded, *skipped]
         self._commit(index, metadata, manifest, extra_files)
@@ -493,13 +524,15 @@ class PatchIndex:
         """Delete rows (vectors and metadata) and rewrite the directory atomically. Returns how many.
 
         Holds the directory's writer lock and deletes from what is committed on disk now. The
-        remaining rows are renumbered ``0 .. N-1`` in their old order (ids are row numbers), so
-        ids read before a delete must not be reused after it: pass ``expected``.
+        remaining rows are renumbered ``0 .. N-1`` in their old order (row numbers), so row
+        numbers read before a delete must not be reused after it: pass ``expected``, or delete by
+        the stable :attr:`row_ids` (kept, and never given again, by indexes with a ``row_id`` column).
 
         Args:
-            ids: the rows to delete.
-            expected: id -> the source the caller saw at that id; if another writer changed the
-                index since, nothing is deleted and :class:`IndexChangedError` is raised.
+            ids: the rows (row numbers) to delete.
+            expected: row -> its :meth:`fingerprint` (pixel SHA-256, else source) as the caller saw
+                it; if another writer changed the index since, nothing is deleted and
+                :class:`IndexChangedError` is raised.
 
         Raises:
             ValueError: an id that is not in the index, or an index type that cannot delete
@@ -514,19 +547,28 @@ class PatchIndex:
             bad = [i for i in wanted if not 0 <= i < len(self)]
             if bad:
                 raise ValueError(f"no row with id {', '.join(map(str, bad))} (ids are 0 to {len(self) - 1})")
-            changed = [i for i, source in (expected or {}).items() if self.sources[int(i)] != source]
+            changed = [i for i, seen in (expected or {}).items() if self.fingerprint(int(i)) != seen]
             if changed:
                 raise IndexChangedError(
-                    f"the gallery changed since it was shown (id {changed[0]} is now {self.sources[changed[0]]!r}); "
-                    "nothing was deleted: reload the list and try again"
+                    f"the gallery changed since it was shown (row {changed[0]} is now "
+                    f"{self.sources[changed[0]]!r}); nothing was deleted: reload the list and try again"
                 )
+            manifest = dict(self.manifest, updated=now())
+            if "row_id" in self.extra_columns:  # the deleted ids are never given again
+                manifest["next_row_id"] = self.next_row_id()
             keep = np.setdiff1d(np.arange(len(self)), wanted)
             index = self._without(wanted, keep)
             metadata = self.metadata_table().take(pa.array(keep, pa.int64()))
             metadata = metadata.set_column(0, "id", pa.array(np.arange(len(keep), dtype=np.int64)))
-            self._commit(index, metadata, dict(self.manifest, updated=now()))
+            self._commit(index, metadata, manifest)
         logger.info("deleted %d vectors from %s (now %d)", len(wanted), self.path, len(self))
         return len(wanted)
+
+    def fingerprint(self, row: int) -> str:
+        """What a delete guard compares for a row: the SHA-256 of its image's pixels (``sha256``
+        column), or its source for rows without one."""
+        hashes = self.extra.get("sha256")
+        return (hashes[row] if hashes and hashes[row] else None) or self.sources[row]
 
     def _without(self, wanted: list[int], keep: np.ndarray) -> faiss.Index:
         """A copy of the FAISS index without the rows ``wanted``, ids renumbered like ``keep``."""

@@ -45,6 +45,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from index_build.inputs.text import escape_text
 from index_build.metrics import majority_votes
 
 VERDICT_K = 8  # hits of each tile the evidence looks at
@@ -316,19 +317,19 @@ class Verdict:
         """The share of tissue tiles with a close match."""
         return self.close_tiles / self.tiles if self.tiles else 0.0
 
-    def headline(self) -> str:
-        """The verdict in one line of plain text."""
+    def headline(self, escape=str) -> str:
+        """The verdict in one line of plain text (``escape``: applied to each label, e.g. for Markdown)."""
         if self.kind == "suggestion":
-            return f"Suggestion: {self.label}"
+            return f"Suggestion: {escape(self.label)}"
         if self.kind == "mixed":
-            return "Mixed: " + ", ".join(f"{e.label} ({e.count} of {e.of} tiles)" for e in self.labels)
+            return "Mixed: " + ", ".join(f"{escape(e.label)} ({e.count} of {e.of} tiles)" for e in self.labels)
         if self.kind == "close_call":
-            return "Close call: " + " or ".join(e.label for e in self.labels)
+            return "Close call: " + " or ".join(escape(e.label) for e in self.labels)
         return "No close match in this gallery"
 
     def text(self) -> str:
         """Markdown for the page and the ``/search`` API: headline, evidence, close-match share and scope."""
-        head = f"Suggestion: **{self.label}**" if self.kind == "suggestion" else self.headline()
+        head = f"Suggestion: **{escape_text(self.label)}**" if self.kind == "suggestion" else self.headline(escape_text)
         lines = [f"### {head}"]
         where = "in this gallery" + ("" if self.fitted else " (default rule: none could be fitted here)")
         if self.kind == "suggestion":
@@ -338,7 +339,9 @@ class Verdict:
         elif self.kind == "mixed":
             lines.append("The tiles split between labels: no single suggestion.")
         elif self.kind == "close_call":
-            named = "; ".join(f"{e.label}: {e.count} of {e.of} {self.unit}, best {e.best:.3f}" for e in self.labels)
+            named = "; ".join(
+                f"{escape_text(e.label)}: {e.count} of {e.of} {self.unit}, best {e.best:.3f}" for e in self.labels
+            )
             lines.append(f"The evidence is not strong enough for a suggestion ({named}).")
         else:
             if self.best_score is not None and self.threshold is not None and self.best_score < self.threshold:
@@ -385,7 +388,7 @@ class Verdict:
 def scope_text(labels: Sequence[str]) -> str:
     """The gallery's scope in one sentence."""
     return (
-        f"This gallery holds {len(labels)} label{'s' if len(labels) != 1 else ''} ({', '.join(labels)}) only: "
+        f"This gallery holds {len(labels)} label{'s' if len(labels) != 1 else ''} ({', '.join(escape_text(lab) for lab in labels)}) only: "
         "a query of any other kind gets no right suggestion here."
     )
 

@@ -25,7 +25,7 @@ import platform
 import re
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
@@ -64,8 +64,10 @@ METADATA_SCHEMA = pa.schema(
     [("id", pa.int64()), ("label", pa.string()), ("source", pa.string()), ("thumbnail", pa.binary())]
 )
 # Columns a metadata table may have after the four of METADATA_SCHEMA (in this order; nullable):
-# the personal gallery records when each patch was added and the SHA-256 of the decoded image it came from.
-OPTIONAL_COLUMNS = {"added": pa.string(), "sha256": pa.string()}
+# the personal gallery records when each patch was added, the SHA-256 of the decoded image it came from,
+# and its row id: a number given once, never changed by deletes and never given again (the manifest's
+# ``next_row_id`` is the next one to give).
+OPTIONAL_COLUMNS = {"added": pa.string(), "sha256": pa.string(), "row_id": pa.int64()}
 # Manifest "model" entries that must agree for vectors to be comparable.
 MODEL_KEYS = ("embedding_dim", "config_hash", "weights_fingerprint")
 _PACKAGES = ("torch", "timm", "transformers", "datasets", "faiss-cpu", "numpy", "pyarrow", "pillow")
@@ -86,6 +88,8 @@ __all__ = [
     "IndexBusyError",
     "IndexLoadError",
     "check_metadata_schema",
+    "check_contained",
+    "contained_path",
     "decode_thumbnail",
     "extra_table",
     "has_index",
@@ -104,6 +108,54 @@ __all__ = [
 
 class IndexLoadError(ValueError):
     """An index directory cannot be used: missing or corrupt files, or a different model."""
+
+
+def _allowed_roots(directory: Path) -> list[Path]:
+    """Folders the files of an index folder may resolve into: the folder itself and, for a Hub
+    snapshot (``<repo>/snapshots/<revision>``, whose files link to ``<repo>/blobs``), its blobs."""
+    real = directory.resolve()
+    roots = [real]
+    if directory.parent.name == "snapshots":
+        roots.append((directory.parent.parent / "blobs").resolve())
+    return roots
+
+
+def contained_path(directory: Union[str, Path], name: str, what: str = "file") -> Path:
+    """``directory / name`` when it names a place inside ``directory`` (no absolute path, no ``..``,
+    no symlink that leaves the folder; a Hub snapshot's links to its blobs are allowed).
+
+    Raises:
+        IndexLoadError: ``name`` is absolute, climbs out, or resolves outside the folder.
+    """
+    directory = Path(directory)
+    parts = Path(name).parts
+    if not name or "\x00" in name or Path(name).is_absolute() or ".." in parts or "\\" in name:
+        raise IndexLoadError(f"refusing {what} {name!r} of the index {directory.name}: not a path inside the folder")
+    path = directory / name
+    real = path.resolve()
+    if not any(real == root or real.is_relative_to(root) for root in _allowed_roots(directory)):
+        raise IndexLoadError(
+            f"refusing {what} {name!r} of the index {directory.name}: it is a link that leaves the index folder"
+        )
+    return path
+
+
+def check_contained(directory: Union[str, Path], subfolders: Sequence[str] = ("slides",)) -> None:
+    """Refuse an index folder any of whose entries (top level and ``subfolders``) links outside it.
+
+    Raises:
+        IndexLoadError: naming the first entry that leaves the folder.
+    """
+    directory = Path(directory)
+    for folder in (*subfolders, ""):
+        here = directory / folder if folder else directory
+        if folder:
+            contained_path(directory, folder, "folder")
+            if not here.is_dir():
+                continue
+        for entry in os.scandir(here):
+            if entry.is_symlink():
+                contained_path(directory, f"{folder}/{entry.name}" if folder else entry.name)
 
 
 class IndexBusyError(TimeoutError):
@@ -590,6 +642,9 @@ def validate_manifest(manifest: Any) -> None:
             raise _ManifestError(f"'skipped[{i}]' must be an object, got {_JSON_TYPES.get(type(entry), 'a value')}")
         for key in ("source", "reason"):
             _field(entry, key, (str,), f"skipped[{i}].{key}")
+    next_row_id = _field(manifest, "next_row_id", (int,), "next_row_id", required=False)
+    if next_row_id is not None and next_row_id < 0:
+        raise _ManifestError(f"'next_row_id' must not be negative, got {next_row_id}")
     calibration = _field(manifest, "close_match", (dict, type(None)), "close_match", required=False)
     if calibration:
         _field(calibration, "threshold", _NUMBER, "close_match.threshold", required=False)
@@ -696,6 +751,7 @@ def read_directory(
             pending = recover(path, write=False)
     except OSError as err:
         raise IndexLoadError(f"index {path} has an unfinished write that cannot be completed: {err}") from err
+    check_contained(path)
     files = {name: pending.get(name, path / name) for name in COMMIT_FILES}
     missing = [name for name, file in files.items() if not file.is_file()]
     if missing:

@@ -394,24 +394,42 @@ def slide_key(slide: str) -> str:
 class SlideCatalog:
     """What a slide index stores about its slides (``slides.json`` and ``slides/*.png``).
 
+    The catalog is untrusted input: slide names must be relative paths inside the slides folder
+    (no absolute path, no ``..``) and the stored PNGs must lie inside the index folder.
+
     Attributes:
         index_dir: the index directory.
         slides: relative slide path -> ``{"width", "height", "mpp", "thumb_scale", "label", ...}``.
-        root: the slides folder the index was built from (absolute).
+        root: the name the slides folder had when the index was built (a hint, never read from;
+            older indexes stored the builder's absolute path here).
         mpp, tile_size: the tiling of the index.
+
+    Raises:
+        IndexLoadError: a slide name that is not a relative path inside the slides folder.
     """
 
     def __init__(self, index_dir: Path, data: dict) -> None:
-        self.index_dir = index_dir
+        from index_build.storage import IndexLoadError
+
+        self.index_dir = Path(index_dir)
         self.slides: dict[str, dict] = dict(data.get("slides", {}))
+        for name in self.slides:
+            if not _relative_inside(name):
+                raise IndexLoadError(
+                    f"corrupt {SLIDES_FILE} in {self.index_dir.name}: slide {name[:80]!r} is not a relative path "
+                    "inside the slides folder"
+                )
         self.root: Optional[str] = data.get("root")
         self.mpp: Optional[float] = data.get("mpp")
         self.tile_size: Optional[int] = data.get("tile_size")
 
     def _png(self, slide: str, kind: str) -> Image.Image:
+        from index_build.storage import contained_path
+
         if slide not in self.slides:
-            raise KeyError(f"{slide!r} is not a slide of the index {self.index_dir}")
-        with Image.open(self.index_dir / SLIDES_DIR / f"{slide_key(slide)}.{kind}.png") as image:
+            raise KeyError(f"{slide!r} is not a slide of the index {self.index_dir.name}")
+        path = contained_path(self.index_dir, f"{SLIDES_DIR}/{slide_key(slide)}.{kind}.png", "thumbnail")
+        with Image.open(path) as image:
             image.load()
             return image
 
@@ -427,24 +445,48 @@ class SlideCatalog:
         """Level-0 pixels per thumbnail (and mask) pixel."""
         return float(self.slides[slide]["thumb_scale"])
 
-    def source_path(self, slide: str) -> Optional[Path]:
-        """The slide file on this machine, when it is still where the index was built from."""
-        if self.root is None or slide not in self.slides:
+    def source_path(self, slide: str, slides_root: Optional[Union[str, Path]] = None) -> Optional[Path]:
+        """The slide file under the folder the operator named (``--slides-root``), when it is there.
+
+        Nothing in the index names where slides are read from: without ``slides_root`` there is no
+        source (``None``), and a name that resolves outside ``slides_root`` (through a link) is ``None`` too.
+        """
+        if slides_root is None or slide not in self.slides or not _relative_inside(slide):
             return None
-        path = Path(self.root) / slide
-        return path if path.is_file() else None
+        root = Path(slides_root).resolve()
+        path = (root / slide).resolve()
+        if not path.is_relative_to(root) or not path.is_file():
+            return None
+        return path
+
+
+def _relative_inside(name: Any) -> bool:
+    """Whether ``name`` is a non-empty relative path without ``..`` (nor backslashes or NUL)."""
+    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
+        return False
+    path = Path(name)
+    return not path.is_absolute() and ".." not in path.parts
 
 
 def load_slide_catalog(index_dir: Union[str, Path]) -> Optional[SlideCatalog]:
-    """The slide catalog of an index directory; ``None`` when it is not a slide index."""
+    """The slide catalog of an index directory; ``None`` when it is not a slide index.
+
+    Raises:
+        SlideError: ``slides.json`` is not JSON or has no ``slides`` object.
+        IndexLoadError: ``slides.json`` (or the slides folder) links outside the index folder, or
+            names a slide outside the slides folder.
+    """
+    from index_build.storage import check_contained
+
     index_dir = Path(index_dir)
     path = index_dir / SLIDES_FILE
-    if not path.is_file():
+    if not path.is_file() and not path.is_symlink():
         return None
+    check_contained(index_dir, (SLIDES_DIR,))
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise SlideError(f"corrupt {SLIDES_FILE} in {index_dir}: {err}") from err
+        raise SlideError(f"corrupt {SLIDES_FILE} in {index_dir.name}: {err}") from err
     if not isinstance(data, dict) or not isinstance(data.get("slides"), dict):
-        raise SlideError(f"corrupt {SLIDES_FILE} in {index_dir}: no 'slides' object")
+        raise SlideError(f"corrupt {SLIDES_FILE} in {index_dir.name}: no 'slides' object")
     return SlideCatalog(index_dir, data)

@@ -177,7 +177,7 @@ class SlideSet:
         """The content of ``slides.json``."""
         return {
             "slides": self.slides,
-            "root": str(self.root),
+            "root": Path(self.root).name,  # the folder's name only: no path of the builder's machine
             "mpp": self.mpp,
             "tile_size": self.tile_size,
             "min_tissue": self.min_tissue,
