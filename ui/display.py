@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from index_build.inputs.text import code_text, csv_cell, escape_text
 from index_build.query import Tile, TiledResult
 
 if TYPE_CHECKING:

@@ -387,8 +387,9 @@ class Verdict:
 
 def scope_text(labels: Sequence[str]) -> str:
     """The gallery's scope in one sentence."""
+    named = ", ".join(escape_text(lab) for lab in labels)
     return (
-        f"This gallery holds {len(labels)} label{'s' if len(labels) != 1 else ''} ({', '.join(escape_text(lab) for lab in labels)}) only: "
+        f"This gallery holds {len(labels)} label{'s' if len(labels) != 1 else ''} ({named}) only: "
         "a query of any other kind gets no right suggestion here."
     )
 
