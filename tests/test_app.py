@@ -21,6 +21,7 @@ import app
 from app import SearchApp, StartupError
 from index_build import query, starter, storage, uploads
 from index_build.metrics import majority_votes
+from index_build.search_core import Query
 from index_build.uploads import InputError
 from index_build.verdict import decide
 
@@ -292,7 +293,7 @@ def test_search_finds_itself(search_app, starter_subset, tmp_path):
     assert caption.startswith(f"{labels[3]} · sim 1.000 · ") and "immunohistochemistry" in caption
     # one verdict, decided on the query's 8 hits by the index's own threshold and fitted rule
     index = search_app.index
-    found = search_app.galleries.search(uploads.decode_image(path), 8)
+    found = search_app.galleries.search(Query.picture(uploads.decode_image(path)), 8)
     verdict = decide(
         [[(h.label, h.score) for h in found.per_tile[0]]],
         index.close_match_threshold,

@@ -98,7 +98,9 @@ def test_a_patch_is_searched_whole():
     assert [round(h.score, 3) for h in found.hits] == [0.962, 0.885, 0.192]
     assert [h.source for h in found.hits] == ["src0", "src1", "src2"]
     assert found.votes == [("red", 2), ("green", 1)] and found.unit == "results"
-    assert found.suggestion == "red" and found.decision.reason == "vote"
+    assert (
+        found.suggestion is None and found.verdict.kind == "close_call"
+    )  # 4 patches, 3 labels: the calibrated verdict (default rule) calls it close
     assert found.close_match is None and embedder.embedded == 1
     assert list(found.timings) == list(STAGES) and all(s >= 0 for s in found.timings.values())
     assert found.hits[0].thumbnail.getpixel((0, 0)) == (0, 0, 0)  # merged hits carry their thumbnails
@@ -118,7 +120,7 @@ def test_a_large_image_is_tiled_and_blank_glass_skipped():
     assert found.tile_votes() == ["red", "red", None, "green", "blue", "green"]
     # red and green tie at 2 tiles; every tile's top-1 is 1.0, so the earlier tile (red) wins
     assert found.votes == [("red", 2), ("green", 2), ("blue", 1)] and found.unit == "tiles"
-    assert found.suggestion == "red"
+    assert found.suggestion is None and found.decision.reason == "close call"  # tiles split: no suggestion
     assert [(h.id, h.tile, h.score) for h in found.hits] == [(0, 1, 1.0), (2, 4, 1.0)]
     assert len(found.pixel_values) == 6  # what the model saw of every tile, the skipped one too
 
@@ -150,7 +152,7 @@ def test_embeddings_are_searched_without_a_model():
     found = run_query(Query.vectors([0, 1, 0]), [("index", gallery())], 2)
     assert found.kind == "embedding" and found.pixel_values is None and found.timings["embed"] == 0.0
     assert [(h.id, round(h.score, 6)) for h in found.hits] == [(2, 1.0), (1, 0.6)]
-    assert found.votes == [("green", 1), ("red", 1)] and found.suggestion == "green"
+    assert found.votes == [("green", 1), ("red", 1)] and found.suggestion is None
 
 
 def test_no_suggestion_below_the_close_match_threshold_or_under_a_label_filter():
@@ -159,7 +161,7 @@ def test_no_suggestion_below_the_close_match_threshold_or_under_a_label_filter()
     assert below.close_match is False and below.suggestion is None and below.decision.reason == "no close match"
     assert below.votes == [("red", 2), ("green", 1)]  # still shown, for reference
     above = run_query(query, [("index", gallery(threshold=0.9))], 3, embedder=ColourEmbedder())
-    assert above.close_match is True and above.suggestion == "red"
+    assert above.close_match is True and above.suggestion is None and above.verdict.kind == "close_call"
     filtered = run_query(query, [("index", gallery())], 3, embedder=ColourEmbedder(), label="blue")
     assert [h.id for h in filtered.hits] == [3] and filtered.suggestion is None
     assert filtered.decision.reason == "filtered"
