@@ -90,3 +90,41 @@ def test_a_dicom_series_indexes_to_one_slide_with_the_svs_tiles(converted, tiny_
     assert [s.split("@")[1] for s in index.sources] == [s.split("@")[1] for s in reference.sources]
     assert index.sources[0].startswith("skin/cmu@")
     assert np.array_equal(index.reconstruct_all(), reference.reconstruct_all())  # the very pixels of the SVS
+
+
+def test_the_whole_slide_tab_opens_a_zipped_dicom_series_or_one_of_its_files(converted, tmp_path):
+    import zipfile
+    from types import SimpleNamespace
+
+    from index_build.slide_page import SlidePage
+
+    # uploading only opens, tiles and outlines the slide: galleries of a 224 px model, nothing searched
+    galleries = SimpleNamespace(
+        embedder=SimpleNamespace(processor=SimpleNamespace(image_size=224), embed_pixels=None), main=None
+    )
+
+    svs, series = converted
+    archive = tmp_path / "cmu-dicom.zip"
+    with zipfile.ZipFile(archive, "w") as out:
+        for path in sorted(series.glob("*.dcm")):
+            out.write(path, f"study/series/{path.name}")  # a zipped folder: members under sub-folders
+    page = SlidePage(galleries, max_slide_mb=100)
+    _, reference, svs_session = page.load(str(svs), 0, 2)
+    for upload in (archive, sorted(series.glob("*.dcm"))[1]):
+        thumb, status, session = page.load(str(upload), 0, 2)
+        assert session is not None, status
+        assert "2,220×2,967 px at level 0, 0.499 µm/px (from the file)" in status
+        assert (session.region, session.size0) == (svs_session.region, svs_session.size0)
+        assert thumb.size == (766, 1024)
+    assert session.name.endswith(".dcm") and Path(page.load(str(archive), 0, 2)[2].path).name == "cmu-dicom"
+    with zipfile.ZipFile(tmp_path / "none.zip", "w") as out:
+        out.writestr("notes.txt", "hello")
+    _, status, session = page.load(str(tmp_path / "none.zip"), 0, 2)
+    assert session is None and status == "⚠️ none.zip: the zip holds no DICOM (.dcm) files; zip the series' folder"
+    with zipfile.ZipFile(tmp_path / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as out:
+        out.writestr("big.dcm", bytes(3 * 2**20))  # a few kB zipped, 3 MB unpacked: refused before unpacking
+    _, status, _ = SlidePage(galleries, max_slide_mb=1).load(str(tmp_path / "bomb.zip"), 0, 2)
+    assert status == (
+        "⚠️ bomb.zip: 3 MB of DICOM files unpacked; this server accepts slides up to 1 MB "
+        "(option --max-slide-mb / LGFFEM_MAX_SLIDE_MB)"
+    )
