@@ -92,3 +92,46 @@ def test_per_case_diversity_still_returns_k_results(tmp_path, embedder):
     assert len(index.search(embeddings=xb[:1], k=60, per_case=1)[0].ids) == 50
     with pytest.raises(ValueError, match="per_case must be >= 1, got 0"):
         index.search(embeddings=xb[:1], k=3, per_case=0)
+
+
+def test_cli_metadata_csv_becomes_typed_columns_that_search_filters_on(tmp_path, monkeypatch, embedder):
+    from test_index import write_folder
+
+    import index_build.models as models
+    from index_build.__main__ import main as build_main
+
+    monkeypatch.setattr(models, "load_model", lambda model=None, device=None, revision=None: embedder)
+    folder = write_folder(tmp_path / "patches")  # red/, green/, blue/: 4 patches each
+    csv = tmp_path / "meta.csv"
+    lines = ["file,organ,case,magnification,score"]
+    for label in ("red", "green", "blue"):
+        ext = "jpg" if label == "blue" else "png"
+        for i in range(4):
+            organ = "lung" if i < 2 else "colon"
+            lines.append(f"{label}_{i}.{ext},{organ},{label}-case{i % 2},{20 if i else ''},{i / 2}")
+    csv.write_text("\n".join(lines) + "\n")
+    quiet = ["--num-workers", "0", "--no-progress"]
+    index = build_main([str(folder), "--out", str(tmp_path / "idx"), "--metadata", str(csv), *quiet])
+    assert index.extra_columns == ["organ", "case", "magnification", "score"]
+    types = {f.name: str(f.type) for f in index.metadata_table().schema}
+    assert (types["organ"], types["magnification"], types["score"]) == ("string", "int64", "double")
+    organ = dict(zip(index.sources, index.column("organ")))
+    assert organ[next(s for s in index.sources if s.endswith("red_3.png"))] == "colon"
+    assert sorted(set(index.column("magnification")), key=str) == [20, None]
+    xq = index.reconstruct_all()[:3]
+    results = index.search(embeddings=xq, k=4, where={"organ": "lung", "label": ["red", "blue"]})
+    assert all(len(r.ids) == 4 for r in results)
+    assert {(index.row_labels[i], index.column("organ")[i]) for r in results for i in r.ids} <= {
+        ("red", "lung"),
+        ("blue", "lung"),
+    }
+    one_each = index.search(embeddings=xq, k=6, per_case=1)  # 6 cases: one result of each
+    cases = sorted(set(index.column("case")))
+    assert len(cases) == 6 and all(sorted(index.column("case")[i] for i in r.ids) == cases for r in one_each)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,organ\nred_0.png,lung\nred_9.png,lung\n")
+    with pytest.raises(SystemExit, match="1 file values match no row of the dataset: red_9.png"):
+        build_main([str(folder), "--out", str(tmp_path / "idx2"), "--metadata", str(bad), *quiet])
+    bad.write_text("slide,organ\nred_0.png,lung\n")
+    with pytest.raises(SystemExit, match="needs a header with a 'file' column"):
+        build_main([str(folder), "--out", str(tmp_path / "idx2"), "--metadata", str(bad), *quiet])
