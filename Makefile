@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: app test test-quick model chromium clean-venv
+.PHONY: app test test-quick model chromium turbojpeg clean-venv
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,8 +32,14 @@ chromium:
 	  { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
+# Debian's libturbojpeg for wsidicomizer (the DICOM tests convert the dev SVS to a DICOM series).
+turbojpeg:
+	@[ -e /usr/lib/x86_64-linux-gnu/libturbojpeg.so.0 ] || ldconfig -p 2>/dev/null | grep -q libturbojpeg || \
+	  { if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq libturbojpeg0 >/dev/null; }
+
 # Lint and format check first (ruff, configured in pyproject.toml), then the tests.
-test: $(STAMP) chromium
+test: $(STAMP) chromium turbojpeg
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(ARGS)

@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         "A folder holding .svs/.ndpi/.mrxs/... files or pyramidal TIFFs is read as slides (any format OpenSlide "
         "reads, and large PNG/JPEG/TIFF with --slides): only tissue tiles are indexed, at --mpp µm/px.",
     )
+    parser.add_argument(
+        "--metadata",
+        default=None,
+        metavar="CSV",
+        help="CSV of per-row metadata (organ, case, stain, ...) keyed by a 'slide' (slide builds) or 'file' column",
+    )
     slides.add_argument("--slides", action="store_true", help="read SOURCE as a folder of slides / large images")
     slides.add_argument("--mpp", type=float, default=DEFAULT_MPP, help="µm per pixel of the tiles (default 0.5)")
     slides.add_argument("--tile-size", type=int, default=None, help="tile side in pixels (default: the model input)")
@@ -156,6 +162,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Opt
     interrupted = (Path(args.out) / WORK_DIR / "state.json").is_file()  # maybe killed after writing the index
     if not (args.append or args.overwrite) and has_index(args.out) and not interrupted:
         parser.error(f"an index already exists in {args.out}; pass --append or --overwrite")
+    if args.metadata is not None and not Path(args.metadata).is_file():
+        parser.error(f"--metadata: no such file {args.metadata}")
     if args.batch_size < 1 or args.chunk_size < 1:
         parser.error("--batch-size and --chunk-size must be at least 1")
     if args.slides:
@@ -215,7 +223,14 @@ def main(argv: Optional[Sequence[str]] = None) -> PatchIndex:
 def _build(args: argparse.Namespace, embedder, dataset, info: dict, extra_files: Optional[dict] = None) -> PatchIndex:
     """:func:`~index_build.embedding.build_index` with the command line's build options."""
     from index_build.embedding import build_index
+    from index_build.metadata import add_metadata
 
+    if args.metadata is not None:
+        try:
+            dataset = add_metadata(dataset, args.metadata, "slide" if args.slides else "file")
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+        info["metadata"] = str(args.metadata)
     return build_index(
         dataset,
         args.out,

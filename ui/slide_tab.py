@@ -5,8 +5,9 @@
 in memory between events: each event re-opens the uploaded file (cheap with OpenSlide) from the
 per-session :class:`SlideSession` kept in a ``gr.State``.
 
-- **Upload** (:meth:`SlidePage.load`): any format of :data:`index_build.slides.SLIDE_EXTENSIONS`,
-  at most ``max_slide_mb`` MB; the thumbnail is shown with the tissue outline
+- **Upload** (:meth:`SlidePage.load`): any format of :data:`index_build.slides.SLIDE_EXTENSIONS`
+  (a DICOM WSI as a single ``.dcm`` file or a ``.zip`` of its series' ``.dcm`` files), at most
+  ``max_slide_mb`` MB (a zip: unpacked); the thumbnail is shown with the tissue outline
   (:mod:`index_build.tissue` rule on a low-resolution view) and a first region centred on the tissue.
 - **Region** (:meth:`SlidePage.pick`): a click centres a square region of N tiles a side, or two
   clicks give the corners of a box.
@@ -29,8 +30,10 @@ import logging
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -67,6 +70,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_SLIDE_MB = 2048
+UPLOAD_EXTENSIONS = SLIDE_EXTENSIONS | {".zip"}  # a zip: the .dcm files of a DICOM WSI series
 MAX_REGION_TILES = 64  # tiles searched per region (8 x 8)
 DEFAULT_REGION_TILES = 3  # side of a clicked region, in tiles
 THUMB_SIDE = 1024  # the thumbnail shown (and clicked on)
@@ -242,15 +246,45 @@ class SlidePage:
         path = Path(getattr(file, "name", None) or getattr(file, "path", None) or str(file))
         if not path.is_file():
             raise SlideError(f"{path.name}: the upload is missing on the server; upload it again")
-        if path.suffix.lower() not in SLIDE_EXTENSIONS:
-            raise SlideError(f"{path.name}: not a slide or image file; accepted: {', '.join(sorted(SLIDE_EXTENSIONS))}")
+        if path.suffix.lower() not in UPLOAD_EXTENSIONS:
+            accepted = ", ".join(sorted(UPLOAD_EXTENSIONS))
+            raise SlideError(f"{path.name}: not a slide or image file; accepted: {accepted}")
         size = path.stat().st_size
         if size > self.max_slide_mb * 2**20:
             raise SlideError(
                 f"{path.name}: file of {size / 2**20:,.0f} MB; this server accepts slides up to "
                 f"{self.max_slide_mb:,} MB (option --max-slide-mb / LGFFEM_MAX_SLIDE_MB)"
             )
-        return path
+        return self._unzip_dicom(path) if path.suffix.lower() == ".zip" else path
+
+    def _unzip_dicom(self, path: Path) -> Path:
+        """The ``.dcm`` members of a zip (a DICOM WSI series), unpacked flat into a folder named after the zip.
+
+        Only the members' file names are used (no folders, so nothing is written outside the folder);
+        the unpacked size is checked against ``max_slide_mb`` before anything is written.
+        """
+        try:
+            with zipfile.ZipFile(path) as archive:
+                members = [m for m in archive.infolist() if not m.is_dir() and m.filename.lower().endswith(".dcm")]
+                names = [Path(m.filename.replace("\\", "/")).name for m in members]
+                if not members:
+                    raise SlideError(f"{path.name}: the zip holds no DICOM (.dcm) files; zip the series' folder")
+                if len(set(names)) != len(names):
+                    raise SlideError(f"{path.name}: the zip holds two .dcm files of the same name; zip one series")
+                total = sum(m.file_size for m in members)
+                if total > self.max_slide_mb * 2**20:
+                    raise SlideError(
+                        f"{path.name}: {total / 2**20:,.0f} MB of DICOM files unpacked; this server accepts slides up "
+                        f"to {self.max_slide_mb:,} MB (option --max-slide-mb / LGFFEM_MAX_SLIDE_MB)"
+                    )
+                folder = Path(tempfile.mkdtemp(prefix="dicom-", dir=self._work)) / path.stem
+                folder.mkdir()
+                for member, name in zip(members, names):
+                    with archive.open(member) as src, open(folder / name, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+        except (zipfile.BadZipFile, OSError) as err:
+            raise SlideError(f"{path.name}: not a readable zip ({err})") from err
+        return folder
 
     def _region_around(self, session: SlideSession, cx: float, cy: float, tiles: int) -> tuple[int, int, int, int]:
         side = max(1, int(tiles)) * session.size0
@@ -719,7 +753,7 @@ class SlidePage:
         """Lay the tab out and wire its events (call inside the app's ``gr.Blocks``)."""
         from index_build.heatmap import HOW_TO_READ
 
-        extensions = sorted(SLIDE_EXTENSIONS)
+        extensions = sorted(UPLOAD_EXTENSIONS)
         um = self.mpp * self.tile_size
         with gr.Tab("Whole slide", elem_id="slide-tab"):
             gr.Markdown(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Protocol, Union
@@ -254,26 +254,107 @@ class PatchIndex:
 
     # -- search -----------------------------------------------------------------------
 
-    def search_embeddings(self, xq: np.ndarray, k: int, label: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
+    def where_mask(self, where: Optional[Mapping[str, Any]]) -> Optional[np.ndarray]:
+        """The rows matching a metadata filter, as a boolean array (``None``: no filter).
+
+        ``where`` maps a column (``label`` or an extra column: ``organ``, ``stain``, ``slide``, ...)
+        to a value or a list of values; a row matches when each of its columns holds one of the
+        values given for it. Computed column-wise with Arrow, not row by row in Python.
+
+        Raises:
+            ValueError: an unknown column, or an empty list of values.
+        """
+        if not where:
+            return None
+        import pyarrow.compute as pc
+
+        mask = np.ones(len(self), dtype=bool)
+        for name, wanted in where.items():
+            if name == "label":
+                column = pa.array(self.row_labels, pa.string())
+            elif name in self._extra.column_names:
+                column = self._extra.column(name)
+            else:
+                raise ValueError(f"no metadata column {name!r} to filter on; columns: {['label', *self.extra_columns]}")
+            values = list(wanted) if isinstance(wanted, (list, tuple, set, frozenset)) else [wanted]
+            if not values:
+                raise ValueError(f"filter on {name!r}: give at least one value")
+            try:
+                allowed = pa.array(values, type=column.type)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as err:
+                raise ValueError(f"filter on {name!r}: {values!r} are not {column.type} values ({err})") from err
+            mask &= np.asarray(pc.fill_null(pc.is_in(column, value_set=allowed), False))
+        return mask
+
+    def case_column(self) -> Optional[str]:
+        """The column that names a result's case for per-case diversity: ``case``, else ``patient``, else ``slide``."""
+        return next((name for name in ("case", "patient", "slide") if name in self._extra.column_names), None)
+
+    def search_embeddings(
+        self,
+        xq: np.ndarray,
+        k: int,
+        label: Optional[str] = None,
+        where: Optional[Mapping[str, Any]] = None,
+        per_case: Optional[int] = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """FAISS search: ``xq`` (``Nq x D``, L2-normalised here) -> ``D`` (scores), ``I`` (ids, -1 = none).
 
         Args:
             xq: query embeddings.
             k: results per query.
             label: only return results with this label.
+            where: only rows matching this metadata filter (:meth:`where_mask`); FAISS skips the
+                other rows during the search (an ID selector), so k matching results come back.
+            per_case: at most this many results per case (:meth:`case_column`); the search
+                over-fetches and regroups until k results are found or the index is exhausted.
         """
         xq = np.array(xq, dtype=np.float32, order="C", ndmin=2)
         if xq.ndim != 2 or xq.shape[1] != self.dim:
             raise ValueError(f"query embeddings must be Nq x {self.dim}, got shape {xq.shape}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        if per_case is not None and per_case < 1:
+            raise ValueError(f"per_case must be >= 1, got {per_case}")
         faiss.normalize_L2(xq)
-        if label is None:
+        mask = self.where_mask(where)
+        if label is not None:
+            if not self.has_label(label):
+                raise ValueError(f"label {label!r} is not in the index; labels: {self.labels}")
+            mask = (self._label_array == label) if mask is None else mask & (self._label_array == label)
+        case = self.case_column() if per_case is not None else None
+        if case is None:
+            return self._search_masked(xq, k, mask)
+        cases = self._extra.column(case).to_pylist()
+        scores = np.full((len(xq), k), np.finfo(np.float32).min, dtype=np.float32)  # as FAISS pads
+        ids = np.full((len(xq), k), -1, dtype=np.int64)
+        available = len(self) if mask is None else int(mask.sum())
+        fetch = min(available, k * 4)
+        todo = list(range(len(xq)))
+        while todo and fetch > 0:
+            found_s, found_i = self._search_masked(xq[todo], fetch, mask)
+            left = []
+            for row, row_s, row_i in zip(todo, found_s, found_i):
+                taken, counts = 0, {}
+                for score, i in zip(row_s, row_i):
+                    if i < 0 or taken == k:
+                        break
+                    key = cases[i]
+                    if counts.get(key, 0) < per_case:
+                        counts[key] = counts.get(key, 0) + 1
+                        scores[row, taken], ids[row, taken] = score, i
+                        taken += 1
+                if taken < k and fetch < available:
+                    left.append(row)
+            todo, fetch = left, min(available, fetch * 4) if fetch < available else 0
+        return scores, ids
+
+    def _search_masked(self, xq: np.ndarray, k: int, mask: Optional[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        if mask is None:
             return self.index.search(xq, k)
-        if not self.has_label(label):
-            raise ValueError(f"label {label!r} is not in the index; labels: {self.labels}")
-        selector = faiss.IDSelectorBatch(np.flatnonzero(self._label_array == label).astype(np.int64))
-        # ``selector`` stays referenced until the search returns (the parameters only point to it).
+        bitmap = np.packbits(mask, bitorder="little")
+        selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bitmap))
+        # ``bitmap`` and ``selector`` stay referenced until the search returns (the parameters only point to them).
         return self.index.search(xq, k, params=search_parameters(self.index, selector))
 
     def embed(self, images: Union[ImageLike, Sequence[ImageLike]], batch_size: int = 32) -> np.ndarray:
@@ -290,6 +371,8 @@ class PatchIndex:
         embeddings: Optional[np.ndarray] = None,
         k: int = 8,
         label: Optional[str] = None,
+        where: Optional[Mapping[str, Any]] = None,
+        per_case: Optional[int] = None,
     ) -> list[SearchResult]:
         """Search with images or with embeddings (exactly one of the two).
 
@@ -299,6 +382,8 @@ class PatchIndex:
             embeddings: ``Nq x D`` query embeddings (``D`` = the index's dimension).
             k: results per query.
             label: only results with this label.
+            where: metadata filter, e.g. ``{"organ": "lung", "stain": ["HE"]}`` (:meth:`where_mask`).
+            per_case: at most this many results per case or slide (:meth:`case_column`).
 
         Returns:
             One :class:`SearchResult` per query.
@@ -306,7 +391,7 @@ class PatchIndex:
         if (images is None) == (embeddings is None):
             raise ValueError("give images= or embeddings= (exactly one)")
         xq = self.embed(images) if images is not None else embeddings
-        scores, ids = self.search_embeddings(xq, k, label=label)
+        scores, ids = self.search_embeddings(xq, k, label=label, where=where, per_case=per_case)
         return [self._result(row_scores, row_ids) for row_scores, row_ids in zip(scores, ids)]
 
     def _result(self, scores: np.ndarray, ids: np.ndarray) -> SearchResult:

@@ -4,6 +4,12 @@ Every format OpenSlide reads (Aperio SVS, Hamamatsu NDPI/VMS/VMU, Leica SCN, MIR
 and generic tiled TIFF, Sakura SVSLIDE, Ventana BIF, DICOM) is opened with ``openslide``; plain
 PNG/JPEG/TIFF images that OpenSlide does not recognise are opened with PIL, up to ``max_pixels``.
 
+**DICOM rule.** A DICOM whole-slide image is a *series*: several ``.dcm`` files (pyramid levels,
+label, overview) sharing a Series Instance UID. OpenSlide 4 (libdicom) opens the whole series
+from any of its files, with the MPP from the DICOM pixel spacing. :func:`find_slides` lists each
+series once: by its folder when the folder holds that one series and no other slide, else by its
+first file (sorted). :func:`open_slide` opens such a folder as well as any file of the series.
+
 Reading never decodes level 0 whole: :meth:`Slide.read_region` picks the pyramid level whose
 downsample is the largest one not coarser than the output needs
 (``get_best_level_for_downsample``), reads the box at that level in blocks of at most
@@ -44,6 +50,7 @@ __all__ = [
     "SLIDES_DIR",
     "SLIDES_FILE",
     "SLIDE_EXTENSIONS",
+    "dicom_series",
     "Slide",
     "SlideCatalog",
     "SlideError",
@@ -64,6 +71,7 @@ OPENSLIDE_EXTENSIONS = frozenset(
     {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
 )
 PLAIN_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg"})
+DICOM_EXTENSIONS = frozenset({".dcm"})
 SLIDE_EXTENSIONS: frozenset[str] = OPENSLIDE_EXTENSIONS | PLAIN_EXTENSIONS
 DEFAULT_MPP = 0.5  # µm/px of the indexed tiles (Kimia Path24C, NCT-CRC-HE)
 DEFAULT_MAX_PIXELS = 16384 * 16384  # a plain (non-pyramidal) image is decoded whole: at most this many pixels
@@ -77,6 +85,31 @@ SLIDES_DIR = "slides"  # per-slide thumbnail and mask PNGs
 
 class SlideError(ValueError):
     """A slide cannot be used: unreadable, too large for a plain image, or without a resolution (MPP)."""
+
+
+def _series_uid(path: Path) -> Optional[str]:
+    """The Series Instance UID of a DICOM file (as OpenSlide reads it); ``None`` when OpenSlide cannot open it."""
+    import openslide
+
+    try:
+        with openslide.OpenSlide(str(path)) as handle:
+            return handle.properties.get("dicom.SeriesInstanceUID") or str(path)
+    except (openslide.OpenSlideError, OSError):
+        return None
+
+
+def dicom_series(folder: Union[str, Path], names: Optional[list[str]] = None) -> list[list[Path]]:
+    """The DICOM series of the ``.dcm`` files directly in ``folder``: lists of files sharing a Series
+    Instance UID, each sorted, in the order of their first file. A file OpenSlide cannot open is a
+    series of its own (opening it then says why)."""
+    folder = Path(folder)
+    if names is None:
+        names = [p.name for p in folder.iterdir() if p.is_file()]
+    groups: dict[str, list[Path]] = {}
+    for name in sorted(n for n in names if Path(n).suffix.lower() in DICOM_EXTENSIONS):
+        path = folder / name
+        groups.setdefault(_series_uid(path) or str(path), []).append(path)
+    return sorted(groups.values(), key=lambda files: files[0])
 
 
 def is_slide_file(path: Union[str, Path]) -> bool:
@@ -230,7 +263,7 @@ def open_slide(
     """Open a slide (any OpenSlide format) or a plain large image (PIL).
 
     Args:
-        path: the file.
+        path: the file, or a folder holding one DICOM series (see the DICOM rule above).
         mpp_source: µm/px at level 0 to use when the file records none.
         max_pixels: largest plain (non-pyramidal) image accepted, in pixels (``None``: no limit);
             a plain image is decoded whole when first read.
@@ -242,17 +275,26 @@ def open_slide(
     import openslide
 
     path = Path(path)
-    if not path.is_file():
+    target = path
+    if path.is_dir():
+        series = dicom_series(path)
+        if len(series) != 1:
+            found = f"{len(series)} DICOM series" if series else "no DICOM (.dcm) files"
+            raise SlideError(f"{path} is a folder with {found}; a folder slide is one DICOM series")
+        target = series[0][0]
+    elif not path.is_file():
         raise SlideError(f"slide not found: {path}")
     if mpp_source is not None and not (isinstance(mpp_source, (int, float)) and mpp_source > 0):
         raise SlideError(f"--mpp-source must be a positive number of µm per pixel, got {mpp_source!r}")
     try:
-        kind = openslide.OpenSlide.detect_format(str(path))
+        kind = openslide.OpenSlide.detect_format(str(target))
     except openslide.OpenSlideError:
         kind = None
+    if kind is None and target.suffix.lower() in DICOM_EXTENSIONS:
+        raise SlideError(f"cannot read slide {path}: not a DICOM whole-slide image OpenSlide reads")
     if kind is not None:
         try:
-            handle = openslide.OpenSlide(str(path))
+            handle = openslide.OpenSlide(str(target))
         except (openslide.OpenSlideError, OSError) as err:
             raise SlideError(f"cannot read slide {path} ({kind}): {err}") from err
         own = _plausible_mpp(handle.properties.get(openslide.PROPERTY_NAME_MPP_X))
@@ -371,10 +413,12 @@ def read_tile(slide: Slide, tile: SlideTile, tile_size: int) -> Image.Image:
 
 
 def find_slides(root: Union[str, Path]) -> list[Path]:
-    """The slide files under ``root`` (recursively, sorted, relative to ``root``).
+    """The slides under ``root`` (recursively, sorted, relative to ``root``).
 
     A MIRAX slide's companion folder (``name/`` next to ``name.mrxs``) is not searched: its
-    ``.dat`` files are not slides.
+    ``.dat`` files are not slides. The ``.dcm`` files of a folder are grouped by DICOM series
+    (:func:`dicom_series`): a series is one slide, named by its folder when that folder (not
+    ``root`` itself) holds only that series, else by its first file.
     """
     root = Path(root)
     found: list[Path] = []
@@ -382,7 +426,13 @@ def find_slides(root: Union[str, Path]) -> list[Path]:
         here = Path(folder)
         mirax = {Path(name).stem for name in files if name.lower().endswith(".mrxs")}
         dirs[:] = sorted(d for d in dirs if d not in mirax and not d.startswith("."))
-        found.extend((here / name).relative_to(root) for name in files if is_slide_file(name))
+        others = [name for name in files if is_slide_file(name) and Path(name).suffix.lower() not in DICOM_EXTENSIONS]
+        found.extend((here / name).relative_to(root) for name in others)
+        series = dicom_series(here, files) if any(Path(n).suffix.lower() in DICOM_EXTENSIONS for n in files) else []
+        if len(series) == 1 and not others and here != root:
+            found.append(here.relative_to(root))
+        else:
+            found.extend(group[0].relative_to(root) for group in series)
     return sorted(found)
 
 
@@ -455,7 +505,7 @@ class SlideCatalog:
             return None
         root = Path(slides_root).resolve()
         path = (root / slide).resolve()
-        if not path.is_relative_to(root) or not path.is_file():
+        if not path.is_relative_to(root) or not (path.is_file() or path.is_dir()):  # a folder: a DICOM series
             return None
         return path
 
