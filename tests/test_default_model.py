@@ -126,8 +126,15 @@ def test_the_page_says_no_close_match_for_lymphocytes_and_suggests_lung_classes(
     for cls in ("lung_aca", "lung_n", "lung_scc"):
         for path in sorted((DATA / "lc25000_lung" / "query" / cls).glob("*.jpg"))[:10]:
             summary = app.search(str(path)).summary
-            assert summary.startswith("### Suggestion: **"), summary
-            suggested[path.name] = (cls, summary.split("**")[1])
+            headline = summary.splitlines()[0].replace("\\", "")  # the Markdown escapes "_"
+            # a lung query gets a lung suggestion, or a close call between lung classes (calibrated verdict)
+            assert headline.startswith(("### Suggestion: **lung_", "### Close call: lung_")), summary
+            if headline.startswith("### Close call:"):
+                assert all(name.startswith("lung_") for name in headline[16:].split(" or ")), summary
+            guess = headline.split("**")[1] if headline.startswith("### Suggestion") else None
+            suggested[path.name] = (cls, guess)
     right = sum(cls == guess for cls, guess in suggested.values())
-    # LYM-TCGA-FTVCYFDV scores just above the lung gallery's threshold (0.866); 29 of 30 lung queries right
-    assert (outcomes, len(suggested), right) == ([True, False, True, True, True], 30, 29)
+    wrong = sum(guess is not None and cls != guess for cls, guess in suggested.values())
+    # LYM-TCGA-FTVCYFDV scores just above the lung gallery's threshold (0.866); of the 30 lung queries,
+    # 26 get their class as suggestion, 4 a close call between two lung classes, none a wrong suggestion
+    assert (outcomes, right, wrong) == ([True, False, True, True, True], 26, 0)

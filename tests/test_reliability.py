@@ -764,9 +764,9 @@ def test_remove_rows_keeps_search_and_metadata_right(tmp_path, index_type):
     extra = {"added": [f"t{i}" for i in range(6)], "sha256": [f"h{i}" for i in range(6)]}
     meta = metadata_table(np.arange(6), list("aabbcc"), [f"s{i}" for i in range(6)], [b""] * 6, extra)
     index = write_index(tmp_path / "idx", xb, meta, embedder, index_type=index_type)
-    with pytest.raises(IndexChangedError, match="id 1 is now 's1'"):
-        index.remove([1], expected={1: "s2"})
-    assert index.remove([1, 4], expected={1: "s1", 4: "s4"}) == 2
+    with pytest.raises(IndexChangedError, match="row 1 is now 's1'"):
+        index.remove([1], expected={1: "h2"})  # the guard compares the stored pixel SHA-256
+    assert index.remove([1, 4], expected={1: "h1", 4: "h4"}) == 2
     loaded = PatchIndex.load(tmp_path / "idx", embedder)
     assert len(loaded) == 4 and loaded.manifest["count"] == 4 and loaded.manifest["labels"] == {"a": 1, "b": 2, "c": 1}
     assert loaded.sources == ["s0", "s2", "s3", "s5"] and loaded.extra["sha256"] == ["h0", "h2", "h3", "h5"]
