@@ -70,6 +70,8 @@ def test_default_config_is_offline_lite0() -> None:
         ({"image_mean": (0.5, 0.5)}, "image_mean"),
         ({"image_std": (0.5, 0.0, 0.5)}, "image_std"),
         ({"backbone": ""}, "backbone"),
+        ({"global_weight": -0.5}, "global_weight"),
+        ({"global_weight": float("inf")}, "global_weight"),
     ],
 )
 def test_invalid_config_names_the_field(kwargs: dict, field: str) -> None:
@@ -119,6 +121,25 @@ def test_embeddings_shape_and_normalisation(tiny_config: LgffemConfig) -> None:
     assert not torch.allclose(raw.norm(dim=1), torch.ones(3))
     torch.testing.assert_close(unit, torch.nn.functional.normalize(raw, dim=1))
     assert isinstance(model(x, return_dict=False), tuple)
+
+
+def test_global_branch_appends_the_weighted_pooled_last_stage(tiny_config: LgffemConfig) -> None:
+    torch.manual_seed(0)
+    plain = LgffemModel(tiny_config)
+    config = LgffemConfig(**{**tiny_config.to_dict(), "global_weight": 0.5})
+    model = LgffemModel(config)
+    model.load_state_dict(plain.state_dict())  # the branch has no parameters: same tensors, same keys
+    assert (plain.embedding_dim, model.embedding_dim, config.embedding_dim) == (64, 64 + 320, 64)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        t = plain(x).embeddings
+        g = torch.nn.functional.normalize(model.backbone(x)[-1].mean(dim=(-2, -1)), dim=-1)
+        out = model(x).embeddings
+        raw = model(x, normalize=False).embeddings
+    torch.testing.assert_close(out, torch.cat([t, 0.5 * g], dim=1) / (1 + 0.5**2) ** 0.5)
+    torch.testing.assert_close(raw, torch.cat([t, 0.5 * g], dim=1))
+    # cosine = (t.t' + w^2 g.g') / (1 + w^2)
+    torch.testing.assert_close(out @ out.T, (t @ t.T + 0.25 * (g @ g.T)) / 1.25)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 64, 70), (2, 1, 64, 64), (3, 64, 64)])
