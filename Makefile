@@ -21,7 +21,7 @@ DATA ?= ../shared/data
 MODEL_OUT ?= artifacts/default-model
 model: $(STAMP)
 	$(PY) -m train --dataset $(DATA)/lc25000_lung/gallery $(DATA)/lc25000_colon/gallery \
-	  --epochs 10 --t0 10 --distill-mode mse --distill-weight 1000 --threads 2 \
+	  --epochs 10 --t0 10 --distill-mode mse --distill-weight 1000 --global-weight 0.75 --threads 2 \
 	  --output-dir $(MODEL_OUT) --checkpoint-dir $(MODEL_OUT)-checkpoints \
 	  --model-name lgffem-lite0-lc25000 --license other --tags lc25000 lung colon $(ARGS)
 	$(PY) -m train.export_default $(MODEL_OUT)

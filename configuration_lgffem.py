@@ -36,6 +36,14 @@ class LgffemConfig(PretrainedConfig):
         image_mean: per-channel normalisation mean (RGB).
         image_std: per-channel normalisation std (RGB).
         normalize_embeddings: L2-normalise the descriptor in ``forward`` (for cosine search).
+        global_weight: weight ``w`` of the global branch, an addition to the paper (0, its default,
+            turns it off). With ``w > 0`` the descriptor is the L2-normalised trained descriptor
+            concatenated with ``w`` times the L2-normalised global average of the backbone's last
+            stage (``4 * C`` plus that stage's channels): the cosine similarity of two images is
+            ``(t + w**2 g) / (1 + w**2)``, the trained part's ``t`` and the bare backbone's ``g``.
+            The branch has no parameters and training never sees it; it keeps the backbone's
+            general notion of similar tissue on tissue the training never showed (issue 19,
+            ``benchmarks/generality.py``).
     """
 
     model_type = "lgffem"
@@ -53,6 +61,7 @@ class LgffemConfig(PretrainedConfig):
         image_mean: Sequence[float] = (0.5, 0.5, 0.5),
         image_std: Sequence[float] = (0.5, 0.5, 0.5),
         normalize_embeddings: bool = True,
+        global_weight: float = 0.0,
         **kwargs: Any,
     ) -> None:
         # Configs saved by earlier versions named a weights source here; weights never come
@@ -69,6 +78,7 @@ class LgffemConfig(PretrainedConfig):
         self.image_mean = [float(v) for v in image_mean]
         self.image_std = [float(v) for v in image_std]
         self.normalize_embeddings = bool(normalize_embeddings)
+        self.global_weight = float(global_weight)
         self._validate()
         super().__init__(**kwargs)
 
@@ -93,12 +103,18 @@ class LgffemConfig(PretrainedConfig):
             values = getattr(self, name)
             if len(values) != 3:
                 raise ValueError(f"{name} must have 3 values (R, G, B), got {values}")
+        if not 0.0 <= self.global_weight < float("inf"):
+            raise ValueError(f"global_weight must be a finite number >= 0, got {self.global_weight}")
         if any(v <= 0 for v in self.image_std):
             raise ValueError(f"image_std must be > 0, got {self.image_std}")
 
     @property
     def embedding_dim(self) -> int:
-        """Length of the descriptor: ``4 * neck_channels``."""
+        """Length of the trained head's descriptor, ``4 * neck_channels`` (what training sees).
+
+        With ``global_weight > 0`` the model's descriptor is longer by the backbone's last-stage
+        channels, which only the backbone knows: :attr:`LgffemModel.embedding_dim`.
+        """
         return 4 * self.neck_channels
 
 

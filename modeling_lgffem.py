@@ -4,7 +4,8 @@ Nuñez-Fernández, Farias, Solar, "Content-Based Histopathological Image Retriev
 Sensors 2025, 25(5):1350. A frozen timm backbone gives four feature scales
 (strides 4/8/16/32); a neck of ``neck_layers`` local-global fusion layers of width
 ``neck_channels`` mixes them; one GeM head per scale pools them; the four pooled
-vectors are concatenated into a ``4 * neck_channels`` descriptor.
+vectors are concatenated into a ``4 * neck_channels`` descriptor. An optional global branch
+(``global_weight``, not in the paper) appends the backbone's own pooled last stage.
 
 This file, with ``configuration_lgffem.py`` (the config), ``functional_lgffem.py`` (the ops the
 modules are built on) and ``image_processing_lgffem.py`` (the image processor), is the Hub remote
@@ -302,7 +303,7 @@ class LgffemOutput(ModelOutput):
     """Output of :class:`LgffemModel`.
 
     Args:
-        embeddings: N x (4 * C) float32 descriptors (L2-normalised if requested).
+        embeddings: N x :attr:`LgffemModel.embedding_dim` float32 descriptors (L2-normalised if requested).
         feature_maps: the neck's four output maps, when ``output_feature_maps=True``.
     """
 
@@ -358,10 +359,16 @@ class LgffemModel(LgffemPreTrainedModel):
         channels = self.backbone.feature_info.channels()
         self.neck = LgffemNeck(channels, config.neck_channels, config.neck_layers)
         self.head = LgffemHead(config.neck_channels, 4, config.gem_p, config.gem_eps, config.head_dropout)
+        self.global_channels = int(channels[-1]) if config.global_weight > 0 else 0
         self.post_init()
         # An embedding model is mostly used for inference: start in eval mode (dropout and
         # BatchNorm statistics off), as from_pretrained does; training calls .train().
         self.eval()
+
+    @property
+    def embedding_dim(self) -> int:
+        """Length of the descriptor: ``4 * C``, plus the last stage's channels with a global branch."""
+        return self.config.embedding_dim + self.global_channels
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], *args: Any, **kwargs: Any) -> None:
         """``PreTrainedModel.save_pretrained`` plus the matching ``preprocessor_config.json``."""
@@ -384,12 +391,30 @@ class LgffemModel(LgffemPreTrainedModel):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Neck and head over precomputed backbone maps (see :meth:`backbone_features`).
 
+        The trained descriptor only (what training optimises; :meth:`describe_features` adds the
+        global branch).
+
         Returns:
             The N x (4 * C) float32 descriptors and the neck's four output maps.
         """
         maps = self.neck(features)
         embeddings = self.head(maps).float()
         if self.config.normalize_embeddings if normalize is None else normalize:
+            embeddings = F.normalize(embeddings, dim=-1)
+        return embeddings, maps
+
+    def describe_features(
+        self, features: Sequence[torch.Tensor], normalize: Optional[bool] = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The model's descriptor over precomputed backbone maps: :meth:`embed_features`, and the
+        global branch when ``config.global_weight > 0`` (see :class:`LgffemConfig`)."""
+        normalize = self.config.normalize_embeddings if normalize is None else normalize
+        if not self.global_channels:
+            return self.embed_features(features, normalize)
+        trained, maps = self.embed_features(features, normalize=True)
+        pooled = F.normalize(features[-1].float().mean(dim=(-2, -1)), dim=-1)
+        embeddings = torch.cat([trained, self.config.global_weight * pooled], dim=1)
+        if normalize:
             embeddings = F.normalize(embeddings, dim=-1)
         return embeddings, maps
 
@@ -413,7 +438,7 @@ class LgffemModel(LgffemPreTrainedModel):
         h, w = pixel_values.shape[-2:]
         if h % 32 or w % 32:
             raise ValueError(f"image height and width must be multiples of 32, got {h} x {w}")
-        embeddings, maps = self.embed_features(self.backbone_features(pixel_values), normalize)
+        embeddings, maps = self.describe_features(self.backbone_features(pixel_values), normalize)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         out = LgffemOutput(embeddings=embeddings, feature_maps=tuple(maps) if output_feature_maps else None)
         return out if return_dict else out.to_tuple()

@@ -13,7 +13,7 @@ CSVs' ``group_id``):
 
 A 448 px mosaic of four 224 px patches is cut by ``index_build.query.plan_tiles`` into exactly those
 four patches (the script checks the plan), so each tile's embedding is its patch's; the script also
-runs ``tiled_search`` end to end on a few mosaics against a real index and checks that it gives the
+runs ``run_query`` end to end on a few mosaics against a real index and checks that it gives the
 same verdicts. Embeddings are cached under ``artifacts/verdict/``.
 
     .venv/bin/python benchmarks/verdict.py --data ../shared/data
@@ -25,6 +25,7 @@ import argparse
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -47,17 +48,30 @@ SETS = {
 }
 
 
-def load_sets(data: Path, cache: Path, model: str) -> dict:
-    """Embeddings, labels and files of every set (cached as ``<cache>/<set>.npz``)."""
+def embedder_for(model: str, global_weight: Optional[float] = None):
+    """``load_model(model)``, with the global branch's weight set to ``global_weight`` when given."""
+    from index_build.models import Embedder, LgffemImageProcessor, load_model
+    from modeling_lgffem import LgffemModel
+
+    embedder = load_model(model, device="cpu")
+    if global_weight is None or global_weight == embedder.model.config.global_weight:
+        return embedder
+    config = type(embedder.model.config)(**{**embedder.model.config.to_dict(), "global_weight": global_weight})
+    changed = LgffemModel(config).eval()
+    changed.load_state_dict(embedder.model.state_dict())
+    return Embedder(model=changed, processor=LgffemImageProcessor.from_config(config), model_id=embedder.model_id)
+
+
+def load_sets(data: Path, cache: Path, model: str, global_weight: Optional[float] = None) -> dict:
+    """Embeddings, labels and files of every set (cached as ``<cache>/<model>/<set>.npz``, where
+    ``<model>`` is the config hash and weights fingerprint: another model never reads them)."""
+    embedder, out = embedder_for(model, global_weight), {}
+    desc = embedder.describe()
+    cache = cache / f"{desc['config_hash']}-{desc['weights_fingerprint']}"
     cache.mkdir(parents=True, exist_ok=True)
-    embedder, out = None, {}
     for key, rel in [*SETS.items(), ("photos", None)]:
         path = cache / f"{key}.npz"
         if not path.exists():
-            if embedder is None:
-                from index_build.models import load_model
-
-                embedder = load_model(model, device="cpu")
             if rel is None:
                 images, labels, files = photo_crops(), ["photo"] * 40, [f"photo-{i}" for i in range(40)]
             else:
@@ -148,16 +162,15 @@ def mosaics(sets: dict, gallery: Gallery, rng: np.random.Generator, per_class: i
     return same_row, two_row
 
 
-def end_to_end_check(data: Path, sets: dict, model: str, n: int = 4) -> str:
-    """``tiled_search`` on ``n`` real 448 px mosaics against a real lung + colon index: same verdicts?"""
+def end_to_end_check(data: Path, sets: dict, model: str, n: int = 4, global_weight: Optional[float] = None) -> str:
+    """``run_query`` on ``n`` real 448 px mosaics against a real lung + colon index: same verdicts?"""
     import tempfile
 
-    from index_build.models import load_model
     from index_build.patch_index import PatchIndex, write_index
-    from index_build.query import tiled_search
+    from index_build.search_core import Query, run_query
     from index_build.storage import metadata_table
 
-    embedder = load_model(model, device="cpu")
+    embedder = embedder_for(model, global_weight)
     parts = [sets["lung_g"], sets["colon_g"]]
     xb = np.concatenate([p[0] for p in parts])
     labels = [lab for p in parts for lab in p[1]]
@@ -178,10 +191,10 @@ def end_to_end_check(data: Path, sets: dict, model: str, n: int = 4) -> str:
             mosaic = Image.new("RGB", (448, 448))
             for j, i in enumerate(pick):
                 mosaic.paste(Image.open(q_files[i]).convert("RGB"), ((j % 2) * 224, (j // 2) * 224))
-            found = tiled_search(mosaic, embedder, [("index", index)], k=8)
+            found = run_query(Query.picture(mosaic), [("index", index)], 8, embedder=embedder, thumbnails=False)
             direct = decide(gallery.hits(q_x[pick]), gallery.threshold, gallery.rule, gallery.scope)
             agree += (found.verdict.kind, found.verdict.label) == (direct.kind, direct.label)
-    return f"{agree} of {n} real mosaics through tiled_search gave the same verdict as the cached tiles"
+    return f"{agree} of {n} real mosaics through run_query gave the same verdict as the cached tiles"
 
 
 def main() -> None:
@@ -192,10 +205,11 @@ def main() -> None:
     parser.add_argument(
         "--mosaics", type=int, default=100, help="same-class mosaics per class (two-class: half per pair)"
     )
-    parser.add_argument("--end-to-end", type=int, default=4, help="real mosaics checked through tiled_search")
+    parser.add_argument("--global-weight", type=float, default=None, help="set the global branch's weight")
+    parser.add_argument("--end-to-end", type=int, default=4, help="real mosaics checked through run_query")
     args = parser.parse_args()
     data = Path(args.data)
-    sets = load_sets(data, Path(args.cache), args.model)
+    sets = load_sets(data, Path(args.cache), args.model, args.global_weight)
     both = Gallery([sets["lung_g"], sets["colon_g"]])
     lung = Gallery([sets["lung_g"]])
     q_x = np.concatenate([sets["lung_q"][0], sets["colon_q"][0]])
@@ -238,7 +252,7 @@ def main() -> None:
         print("| " + " | ".join(cells) + " |")
     if args.end_to_end:
         print()
-        print(end_to_end_check(data, sets, args.model, args.end_to_end))
+        print(end_to_end_check(data, sets, args.model, args.end_to_end, args.global_weight))
 
 
 if __name__ == "__main__":

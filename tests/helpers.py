@@ -23,12 +23,12 @@ CHROMIUM_ARGS = [
 ]
 
 
-def make_embedder(neck_channels: int = 16, seed: int = 0):
+def make_embedder(neck_channels: int = 16, seed: int = 0, global_weight: float = 0.0):
     """A tiny random LGFFEM (C = ``neck_channels``, L = 1, 64 px input) seeded by ``seed``, as an Embedder."""
     from index_build.models import Embedder
     from modeling_lgffem import LgffemConfig, LgffemImageProcessor, LgffemModel
 
-    config = LgffemConfig(neck_channels=neck_channels, neck_layers=1, image_size=64)
+    config = LgffemConfig(neck_channels=neck_channels, neck_layers=1, image_size=64, global_weight=global_weight)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LgffemModel(config).eval()

@@ -35,7 +35,9 @@ def test_shipped_file_loads_into_exactly_the_declared_architecture(default):
 
     with safe_open(str(models.DEFAULT_WEIGHTS), framework="pt") as f:
         keys, meta = set(f.keys()), f.metadata()
-    assert json.loads(meta["config"]) == {k: getattr(LgffemConfig(), k) for k in models._ARCH_KEYS}
+    # the default architecture with the global branch at weight 0.75 (issue 19): 512 + 320 dims
+    assert json.loads(meta["config"]) == models.architecture(LgffemConfig(global_weight=0.75))
+    assert default.embedding_dim == 832 and default.config.global_weight == 0.75
     expected = {k for k in LgffemModel(LgffemConfig()).state_dict() if not k.startswith("backbone.")}
     assert keys == expected
     trained = sum(default.state_dict()[k].numel() for k in keys)
@@ -116,7 +118,7 @@ def test_the_page_says_no_close_match_for_lymphocytes_and_suggests_lung_classes(
     build_index(gallery, tmp_path / "lung", embedder, num_workers=1, progress=False)
     app = SearchApp.create(index=str(tmp_path / "lung"), data_dir=tmp_path / "data", embedder=embedder)
     threshold = app.index.close_match_threshold
-    assert 0.8 < threshold < 0.95
+    assert 0.75 < threshold < 0.85  # 0.816 for the shipped default (its descriptor carries the global branch)
 
     no_match = "### No close match in this gallery"
     lymphocytes = sorted((DATA / "crc_samples" / "LYM").iterdir())
@@ -135,6 +137,9 @@ def test_the_page_says_no_close_match_for_lymphocytes_and_suggests_lung_classes(
             suggested[path.name] = (cls, guess)
     right = sum(cls == guess for cls, guess in suggested.values())
     wrong = sum(guess is not None and cls != guess for cls, guess in suggested.values())
-    # LYM-TCGA-FTVCYFDV scores just above the lung gallery's threshold (0.866); of the 30 lung queries,
-    # 26 get their class as suggestion, 4 a close call between two lung classes, none a wrong suggestion
-    assert (outcomes, right, wrong) == ([True, False, True, True, True], 26, 0)
+    # two of the five lymphocyte tiles score above the lung gallery's threshold, and neither gets a
+    # suggestion: the calibrated verdict calls them close calls between two lung classes; of the 30 lung
+    # queries, 28 get their class as suggestion, 2 a close call between two lung classes, none a wrong one
+    headlines = [app.search(str(p)).summary.splitlines()[0] for p in lymphocytes]
+    assert not any(line.startswith("### Suggestion") for line in headlines), headlines
+    assert (outcomes, right, wrong) == ([True, False, False, True, True], 28, 0)

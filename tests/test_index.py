@@ -213,6 +213,14 @@ def test_manifest_mismatch(dataset, embedder, other_embedder, built_dir):
         PatchIndex.load(out).search(images=[dataset[0]["image"]])
 
 
+def test_index_of_the_model_without_its_global_branch_is_refused(built_dir):
+    """The same trained weights with the global branch on (as the default now ships) give another
+    descriptor (64 + 320 dimensions): an index built before is refused, with the message to rebuild it."""
+    with pytest.raises(IndexLoadError, match=r"embedding_dim 64 != 384.*config_hash") as err:
+        PatchIndex.load(built_dir, make_embedder(global_weight=1.0))
+    assert "rebuild the index" in str(err.value)
+
+
 def test_missing_and_corrupt_files(dataset, embedder, index_dir, tmp_path):
     out = index_dir
     good = {name: (out / name).read_bytes() for name in (INDEX_FILE, METADATA_FILE, MANIFEST_FILE)}

@@ -70,6 +70,8 @@ def test_default_config_is_offline_lite0() -> None:
         ({"image_mean": (0.5, 0.5)}, "image_mean"),
         ({"image_std": (0.5, 0.0, 0.5)}, "image_std"),
         ({"backbone": ""}, "backbone"),
+        ({"global_weight": -0.5}, "global_weight"),
+        ({"global_weight": float("inf")}, "global_weight"),
     ],
 )
 def test_invalid_config_names_the_field(kwargs: dict, field: str) -> None:
@@ -119,6 +121,25 @@ def test_embeddings_shape_and_normalisation(tiny_config: LgffemConfig) -> None:
     assert not torch.allclose(raw.norm(dim=1), torch.ones(3))
     torch.testing.assert_close(unit, torch.nn.functional.normalize(raw, dim=1))
     assert isinstance(model(x, return_dict=False), tuple)
+
+
+def test_global_branch_appends_the_weighted_pooled_last_stage(tiny_config: LgffemConfig) -> None:
+    torch.manual_seed(0)
+    plain = LgffemModel(tiny_config)
+    config = LgffemConfig(**{**tiny_config.to_dict(), "global_weight": 0.5})
+    model = LgffemModel(config)
+    model.load_state_dict(plain.state_dict())  # the branch has no parameters: same tensors, same keys
+    assert (plain.embedding_dim, model.embedding_dim, config.embedding_dim) == (64, 64 + 320, 64)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        t = plain(x).embeddings
+        g = torch.nn.functional.normalize(model.backbone(x)[-1].mean(dim=(-2, -1)), dim=-1)
+        out = model(x).embeddings
+        raw = model(x, normalize=False).embeddings
+    torch.testing.assert_close(out, torch.cat([t, 0.5 * g], dim=1) / (1 + 0.5**2) ** 0.5)
+    torch.testing.assert_close(raw, torch.cat([t, 0.5 * g], dim=1))
+    # cosine = (t.t' + w^2 g.g') / (1 + w^2)
+    torch.testing.assert_close(out @ out.T, (t @ t.T + 0.25 * (g @ g.T)) / 1.25)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 64, 70), (2, 1, 64, 64), (3, 64, 64)])
@@ -285,7 +306,8 @@ def _test_images(shared_data_dir: Path | None) -> list[np.ndarray]:
 def test_round_trip_in_fresh_process(tmp_path: Path, use_real: bool, request: pytest.FixtureRequest) -> None:
     data_dir = request.getfixturevalue("shared_data") if use_real else None
     torch.manual_seed(0)
-    model = LgffemModel(LgffemConfig())  # the default, with pretrained backbone
+    # the default architecture with pretrained backbone; the real-tissue case with the global branch, as shipped
+    model = LgffemModel(LgffemConfig(global_weight=1.0 if use_real else 0.0))
     model_dir = tmp_path / "model"
     model.save_pretrained(model_dir)
     assert sorted(p.name for p in model_dir.iterdir()) == [
@@ -326,7 +348,7 @@ def test_round_trip_in_fresh_process(tmp_path: Path, use_real: bool, request: py
     assert result.returncode == 0, result.stderr[-3000:]
     assert "transformers_modules" in result.stdout and "LgffemImageProcessor" in result.stdout
     got = np.load(tmp_path / "e.npy")
-    assert got.shape == (len(images), 512)
+    assert got.shape == (len(images), 832 if use_real else 512)
     assert np.abs(got - expected).max() < 1e-6
 
 

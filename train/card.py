@@ -92,8 +92,12 @@ def model_card(
     history: Sequence[dict[str, Any]],
     model_config: dict,
     num_train_images: int,
+    embedding_dim: Optional[int] = None,
 ) -> str:
-    """The full ``README.md`` text (YAML front matter + body)."""
+    """The full ``README.md`` text (YAML front matter + body); ``embedding_dim``: the model's
+    descriptor length (default ``4 * neck_channels``, the length without a global branch)."""
+    dim = embedding_dim or 4 * model_config["neck_channels"]
+    weight = float(model_config.get("global_weight") or 0)
     repo = cfg.model_name if cfg.model_name and "/" in cfg.model_name else "ORG/NAME"
     title = cfg.model_name or "LGFFEM"
     train_rows = [r for r in history if r.get("epoch", 0) > 0 and r.get("images_per_s") not in (None, "")]
@@ -110,7 +114,16 @@ def model_card(
     hyper = [
         ("backbone (frozen)", f"`{model_config['backbone']}`, out_indices {model_config['out_indices']}"),
         ("neck", f"C = {model_config['neck_channels']}, L = {model_config['neck_layers']}"),
-        ("descriptor", f"{4 * model_config['neck_channels']} dims, L2-normalised"),
+        (
+            "descriptor",
+            f"{dim} dims, L2-normalised"
+            + (
+                f": the trained {4 * model_config['neck_channels']} and the backbone's pooled last stage, "
+                f"weight {weight:g} (`global_weight`)"
+                if weight
+                else ""
+            ),
+        ),
         (
             "input",
             f"{model_config['image_size']} px, mean {model_config['image_mean']}, std {model_config['image_std']}",
@@ -163,7 +176,7 @@ def model_card(
 An **LGFFEM** (Local–Global Feature Fusion Embedding Model) image-embedding model for
 content-based retrieval of histopathology patches: a frozen timm backbone, a local–global
 fusion neck over four scales and one GeM head per scale give one
-{4 * model_config["neck_channels"]}-dimensional descriptor per image; similar tissue has a high
+{dim}-dimensional descriptor per image; similar tissue has a high
 cosine similarity. Architecture and training recipe: {PAPER}.
 
 ## Usage
@@ -179,7 +192,7 @@ processor = AutoImageProcessor.from_pretrained("{repo}", trust_remote_code=True)
 images = [Image.open("patch1.png"), Image.open("patch2.png")]
 with torch.inference_mode():
     emb = model(**processor(images, return_tensors="pt")).embeddings
-print(emb.shape)  # N x {4 * model_config["neck_channels"]}, unit-norm rows
+print(emb.shape)  # N x {dim}, unit-norm rows
 print(emb @ emb.T)  # cosine similarities
 ```
 
@@ -218,12 +231,18 @@ The per-epoch log is in `metrics.csv`, the full settings in `training_args.json`
 
 
 def write_model_card(
-    out: Path, cfg: TrainConfig, classes: Sequence[str], history: Sequence[dict[str, Any]], num_train_images: int
+    out: Path,
+    cfg: TrainConfig,
+    classes: Sequence[str],
+    history: Sequence[dict[str, Any]],
+    num_train_images: int,
+    embedding_dim: Optional[int] = None,
 ) -> Path:
     """Write ``out/README.md`` for the model saved in ``out`` (reads its ``config.json``)."""
     import json
 
     model_config = json.loads((Path(out) / "config.json").read_text())
     path = Path(out) / "README.md"
-    path.write_text(model_card(cfg, classes, history, model_config, num_train_images), encoding="utf-8")
+    text = model_card(cfg, classes, history, model_config, num_train_images, embedding_dim)
+    path.write_text(text, encoding="utf-8")
     return path

@@ -27,6 +27,7 @@ MODEL_OVERRIDES = (
     "image_size",
     "image_mean",
     "image_std",
+    "global_weight",
     "backbone_weights",
 )
 
@@ -100,6 +101,7 @@ class TrainConfig:
     image_size: Optional[int] = None
     image_mean: Optional[list[float]] = None
     image_std: Optional[list[float]] = None
+    global_weight: Optional[float] = None
     backbone_weights: Optional[str] = None
     # loss
     margin: float = 17.5
@@ -279,6 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, default=None)
     g.add_argument("--image-mean", type=float, nargs=3, default=None, metavar="M")
     g.add_argument("--image-std", type=float, nargs=3, default=None, metavar="S")
+    g.add_argument(
+        "--global-weight",
+        type=float,
+        default=None,
+        help="weight of the global branch (the backbone's pooled last stage appended to the descriptor at "
+        "inference; training never sees it); 0: the paper's descriptor",
+    )
     g.add_argument("--backbone-weights", default=None, help="none | timm | efficientnet-lite | PATH")
 
     g = p.add_argument_group("loss: Sub-center ArcFace")

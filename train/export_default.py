@@ -26,9 +26,23 @@ from index_build.backbone_weights import EFFICIENTNET_LITE, backbone_state_dict
 from modeling_lgffem import LgffemModel
 
 
-def export(model_dir: Path, out: Path = models.DEFAULT_WEIGHTS, models_py: Optional[Path] = None) -> str:
-    """Write ``out`` from the model in ``model_dir`` and record its digest; returns the digest."""
+def export(
+    model_dir: Path,
+    out: Path = models.DEFAULT_WEIGHTS,
+    models_py: Optional[Path] = None,
+    global_weight: Optional[float] = None,
+) -> str:
+    """Write ``out`` from the model in ``model_dir`` and record its digest; returns the digest.
+
+    ``global_weight``: set the global branch's weight of the exported model (it has no parameters
+    and training never sees it, so the folder's trained tensors serve any weight).
+    """
     model = LgffemModel.from_pretrained(model_dir).eval()
+    if global_weight is not None and global_weight != model.config.global_weight:
+        config = type(model.config)(**{**model.config.to_dict(), "global_weight": global_weight})
+        state = model.state_dict()
+        model = LgffemModel(config).eval()
+        model.load_state_dict(state)
     package = backbone_state_dict(model.backbone, model.config, EFFICIENTNET_LITE)
     current = model.backbone.state_dict()
     changed = [k for k, v in package.items() if not torch.equal(current[k], v)]
@@ -62,11 +76,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.export_default", description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", help="a folder written by python -m train")
     parser.add_argument("--out", default=str(models.DEFAULT_WEIGHTS), help="the neck-and-head file to write")
+    parser.add_argument(
+        "--global-weight", type=float, default=None, help="the global branch's weight (default: the folder's)"
+    )
     args = parser.parse_args(argv)
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
         parser.error(f"{model_dir} is not a saved model folder (no config.json)")
-    digest = export(model_dir, Path(args.out))
+    digest = export(model_dir, Path(args.out), global_weight=args.global_weight)
     size = Path(args.out).stat().st_size
     print(f"wrote {args.out} ({size / 1e6:.2f} MB), SHA-256 {digest}, recorded in index_build/models.py")
     return 0

@@ -604,7 +604,7 @@ def train(cfg: TrainConfig, train_dataset=None, eval_gallery=None, eval_queries=
         (out / "training_args.json").write_text(
             json.dumps({**cfg.to_dict(), "classes": classes, "num_train_images": len(dataset)}, indent=2)
         )
-        write_model_card(out, cfg, classes, history, num_train_images=len(dataset))
+        write_model_card(out, cfg, classes, history, len(dataset), embedding_dim=final.embedding_dim)
         logger.info("wrote %s", out)
     accelerator.wait_for_everyone()
     return TrainResult(

@@ -8,7 +8,8 @@ scale), send the pooled vectors through the same head branches, concatenate, and
 with the result's descriptor (:func:`location_descriptors`, :func:`similarity_map`). A place
 whose local descriptor is close to the result's descriptor is a part of the query that looks
 like the result. No gradients and no classifier are involved (this is not Grad-CAM): the map is
-the retrieval similarity itself, computed locally.
+the retrieval similarity itself, computed locally. A model with a global branch (the pooled last
+backbone stage appended to the descriptor) gets that branch pooled over the same window.
 
 Queries larger than the model input are cut into input-size tiles on the same even grid as the
 search (:func:`index_build.query.axis_starts`); each tile's map is computed at the model's input
@@ -69,6 +70,17 @@ def _local_gem(x: torch.Tensor, p: torch.Tensor, eps: float, window: int) -> tor
     return (total / count).pow(1.0 / p)
 
 
+def _local_mean(x: torch.Tensor, window: int) -> torch.Tensor:
+    """The mean over the ``window`` x ``window`` neighbourhood of every cell (stride 1; edges: the cells there)."""
+    if window <= 1:
+        return x
+    left = (window - 1) // 2
+    pad = (left, window - 1 - left, left, window - 1 - left)
+    total = F.avg_pool2d(F.pad(x, pad), window, stride=1)
+    count = F.avg_pool2d(F.pad(torch.ones_like(x[:, :1]), pad), window, stride=1)
+    return total / count
+
+
 @torch.inference_mode()
 def location_descriptors(model: LgffemModel, pixel_values: torch.Tensor, window_px: int = WINDOW_PX) -> torch.Tensor:
     """Per-location LGFFEM descriptors on the stride-4 grid, L2-normalised.
@@ -76,7 +88,10 @@ def location_descriptors(model: LgffemModel, pixel_values: torch.Tensor, window_
     Each neck map is GeM-pooled over a window of ``window_px`` input pixels around every cell (at
     stride ``s``: ``window_px / s`` cells, at least one) and sent through its head branch exactly as the
     whole-image pooled vector is (``BatchNorm -> Linear -> L2-normalise -> Linear``); the four
-    branch outputs are upsampled (bilinear) to the stride-4 grid and concatenated.
+    branch outputs are upsampled (bilinear) to the stride-4 grid and concatenated. When the model
+    has a global branch (``config.global_weight > 0``), the last backbone stage average-pooled over
+    the same window is L2-normalised, weighted and appended, as :meth:`LgffemModel.describe_features`
+    does for the whole image.
 
     Args:
         model: an LGFFEM model (eval mode).
@@ -88,7 +103,8 @@ def location_descriptors(model: LgffemModel, pixel_values: torch.Tensor, window_
     """
     model.eval()
     device = next(model.parameters()).device
-    maps = model.neck(model.backbone_features(pixel_values.to(device)))
+    features = model.backbone_features(pixel_values.to(device))
+    maps = model.neck(features)
     size = maps[0].shape[-2:]
     parts = []
     for fmap, branch, stride in zip(maps, model.head.branches, (4, 8, 16, 32)):
@@ -99,7 +115,15 @@ def location_descriptors(model: LgffemModel, pixel_values: torch.Tensor, window_
         out = branch.fc2(F.normalize(branch.fc1(branch.bn(flat)), dim=-1))
         out = out.reshape(n, h, w, -1).permute(0, 3, 1, 2)
         parts.append(F.interpolate(out, size=size, mode="bilinear", align_corners=False) if (h, w) != size else out)
-    return F.normalize(torch.cat(parts, dim=1), dim=1).float().cpu()
+    local = F.normalize(torch.cat(parts, dim=1), dim=1)
+    if model.global_channels:  # the global branch: the last stage average-pooled over the same window
+        last = features[-1].float()
+        cells = max(1, round(window_px / 32))
+        pooled = F.normalize(_local_mean(last, cells), dim=1)
+        if pooled.shape[-2:] != size:
+            pooled = F.interpolate(pooled, size=size, mode="bilinear", align_corners=False)
+        local = torch.cat([local, model.config.global_weight * pooled], dim=1)
+    return F.normalize(local, dim=1).float().cpu()
 
 
 def similarity_map(
