@@ -330,8 +330,17 @@ def test_personal_gallery_table_after_a_delete_in_chromium(server, tmp_path):
             assert personal_count(page.locator("#gallery-info").inner_text()) == before + 3
             table.locator("[role=row]").filter(has_text="upload:case12_b.png").get_by_text("case12 tumour").click()
             page.wait_for_function("document.querySelector('#delete-ids textarea, #delete-ids input').value !== ''")
-            page.click("#delete-button")
+            page.click("#delete-button")  # first step: the page names what would go and deletes nothing
+            page.locator("#delete-question").get_by_text("Delete 1 image from your personal gallery?").wait_for(
+                timeout=60_000
+            )
+            assert "upload:case12_b.png" in page.locator("#delete-question").inner_text()
+            assert "upload:case12_b.png" in table.inner_text()
+            SHOTS.mkdir(parents=True, exist_ok=True)
+            page.locator("#delete-confirm").screenshot(path=str(SHOTS / "personal-gallery-confirm-delete.png"))
+            page.click("#confirm-delete")
             page.locator("#add-status").get_by_text("Deleted 1 image").wait_for(timeout=60_000)
+            page.locator("#delete-confirm").wait_for(state="hidden", timeout=60_000)
             table.get_by_text("upload:case12_b.png").wait_for(state="detached", timeout=60_000)
             text = table.inner_text()
             assert "upload:case12_a.png" in text and "upload:case12_c.png" in text
