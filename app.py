@@ -416,12 +416,13 @@ class SearchApp:
         png = preview_png(image, str(self._responses.new_folder("preview-")))
         return png if png is not None else image
 
-    def select_result(self, evt: gr.SelectData) -> tuple[Optional[str], str]:
-        """Result-click handler: the clicked result at its full stored resolution, and its caption."""
+    def select_result(self, evt: gr.SelectData) -> tuple[Optional[str], str, Any]:
+        """Result-click handler: the clicked result at its full stored resolution, its caption, and
+        the column that shows them made visible (hidden until a result is clicked)."""
         value = evt.value if isinstance(evt.value, dict) else {}
         image = value.get("image") or {}
         path = image.get("path") if isinstance(image, dict) else None
-        return path, f"**Selected result:** {value.get('caption') or ''}"
+        return path, f"**Selected result:** {value.get('caption') or ''}", gr.update(visible=True)
 
     # ---- add your own images -----------------------------------------------------------
 
@@ -674,7 +675,7 @@ def build_demo(app: SearchApp) -> gr.Blocks:
                         height=300,
                         elem_id="query",
                     )
-                with gr.Column(scale=1, min_width=240, elem_id="selected-column"):
+                with gr.Column(scale=1, min_width=240, elem_id="selected-column", visible=False) as selected_column:
                     selected = gr.Image(
                         label="Result at full stored resolution (click a result)",
                         type="filepath",
@@ -726,7 +727,7 @@ def build_demo(app: SearchApp) -> gr.Blocks:
                 seen = gr.Gallery(
                     label="What the model saw (per tile)", columns=4, height=420, fit_columns=False, elem_id="seen"
                 )
-            with gr.Accordion("Tile votes (tiled searches)", open=True):
+            with gr.Accordion("Tile votes (tiled searches)", open=True, visible=False) as tile_box:
                 tile_table = gr.Dataframe(
                     headers=TILE_HEADERS, label="Tile votes", interactive=False, elem_id="tile-table"
                 )
@@ -790,14 +791,23 @@ def build_demo(app: SearchApp) -> gr.Blocks:
                 "A research tool, not a diagnostic device."
             )
 
-        button.click(
+        searched = button.click(
             app.search_page,
             inputs=[query, k, label, tiling],
             outputs=[results, votes, summary, overview, seen, table, tile_table, csv_file, zip_file],
             api_name="search",
         )
+        # the Tile votes table only when the query was tiled (a single patch has no tile votes)
+        searched.then(
+            lambda rows: gr.update(visible=bool(_table_rows(rows))),
+            inputs=[tile_table],
+            outputs=[tile_box],
+            api_visibility="private",
+        )
         query.upload(app.preview, inputs=[query], outputs=[query], api_name=False)
-        results.select(app.select_result, inputs=None, outputs=[selected, selected_caption], api_name=False)
+        results.select(
+            app.select_result, inputs=None, outputs=[selected, selected_caption, selected_column], api_name=False
+        )
         gallery_outputs = [label, new_label, personal_table, banner]
         add_button.click(
             app.add_images, inputs=[files, new_label], outputs=[add_status, *gallery_outputs], api_name="add_images"

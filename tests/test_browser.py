@@ -124,6 +124,8 @@ def test_upload_and_search_in_chromium(server, tmp_path):
             page.get_by_text("corrupt or truncated").first.wait_for(timeout=60_000)
             assert page.locator("#results .thumbnail-item").count() == 0
 
+            # before anything is clicked: no empty "result at full resolution" box, no empty Tile votes table
+            assert not page.locator("#selected-column").is_visible() and not page.locator("#tile-table").is_visible()
             page.locator("#query button[aria-label='Remove Image']").first.click()
             page.locator("#query input[type=file]").set_input_files(str(query))
             page.locator("#query img").first.wait_for(timeout=30_000)
@@ -139,6 +141,8 @@ def test_upload_and_search_in_chromium(server, tmp_path):
             verdict = rf"^(Suggestion: ({'|'.join(labels)})|Close call: |No close match in this gallery)"
             assert re.search(verdict, summary) and "This gallery holds" in summary, summary
             page.locator("#seen .thumbnail-item").first.wait_for(timeout=30_000)
+            page.wait_for_timeout(500)  # the search's follow-up step that shows or hides the Tile votes
+            assert not page.locator("#tile-table").is_visible()  # a patch searched whole has no tile votes
             # Captions sit below their image, not over it, and are not cut off.
             item = page.locator("#results .thumbnail-item").first
             image_box = item.locator("img").bounding_box()
@@ -400,5 +404,15 @@ def test_search_tab_decodes_uploads_itself_in_chromium(server, tmp_path):
             )
             first = page.locator("#results .caption-label").first.inner_text().split(" · ")[1]
             assert first == api_top, (first, api_top)
+
+            # a large image is searched as tiles: the Tile votes table appears, one row per tile
+            large = tmp_path / "large.png"
+            Image.open(query).convert("RGB").resize((700, 460)).save(large)
+            page.locator("#query button[aria-label='Remove Image']").first.click()
+            page.locator("#query input[type=file]").set_input_files(str(large))
+            page.locator("#query img").first.wait_for(timeout=30_000)
+            page.click("#search-button")
+            page.locator("#tile-table").wait_for(state="visible", timeout=120_000)
+            assert "searched as 12 tiles (224 px)" in page.locator("#summary").inner_text()  # 4 x 3, overlapping
         finally:
             browser.close()
