@@ -416,12 +416,13 @@ class SearchApp:
         png = preview_png(image, str(self._responses.new_folder("preview-")))
         return png if png is not None else image
 
-    def select_result(self, evt: gr.SelectData) -> tuple[Optional[str], str]:
-        """Result-click handler: the clicked result at its full stored resolution, and its caption."""
+    def select_result(self, evt: gr.SelectData) -> tuple[Optional[str], str, Any]:
+        """Result-click handler: the clicked result at its full stored resolution, its caption, and
+        the column that shows them made visible (hidden until a result is clicked)."""
         value = evt.value if isinstance(evt.value, dict) else {}
         image = value.get("image") or {}
         path = image.get("path") if isinstance(image, dict) else None
-        return path, f"**Selected result:** {value.get('caption') or ''}"
+        return path, f"**Selected result:** {value.get('caption') or ''}", gr.update(visible=True)
 
     # ---- add your own images -----------------------------------------------------------
 
@@ -527,6 +528,34 @@ class SearchApp:
             gr.Warning(str(err))
             status = f"⚠️ {err}"
         return self._outputs(status)
+
+    def ask_delete(self, ids: Any) -> tuple[str, Any]:
+        """The page's first step of a delete: name what would go and ask to confirm (nothing is deleted here).
+
+        Returns the question (Markdown) and the visibility of the confirmation row."""
+        try:
+            wanted = parse_ids(ids)
+            if not wanted:
+                raise InputError("no ids: click rows of the table or type ids like '3, 5-7'")
+        except (InputError, ValueError) as err:
+            gr.Warning(str(err))
+            return f"⚠️ {err}", gr.update(visible=False)
+        rows = {row.id: row for row in self.galleries.personal_rows()}
+        missing = [i for i in wanted if i not in rows]
+        if missing:
+            message = f"no personal image has id {_id_list(missing)} (the table shows the ids there are)"
+            gr.Warning(message)
+            return f"⚠️ {message}", gr.update(visible=False)
+        shown = wanted[:10]
+        lines = "\n".join(
+            f"- id {i}: {escape_markdown(str(rows[i].label))}, {escape_markdown(str(rows[i].source))}" for i in shown
+        )
+        more = f"\n- and {len(wanted) - len(shown)} more" if len(wanted) > len(shown) else ""
+        question = (
+            f"**Delete {plural(len(wanted), 'image')} from your personal gallery?** This cannot be undone.\n\n"
+            f"{lines}{more}"
+        )
+        return question, gr.update(visible=True)
 
     @staticmethod
     def select_row(ids: Optional[str], evt: gr.SelectData) -> str:
@@ -646,7 +675,7 @@ def build_demo(app: SearchApp) -> gr.Blocks:
                         height=300,
                         elem_id="query",
                     )
-                with gr.Column(scale=1, min_width=240, elem_id="selected-column"):
+                with gr.Column(scale=1, min_width=240, elem_id="selected-column", visible=False) as selected_column:
                     selected = gr.Image(
                         label="Result at full stored resolution (click a result)",
                         type="filepath",
@@ -698,7 +727,7 @@ def build_demo(app: SearchApp) -> gr.Blocks:
                 seen = gr.Gallery(
                     label="What the model saw (per tile)", columns=4, height=420, fit_columns=False, elem_id="seen"
                 )
-            with gr.Accordion("Tile votes (tiled searches)", open=True):
+            with gr.Accordion("Tile votes (tiled searches)", open=True, visible=False) as tile_box:
                 tile_table = gr.Dataframe(
                     headers=TILE_HEADERS, label="Tile votes", interactive=False, elem_id="tile-table"
                 )
@@ -724,7 +753,7 @@ def build_demo(app: SearchApp) -> gr.Blocks:
             )
             add_button = gr.Button("Add to my gallery", elem_id="add-button")
             add_status = gr.Markdown(elem_id="add-status")
-            gr.Markdown("### Your personal images\nClick rows to choose them (or type ids), then delete.")
+            gr.Markdown("### Your personal images\nClick rows (or type ids), then *Delete…*, and confirm.")
             personal_table = gr.Dataframe(
                 value=app.personal_table(),
                 headers=PERSONAL_HEADERS,
@@ -736,7 +765,12 @@ def build_demo(app: SearchApp) -> gr.Blocks:
             )
             with gr.Row():
                 delete_ids = gr.Textbox(label="Ids to delete", placeholder="e.g. 3, 5-7", elem_id="delete-ids")
-                delete_button = gr.Button("Delete", variant="stop", elem_id="delete-button")
+                delete_button = gr.Button("Delete…", variant="stop", elem_id="delete-button")
+            with gr.Column(visible=False, elem_id="delete-confirm") as confirm_row:
+                confirm_text = gr.Markdown(elem_id="delete-question")
+                with gr.Row():
+                    confirm_button = gr.Button("Yes, delete", variant="stop", elem_id="confirm-delete")
+                    cancel_button = gr.Button("Cancel", elem_id="cancel-delete")
                 # the API's optional second argument (the table as /personal_images returned it); ids are
                 # stable, so the page itself needs no guard: a hidden JSON value that accepts None
                 delete_guard = gr.JSON(value=None, visible=False)
@@ -757,24 +791,38 @@ def build_demo(app: SearchApp) -> gr.Blocks:
                 "A research tool, not a diagnostic device."
             )
 
-        button.click(
+        searched = button.click(
             app.search_page,
             inputs=[query, k, label, tiling],
             outputs=[results, votes, summary, overview, seen, table, tile_table, csv_file, zip_file],
             api_name="search",
         )
+        # the Tile votes table only when the query was tiled (a single patch has no tile votes)
+        searched.then(
+            lambda rows: gr.update(visible=bool(_table_rows(rows))),
+            inputs=[tile_table],
+            outputs=[tile_box],
+            api_visibility="private",
+        )
         query.upload(app.preview, inputs=[query], outputs=[query], api_name=False)
-        results.select(app.select_result, inputs=None, outputs=[selected, selected_caption], api_name=False)
+        results.select(
+            app.select_result, inputs=None, outputs=[selected, selected_caption, selected_column], api_name=False
+        )
         gallery_outputs = [label, new_label, personal_table, banner]
         add_button.click(
             app.add_images, inputs=[files, new_label], outputs=[add_status, *gallery_outputs], api_name="add_images"
         )
+        # two steps on the page: name what would go, then delete on "Yes, delete" (the API deletes at once)
         delete_button.click(
+            app.ask_delete, inputs=[delete_ids], outputs=[confirm_text, confirm_row], api_visibility="private"
+        )
+        cancel_button.click(lambda: gr.update(visible=False), outputs=[confirm_row], api_visibility="private")
+        confirm_button.click(
             app.delete_images,
             inputs=[delete_ids, delete_guard],
             outputs=[add_status, *gallery_outputs],
             api_name="delete_images",
-        ).then(lambda: "", outputs=[delete_ids], api_visibility="private")
+        ).then(lambda: ("", gr.update(visible=False)), outputs=[delete_ids, confirm_row], api_visibility="private")
         personal_table.select(app.select_row, inputs=[delete_ids], outputs=[delete_ids], api_visibility="private")
         demo.load(  # not queued: a queued load shows "queue: 1/1" over the banner while it waits
             lambda: app.refresh_page()[1:],

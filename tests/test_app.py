@@ -493,8 +493,8 @@ def test_select_result_shows_it_at_stored_resolution(search_app, tmp_path):
     page = search_app.search_page(save(tissue(64), tmp_path / "q.png"), 3, None)
     path, caption = page.gallery[1]
     event = gr.SelectData(None, {"index": 1, "value": {"image": {"path": path}, "caption": caption}})
-    shown, text = search_app.select_result(event)
-    assert shown == path and text == f"**Selected result:** {caption}"
+    shown, text, column = search_app.select_result(event)
+    assert shown == path and text == f"**Selected result:** {caption}" and column["visible"] is True
     assert Image.open(shown).size == (64, 64)  # the starter tiles' own size: no upsampling
 
 

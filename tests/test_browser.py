@@ -124,6 +124,8 @@ def test_upload_and_search_in_chromium(server, tmp_path):
             page.get_by_text("corrupt or truncated").first.wait_for(timeout=60_000)
             assert page.locator("#results .thumbnail-item").count() == 0
 
+            # before anything is clicked: no empty "result at full resolution" box, no empty Tile votes table
+            assert not page.locator("#selected-column").is_visible() and not page.locator("#tile-table").is_visible()
             page.locator("#query button[aria-label='Remove Image']").first.click()
             page.locator("#query input[type=file]").set_input_files(str(query))
             page.locator("#query img").first.wait_for(timeout=30_000)
@@ -139,6 +141,8 @@ def test_upload_and_search_in_chromium(server, tmp_path):
             verdict = rf"^(Suggestion: ({'|'.join(labels)})|Close call: |No close match in this gallery)"
             assert re.search(verdict, summary) and "This gallery holds" in summary, summary
             page.locator("#seen .thumbnail-item").first.wait_for(timeout=30_000)
+            page.wait_for_timeout(500)  # the search's follow-up step that shows or hides the Tile votes
+            assert not page.locator("#tile-table").is_visible()  # a patch searched whole has no tile votes
             # Captions sit below their image, not over it, and are not cut off.
             item = page.locator("#results .thumbnail-item").first
             image_box = item.locator("img").bounding_box()
@@ -330,8 +334,17 @@ def test_personal_gallery_table_after_a_delete_in_chromium(server, tmp_path):
             assert personal_count(page.locator("#gallery-info").inner_text()) == before + 3
             table.locator("[role=row]").filter(has_text="upload:case12_b.png").get_by_text("case12 tumour").click()
             page.wait_for_function("document.querySelector('#delete-ids textarea, #delete-ids input').value !== ''")
-            page.click("#delete-button")
+            page.click("#delete-button")  # first step: the page names what would go and deletes nothing
+            page.locator("#delete-question").get_by_text("Delete 1 image from your personal gallery?").wait_for(
+                timeout=60_000
+            )
+            assert "upload:case12_b.png" in page.locator("#delete-question").inner_text()
+            assert "upload:case12_b.png" in table.inner_text()
+            SHOTS.mkdir(parents=True, exist_ok=True)
+            page.locator("#delete-confirm").screenshot(path=str(SHOTS / "personal-gallery-confirm-delete.png"))
+            page.click("#confirm-delete")
             page.locator("#add-status").get_by_text("Deleted 1 image").wait_for(timeout=60_000)
+            page.locator("#delete-confirm").wait_for(state="hidden", timeout=60_000)
             table.get_by_text("upload:case12_b.png").wait_for(state="detached", timeout=60_000)
             text = table.inner_text()
             assert "upload:case12_a.png" in text and "upload:case12_c.png" in text
@@ -391,5 +404,15 @@ def test_search_tab_decodes_uploads_itself_in_chromium(server, tmp_path):
             )
             first = page.locator("#results .caption-label").first.inner_text().split(" · ")[1]
             assert first == api_top, (first, api_top)
+
+            # a large image is searched as tiles: the Tile votes table appears, one row per tile
+            large = tmp_path / "large.png"
+            Image.open(query).convert("RGB").resize((700, 460)).save(large)
+            page.locator("#query button[aria-label='Remove Image']").first.click()
+            page.locator("#query input[type=file]").set_input_files(str(large))
+            page.locator("#query img").first.wait_for(timeout=30_000)
+            page.click("#search-button")
+            page.locator("#tile-table").wait_for(state="visible", timeout=120_000)
+            assert "searched as 12 tiles (224 px)" in page.locator("#summary").inner_text()  # 4 x 3, overlapping
         finally:
             browser.close()

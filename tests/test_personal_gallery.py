@@ -421,3 +421,21 @@ def test_zip_entry_names_lose_their_directories(tmp_path, tiny, index_a):
     assert out.status.endswith(f"**1 file skipped:**\n\n- evil.zip/bad.png: {REASON}")
     assert ".." not in out.status and "abs" not in out.status
     assert not (tmp_path / "evil.png").exists() and not (tmp_path.parent / "evil.png").exists()
+
+
+def test_the_page_asks_before_it_deletes(tmp_path, tiny, index_a):
+    """The page's Delete… names the images that would go and deletes nothing; unknown ids are refused."""
+    page = SearchApp.create(index=str(index_a), data_dir=tmp_path, embedder=tiny)
+    page.add_images([save(noise(40 + i), tmp_path / f"d{i}.png") for i in range(3)], "mine")
+    question, row = page.ask_delete("0, 2")
+    assert question == (
+        "**Delete 2 images from your personal gallery?** This cannot be undone.\n\n"
+        "- id 0: mine, upload:d0.png\n- id 2: mine, upload:d2.png"
+    )
+    assert row["visible"] is True and [r[0] for r in page.personal_table()] == [0, 1, 2]
+    with pytest.warns(UserWarning):
+        question, row = page.ask_delete("1, 7")
+    assert question == "⚠️ no personal image has id 7 (the table shows the ids there are)" and row["visible"] is False
+    with pytest.warns(UserWarning):
+        question, row = page.ask_delete("")
+    assert question.startswith("⚠️ no ids") and row["visible"] is False

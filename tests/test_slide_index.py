@@ -71,6 +71,10 @@ def test_svs_index_stores_catalog_thumbnail_and_mask(svs_index):
     assert (entry["width"], entry["height"], entry["label"]) == (2220, 2967, "skin")
     assert (entry["tissue_tiles"], entry["background_tiles"]) == (59, 58)
     assert catalog.mpp == 0.5 and catalog.tile_size == 224
+    # one name, one meaning: the tiles' µm/px at the top, each slide's level-0 µm/px in its entry
+    stored = json.loads((index.path / "slides.json").read_text())
+    assert stored["tile_mpp"] == 0.5 and "mpp" not in stored
+    assert entry["level0_mpp"] == pytest.approx(0.499, abs=1e-3) and "mpp" not in stored["slides"]["skin/cmu.svs"]
     thumb, mask = catalog.thumbnail("skin/cmu.svs"), catalog.mask("skin/cmu.svs")
     assert thumb.size == mask.size == (766, 1024)
     assert catalog.scale("skin/cmu.svs") == pytest.approx(2220 / 766)
@@ -239,3 +243,13 @@ def test_an_index_inside_the_slides_folder_is_not_read_as_slides(synthetic, tiny
         "lung_n/lung_n_0.tif",
         "lung_n/lung_n_1.tif",
     ]
+
+
+def test_a_catalog_written_before_the_keys_were_renamed_still_reads(tmp_path):
+    """Older indexes stored both µm/px values as ``mpp``: the top-level one is the tiles', a slide's is its level 0."""
+    from index_build.slides import SlideCatalog
+
+    old = {"slides": {"a/s.svs": {"width": 40, "height": 40, "mpp": 0.25, "thumb_scale": 10.0}}, "mpp": 0.5}
+    catalog = SlideCatalog(tmp_path, old)
+    assert catalog.mpp == 0.5
+    assert catalog.slides["a/s.svs"]["level0_mpp"] == 0.25 and "mpp" not in catalog.slides["a/s.svs"]

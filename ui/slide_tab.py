@@ -143,7 +143,7 @@ def slide_place(source: str, catalog: Optional[SlideCatalog], tile_size: int) ->
     slide = match["slide"]
     size0 = None
     if catalog is not None and slide in catalog.slides:
-        slide_mpp = catalog.slides[slide].get("mpp")
+        slide_mpp = catalog.slides[slide].get("level0_mpp")
         if slide_mpp:
             size0 = max(1, round((catalog.tile_size or tile_size) * (catalog.mpp or DEFAULT_MPP) / float(slide_mpp)))
     return Place(slide, int(match["x"]), int(match["y"]), size0)

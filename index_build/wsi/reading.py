@@ -56,6 +56,7 @@ __all__ = [
     "SlideError",
     "SlideTile",
     "find_slides",
+    "upgraded_slides",
     "is_slide_file",
     "load_slide_catalog",
     "open_slide",
@@ -441,6 +442,20 @@ def slide_key(slide: str) -> str:
     return hashlib.sha1(slide.encode()).hexdigest()
 
 
+def upgraded_slides(slides: Any) -> dict[str, dict]:
+    """``slides.json``'s slide entries with each slide's level-0 µm/px under ``level0_mpp``.
+
+    Indexes written before the key was renamed stored it as ``mpp``, the name ``slides.json`` also
+    used at its top level for the tiles' µm/px (now ``tile_mpp``)."""
+    out = {}
+    for name, entry in dict(slides).items():
+        entry = dict(entry) if isinstance(entry, dict) else {}
+        if "level0_mpp" not in entry and "mpp" in entry:
+            entry["level0_mpp"] = entry.pop("mpp")
+        out[name] = entry
+    return out
+
+
 class SlideCatalog:
     """What a slide index stores about its slides (``slides.json`` and ``slides/*.png``).
 
@@ -449,10 +464,11 @@ class SlideCatalog:
 
     Attributes:
         index_dir: the index directory.
-        slides: relative slide path -> ``{"width", "height", "mpp", "thumb_scale", "label", ...}``.
+        slides: relative slide path -> ``{"width", "height", "level0_mpp", "thumb_scale", "label", ...}``
+            (indexes written before the key was named ``level0_mpp`` called it ``mpp``: read as such).
         root: the name the slides folder had when the index was built (a hint, never read from;
             older indexes stored the builder's absolute path here).
-        mpp, tile_size: the tiling of the index.
+        mpp, tile_size: the tiling of the index (``slides.json``'s ``tile_mpp``; ``mpp`` in older indexes).
 
     Raises:
         IndexLoadError: a slide name that is not a relative path inside the slides folder.
@@ -462,7 +478,7 @@ class SlideCatalog:
         from index_build.storage import IndexLoadError
 
         self.index_dir = Path(index_dir)
-        self.slides: dict[str, dict] = dict(data.get("slides", {}))
+        self.slides: dict[str, dict] = upgraded_slides(data.get("slides", {}))
         for name in self.slides:
             if not _relative_inside(name):
                 raise IndexLoadError(
@@ -470,7 +486,7 @@ class SlideCatalog:
                     "inside the slides folder"
                 )
         self.root: Optional[str] = data.get("root")
-        self.mpp: Optional[float] = data.get("mpp")
+        self.mpp: Optional[float] = data.get("tile_mpp", data.get("mpp"))
         self.tile_size: Optional[int] = data.get("tile_size")
 
     def _png(self, slide: str, kind: str) -> Image.Image:

@@ -42,6 +42,7 @@ from index_build.slides import (
     open_slide,
     slide_key,
     tile_slide,
+    upgraded_slides,
 )
 from index_build.storage import write_atomic
 from index_build.tissue import MIN_TISSUE_FRACTION, TISSUE_RULE, clean_mask, tissue_mask
@@ -178,7 +179,7 @@ class SlideSet:
         return {
             "slides": self.slides,
             "root": Path(self.root).name,  # the folder's name only: no path of the builder's machine
-            "mpp": self.mpp,
+            "tile_mpp": self.mpp,  # the tiles' µm/px (each slide's own level-0 µm/px: its "level0_mpp")
             "tile_size": self.tile_size,
             "min_tissue": self.min_tissue,
             "tissue_rule": TISSUE_RULE,
@@ -192,7 +193,7 @@ class SlideSet:
             data = self.catalog()
             if append and (out / SLIDES_FILE).is_file():
                 old = json.loads((out / SLIDES_FILE).read_text())
-                data["slides"] = {**old.get("slides", {}), **self.slides}
+                data["slides"] = {**upgraded_slides(old.get("slides", {})), **self.slides}
             tmp.write_text(json.dumps(data, indent=2) + "\n")
 
         return write
@@ -285,7 +286,7 @@ def load_slide_dataset(
                 entry = {
                     "width": slide.width,
                     "height": slide.height,
-                    "mpp": slide.mpp,
+                    "level0_mpp": slide.mpp,
                     "mpp_from": slide.mpp_from,
                     "label": label,
                     "levels": slide.level_count,
