@@ -3,6 +3,7 @@ upload checks, region picking, region search over a slide index, where a match c
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -204,6 +205,7 @@ def test_rank_slides(loaded):
     page, session = loaded
     rows, text = page.rank_slides(session)
     assert [row[1] for row in rows] == ["cmu_small_region.svs"] and rows[0][0] == 1 and rows[0][4] > 0
+    assert re.fullmatch(r"[01]\.\d{3}", rows[0][2]), rows[0][2]  # 3 decimals, also for 1.000
     assert "1 slide ranked" in text
     catalog, page.catalog = page.catalog, None
     try:

@@ -739,7 +739,8 @@ class SlidePage:
             )
         except SlideError as err:
             return [], f"⚠️ {err}"
-        rows = [[rank, h.slide, round(h.score, 4), h.label or "", h.matched_tiles] for rank, h in enumerate(hits, 1)]
+        # similarities with 3 decimals, as everywhere on the page (a number column would show 1.0 as "1")
+        rows = [[rank, h.slide, f"{h.score:.3f}", h.label or "", h.matched_tiles] for rank, h in enumerate(hits, 1)]
         text = (
             f"{len(hits)} slide{'s' if len(hits) != 1 else ''} ranked against the whole of {session.name}: "
             "a mosaic of representative tissue tiles "
