@@ -114,6 +114,12 @@ def test_slide_tab_in_chromium(slide_server):
 
             page.click("#slide-rank-button")
             page.locator("#slide-rank-text").get_by_text("1 slide ranked").wait_for(timeout=180_000)
+            # the outcome shows under the button the user clicked, not far down the page
+            button, told = (
+                page.locator("#slide-rank-button").bounding_box(),
+                page.locator("#slide-rank-text").bounding_box(),
+            )
+            assert 0 <= told["y"] - (button["y"] + button["height"]) < 60, (button, told)
             assert "cmu_small_region.svs" in page.locator("#slide-rank-table").inner_text()
             page.screenshot(path=str(SHOTS / "4-ranked.png"), full_page=True)
         finally:

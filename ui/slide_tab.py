@@ -744,7 +744,8 @@ class SlidePage:
         text = (
             f"{len(hits)} slide{'s' if len(hits) != 1 else ''} ranked against the whole of {session.name}: "
             "a mosaic of representative tissue tiles "
-            "is searched and each slide scores the median over the mosaic of its best similarity."
+            "is searched and each slide scores the median over the mosaic of its best similarity. "
+            "The ranking is the table *Slide ranking* at the end of this tab."
         )
         return rows, text
 
@@ -780,6 +781,8 @@ class SlidePage:
                     k = gr.Slider(1, 50, value=8, step=1, label="k (results per tile and in all)")
                     search_button = gr.Button("Search region", variant="primary", elem_id="slide-search-button")
                     rank_button = gr.Button("Rank the slides of the index", elem_id="slide-rank-button")
+                    # under its button, so that the ranking's progress and outcome show where the user clicked
+                    slides_text = gr.Markdown(elem_id="slide-rank-text")
                     status = gr.Markdown(elem_id="slide-status")
                 with gr.Column(scale=2):
                     thumb = gr.Image(
@@ -811,7 +814,7 @@ class SlidePage:
             gr.Markdown(f"**Reading the heat map.** {HOW_TO_READ}")
             with gr.Accordion("Result details", open=False):
                 table = gr.Dataframe(headers=RESULT_HEADERS, interactive=False, elem_id="slide-table")
-            slides_text = gr.Markdown(elem_id="slide-rank-text")
+            gr.Markdown("### Slide ranking", elem_id="slide-rank-heading")
             slides_table = gr.Dataframe(headers=SLIDE_TABLE_HEADERS, interactive=False, elem_id="slide-rank-table")
 
         def on_upload(file, mpp_value, tiles):
