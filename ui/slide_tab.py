@@ -353,7 +353,8 @@ class SlidePage:
             if slide.mpp is None:
                 raise SlideError(
                     f"{path.name} records no resolution (µm per pixel): enter it in the "
-                    "'µm per pixel of the upload' box (e.g. 0.25 for 40x, 0.5 for 20x) and upload again"
+                    "'µm per pixel of the upload' box (e.g. 0.25 for 40x, 0.5 for 20x) and press Enter: the file "
+                    "is read again with it"
                 )
             thumb = slide.thumbnail(THUMB_SIDE)
             mask, mask_scale = slide_tissue_mask(slide)
@@ -821,7 +822,14 @@ class SlidePage:
             picture, text, state = self.load(file, mpp_value, tiles)
             return self.responses.writer()(picture), text, state
 
+        def on_mpp(file, mpp_value, tiles):
+            """A resolution typed after the upload applies to the uploaded file at once (no re-upload)."""
+            if not file:
+                return gr.update(), gr.update(), gr.update()
+            return on_upload(file, mpp_value, tiles)
+
         upload.change(on_upload, inputs=[upload, mpp, region_tiles], outputs=[thumb, status, session])
+        mpp.submit(on_mpp, inputs=[upload, mpp, region_tiles], outputs=[thumb, status, session], api_name=False)
         thumb.select(self.select_point, inputs=[session, mode, region_tiles], outputs=[thumb, status, session])
 
         def on_search(state, k_value, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for a bar)
