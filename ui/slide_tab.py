@@ -656,7 +656,9 @@ class SlidePage:
         if slide is None:
             where = "your personal gallery" if record["gallery"] == "personal" else "the gallery"
             source = code_text(record["source"])
-            return None, f"{rank_text}: patch `{source}` of {where} (not from a slide).", stored
+            # the source patch itself: there is no slide to mark it on
+            text = f"{rank_text}: patch `{source}` of {where} (not from a slide; its stored patch is shown)."
+            return stored, text, stored
         x, y, size0 = record["x"], record["y"], record["size0"]
         text = f"{rank_text}: slide `{code_text(slide)}`, level-0 x={x:,}, y={y:,}"
         text += f", {size0:,} px a side" if size0 else ""
