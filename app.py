@@ -714,8 +714,11 @@ def build_demo(app: SearchApp) -> gr.Blocks:
                 with gr.Column(scale=1, min_width=240):
                     votes = gr.Label(label="Vote shares", num_top_classes=10, elem_id="votes")
                     with gr.Row():
-                        csv_file = gr.DownloadButton("Download results (CSV)", elem_id="download-csv")
-                        zip_file = gr.DownloadButton("Download images (zip)", elem_id="download-zip")
+                        # not live before a search has something to download (the search turns them on)
+                        csv_file = gr.DownloadButton(
+                            "Download results (CSV)", interactive=False, elem_id="download-csv"
+                        )
+                        zip_file = gr.DownloadButton("Download images (zip)", interactive=False, elem_id="download-zip")
             with gr.Row():
                 overview = gr.Image(
                     label="Query with its tiles (colour: the tile's vote)",
@@ -797,11 +800,16 @@ def build_demo(app: SearchApp) -> gr.Blocks:
             outputs=[results, votes, summary, overview, seen, table, tile_table, csv_file, zip_file],
             api_name="search",
         )
-        # the Tile votes table only when the query was tiled (a single patch has no tile votes)
+        # the Tile votes table only when the query was tiled (a single patch has no tile votes); the
+        # Download buttons live only when there is something to download
         searched.then(
-            lambda rows: gr.update(visible=bool(_table_rows(rows))),
-            inputs=[tile_table],
-            outputs=[tile_box],
+            lambda rows, csv_path, zip_path: (
+                gr.update(visible=bool(_table_rows(rows))),
+                gr.update(interactive=bool(csv_path)),
+                gr.update(interactive=bool(zip_path)),
+            ),
+            inputs=[tile_table, csv_file, zip_file],
+            outputs=[tile_box, csv_file, zip_file],
             api_visibility="private",
         )
         query.upload(app.preview, inputs=[query], outputs=[query], api_name=False)

@@ -126,6 +126,7 @@ def test_upload_and_search_in_chromium(server, tmp_path):
 
             # before anything is clicked: no empty "result at full resolution" box, no empty Tile votes table
             assert not page.locator("#selected-column").is_visible() and not page.locator("#tile-table").is_visible()
+            assert page.locator("#download-csv").is_disabled() and page.locator("#download-zip").is_disabled()
             page.locator("#query button[aria-label='Remove Image']").first.click()
             page.locator("#query input[type=file]").set_input_files(str(query))
             page.locator("#query img").first.wait_for(timeout=30_000)
@@ -162,6 +163,7 @@ def test_upload_and_search_in_chromium(server, tmp_path):
             assert shown["width"] == pytest.approx(natural[0], abs=1) and abs(shown["y"] - query_box["y"]) < 80
             assert "Selected result:" in page.locator("#selected-caption").inner_text()
             assert page.locator("#download-csv").is_visible() and page.locator("#download-zip").is_visible()
+            assert page.locator("#download-csv").is_enabled() and page.locator("#download-zip").is_enabled()
             page.screenshot(path=str(tmp_path / "screenshot.png"), full_page=True)
         finally:
             browser.close()

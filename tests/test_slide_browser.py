@@ -114,8 +114,45 @@ def test_slide_tab_in_chromium(slide_server):
 
             page.click("#slide-rank-button")
             page.locator("#slide-rank-text").get_by_text("1 slide ranked").wait_for(timeout=180_000)
+            # the outcome shows under the button the user clicked, not far down the page
+            button, told = (
+                page.locator("#slide-rank-button").bounding_box(),
+                page.locator("#slide-rank-text").bounding_box(),
+            )
+            assert 0 <= told["y"] - (button["y"] + button["height"]) < 60, (button, told)
             assert "cmu_small_region.svs" in page.locator("#slide-rank-table").inner_text()
             page.screenshot(path=str(SHOTS / "4-ranked.png"), full_page=True)
         finally:
             browser.close()
     assert (SHOTS / "3-explained.png").stat().st_size > 50_000
+
+
+@pytest.mark.browser
+def test_a_resolution_typed_after_the_upload_applies_without_a_new_upload(slide_server, tmp_path):
+    """An image that records no µm/px asks for it; typing it and pressing Enter reads the same upload with it."""
+    if not CHROMIUM.exists():
+        pytest.skip("/usr/bin/chromium is not installed (make chromium)")
+    from playwright.sync_api import sync_playwright
+
+    url, svs = slide_server
+    plain = tmp_path / "no_resolution.png"
+    rng = np.random.default_rng(3)
+    pixels = np.full((900, 1200, 3), 235, np.uint8)
+    pixels[200:700, 300:900] = rng.integers(90, 200, (500, 600, 3), dtype=np.uint8) * np.array([1.0, 0.5, 1.0])
+    Image.fromarray(pixels).save(plain)  # a PNG without a pHYs chunk: no resolution recorded
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1100})
+            page.goto(url)
+            page.get_by_role("tab", name="Whole slide").click()
+            page.locator("#slide-file input[type=file]").set_input_files(str(plain))
+            page.locator("#slide-status").get_by_text("records no resolution").wait_for(timeout=120_000)
+            assert "press Enter" in page.locator("#slide-status").inner_text()
+            page.locator("#slide-mpp input").fill("0.5")
+            page.locator("#slide-mpp input").press("Enter")
+            page.get_by_text("1,200×900 px at level 0").first.wait_for(timeout=120_000)
+            assert "records no resolution" not in page.locator("#slide-status").inner_text()
+            page.locator("#slide-thumb img").first.wait_for(timeout=30_000)
+        finally:
+            browser.close()

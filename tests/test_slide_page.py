@@ -190,7 +190,9 @@ def test_a_result_shows_where_it_comes_from_and_why(loaded, svs):
 
     other = replace(s, hits=[{**hit, "slide": None, "source": "lung/aca_1.jpg", "x": None, "y": None}])
     plain = page.explain(other, 0)
-    assert plain.where is None and "patch `lung/aca_1.jpg` of the gallery (not from a slide)" in plain.where_text
+    assert "patch `lung/aca_1.jpg` of the gallery (not from a slide; its stored patch is shown)" in plain.where_text
+    stored = page.galleries.main.thumbnail(hit["id"])  # "Where it comes from" shows the source patch, not nothing
+    assert plain.where is not None and Image.open(plain.where).size == stored.size
     assert page.explain(s, 9).where_text.startswith("⚠️ No result number 9")
 
 

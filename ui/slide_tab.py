@@ -353,7 +353,8 @@ class SlidePage:
             if slide.mpp is None:
                 raise SlideError(
                     f"{path.name} records no resolution (µm per pixel): enter it in the "
-                    "'µm per pixel of the upload' box (e.g. 0.25 for 40x, 0.5 for 20x) and upload again"
+                    "'µm per pixel of the upload' box (e.g. 0.25 for 40x, 0.5 for 20x) and press Enter: the file "
+                    "is read again with it"
                 )
             thumb = slide.thumbnail(THUMB_SIDE)
             mask, mask_scale = slide_tissue_mask(slide)
@@ -655,7 +656,9 @@ class SlidePage:
         if slide is None:
             where = "your personal gallery" if record["gallery"] == "personal" else "the gallery"
             source = code_text(record["source"])
-            return None, f"{rank_text}: patch `{source}` of {where} (not from a slide).", stored
+            # the source patch itself: there is no slide to mark it on
+            text = f"{rank_text}: patch `{source}` of {where} (not from a slide; its stored patch is shown)."
+            return stored, text, stored
         x, y, size0 = record["x"], record["y"], record["size0"]
         text = f"{rank_text}: slide `{code_text(slide)}`, level-0 x={x:,}, y={y:,}"
         text += f", {size0:,} px a side" if size0 else ""
@@ -744,7 +747,8 @@ class SlidePage:
         text = (
             f"{len(hits)} slide{'s' if len(hits) != 1 else ''} ranked against the whole of {session.name}: "
             "a mosaic of representative tissue tiles "
-            "is searched and each slide scores the median over the mosaic of its best similarity."
+            "is searched and each slide scores the median over the mosaic of its best similarity. "
+            "The ranking is the table *Slide ranking* at the end of this tab."
         )
         return rows, text
 
@@ -780,6 +784,8 @@ class SlidePage:
                     k = gr.Slider(1, 50, value=8, step=1, label="k (results per tile and in all)")
                     search_button = gr.Button("Search region", variant="primary", elem_id="slide-search-button")
                     rank_button = gr.Button("Rank the slides of the index", elem_id="slide-rank-button")
+                    # under its button, so that the ranking's progress and outcome show where the user clicked
+                    slides_text = gr.Markdown(elem_id="slide-rank-text")
                     status = gr.Markdown(elem_id="slide-status")
                 with gr.Column(scale=2):
                     thumb = gr.Image(
@@ -811,14 +817,21 @@ class SlidePage:
             gr.Markdown(f"**Reading the heat map.** {HOW_TO_READ}")
             with gr.Accordion("Result details", open=False):
                 table = gr.Dataframe(headers=RESULT_HEADERS, interactive=False, elem_id="slide-table")
-            slides_text = gr.Markdown(elem_id="slide-rank-text")
+            gr.Markdown("### Slide ranking", elem_id="slide-rank-heading")
             slides_table = gr.Dataframe(headers=SLIDE_TABLE_HEADERS, interactive=False, elem_id="slide-rank-table")
 
         def on_upload(file, mpp_value, tiles):
             picture, text, state = self.load(file, mpp_value, tiles)
             return self.responses.writer()(picture), text, state
 
+        def on_mpp(file, mpp_value, tiles):
+            """A resolution typed after the upload applies to the uploaded file at once (no re-upload)."""
+            if not file:
+                return gr.update(), gr.update(), gr.update()
+            return on_upload(file, mpp_value, tiles)
+
         upload.change(on_upload, inputs=[upload, mpp, region_tiles], outputs=[thumb, status, session])
+        mpp.submit(on_mpp, inputs=[upload, mpp, region_tiles], outputs=[thumb, status, session], api_name=False)
         thumb.select(self.select_point, inputs=[session, mode, region_tiles], outputs=[thumb, status, session])
 
         def on_search(state, k_value, progress=gr.Progress()):  # noqa: B008 (Gradio's way to ask for a bar)
