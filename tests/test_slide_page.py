@@ -98,6 +98,9 @@ def test_upload_refuses_bad_files_with_a_message(served, svs, tmp_path, name, da
     thumb, status, session = page.load(path, 0, 2)
     assert thumb is None and session is None
     assert status.startswith("⚠️ ") and message in status, status
+    # the message names the file, never a folder of the server (issue 22)
+    for folder in {str(tmp_path), str(svs.parent), str(svs.parent.resolve()), "/tmp/"}:
+        assert folder not in status, status
 
 
 def test_image_without_mpp_is_used_with_the_mpp_entered(served, svs):

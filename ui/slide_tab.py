@@ -131,6 +131,18 @@ class Place:
     size0: Optional[int]
 
 
+def _file_names_only(text: str, file: Any) -> str:
+    """``text`` with the uploaded file's folder (as given and resolved) removed: a visitor sees the file's
+    name, never where the server keeps it (Gradio's ``/tmp/gradio/<hash>/``)."""
+    if not file:
+        return text
+    path = Path(str(file))
+    for folder in sorted({str(path.parent), str(path.resolve().parent)}, key=len, reverse=True):
+        if folder not in ("", "."):
+            text = text.replace(folder.rstrip(os.sep) + os.sep, "")
+    return text
+
+
 def slide_place(source: str, catalog: Optional[SlideCatalog], tile_size: int) -> Optional[Place]:
     """The slide place of a slide-index source ``"<slide>@<x>,<y>"`` (``None``: not from a slide).
 
@@ -341,10 +353,11 @@ class SlidePage:
             return self._load(file, mpp_text, region_tiles)
         except SlideError as err:
             logger.info("rejected slide: %s", err)
-            return None, f"⚠️ {err}", None
+            return None, f"⚠️ {_file_names_only(str(err), file)}", None
         except Exception as err:  # an unexpected decoder failure: a message, not a traceback
             logger.exception("slide upload failed")
-            return None, f"⚠️ could not read this file as a slide or image ({type(err).__name__}: {err})", None
+            text = _file_names_only(f"{type(err).__name__}: {err}", file)
+            return None, f"⚠️ could not read this file as a slide or image ({text})", None
 
     def _load(self, file: Any, mpp_text: Optional[float], region_tiles: float) -> tuple[Image.Image, str, SlideSession]:
         path = self._check_file(file)
