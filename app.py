@@ -515,9 +515,7 @@ class SearchApp:
         from index_build.storage import IndexBusyError
 
         try:
-            wanted = parse_ids(ids)
-            if not wanted:
-                raise InputError("no ids: click rows of the table or type ids like '3, 5-7'")
+            wanted = _wanted_ids(ids)
             shown = {int(row[0]): str(row[3]) for row in _table_rows(table)}
             expected = {i: shown[i] for i in wanted if i in shown} if shown else None
             deleted = self.galleries.delete(wanted, expected)
@@ -534,9 +532,7 @@ class SearchApp:
 
         Returns the question (Markdown) and the visibility of the confirmation row."""
         try:
-            wanted = parse_ids(ids)
-            if not wanted:
-                raise InputError("no ids: click rows of the table or type ids like '3, 5-7'")
+            wanted = _wanted_ids(ids)
         except (InputError, ValueError) as err:
             gr.Warning(str(err))
             return f"⚠️ {err}", gr.update(visible=False)
@@ -575,6 +571,14 @@ def _toast(status: str) -> str:
     headings = [part.split(":**", 1)[0].strip("*") for part in rest if part.startswith("**")]
     text = first.replace("**", "")
     return f"{text} {', '.join(headings)}: see the list on the page." if headings else text
+
+
+def _wanted_ids(ids: Any) -> list[int]:
+    """The ids of a delete (:func:`parse_ids`); none at all is an :class:`InputError`."""
+    wanted = parse_ids(ids)
+    if not wanted:
+        raise InputError("no ids: click rows of the table or type ids like '3, 5-7'")
+    return wanted
 
 
 def _id_list(ids: Sequence[int]) -> str:

@@ -50,16 +50,14 @@ SETS = {
 
 def embedder_for(model: str, global_weight: Optional[float] = None):
     """``load_model(model)``, with the global branch's weight set to ``global_weight`` when given."""
-    from index_build.models import Embedder, LgffemImageProcessor, load_model
-    from modeling_lgffem import LgffemModel
+    from index_build.models import Embedder, LgffemImageProcessor, load_model, with_global_weight
 
     embedder = load_model(model, device="cpu")
     if global_weight is None or global_weight == embedder.model.config.global_weight:
         return embedder
-    config = type(embedder.model.config)(**{**embedder.model.config.to_dict(), "global_weight": global_weight})
-    changed = LgffemModel(config).eval()
-    changed.load_state_dict(embedder.model.state_dict())
-    return Embedder(model=changed, processor=LgffemImageProcessor.from_config(config), model_id=embedder.model_id)
+    changed = with_global_weight(embedder.model, global_weight)
+    processor = LgffemImageProcessor.from_config(changed.config)
+    return Embedder(model=changed, processor=processor, model_id=embedder.model_id)
 
 
 def load_sets(data: Path, cache: Path, model: str, global_weight: Optional[float] = None) -> dict:

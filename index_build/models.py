@@ -64,6 +64,17 @@ def architecture(config: LgffemConfig) -> dict:
 ImageLike = Union[Image.Image, np.ndarray]
 
 
+def with_global_weight(model: LgffemModel, weight: float) -> LgffemModel:
+    """``model`` with its global branch at ``weight`` (the same tensors: the branch has no parameters);
+    ``model`` itself when it has that weight already."""
+    if weight == model.config.global_weight:
+        return model
+    config = type(model.config)(**{**model.config.to_dict(), "global_weight": weight})
+    changed = LgffemModel(config).to(next(model.parameters()).device).eval()
+    changed.load_state_dict(model.state_dict())
+    return changed
+
+
 def untrained_model(seed: int = DEFAULT_SEED) -> LgffemModel:
     """The default architecture on its ImageNet EfficientNet-Lite0 backbone, neck and head untrained.
 

@@ -140,6 +140,11 @@ def test_global_branch_appends_the_weighted_pooled_last_stage(tiny_config: Lgffe
     torch.testing.assert_close(raw, torch.cat([t, 0.5 * g], dim=1))
     # cosine = (t.t' + w^2 g.g') / (1 + w^2)
     torch.testing.assert_close(out @ out.T, (t @ t.T + 0.25 * (g @ g.T)) / 1.25)
+    from index_build.models import with_global_weight
+
+    assert with_global_weight(plain, 0.0) is plain
+    with torch.inference_mode():
+        torch.testing.assert_close(with_global_weight(plain, 0.5)(x).embeddings, out, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 64, 70), (2, 1, 64, 64), (3, 64, 64)])

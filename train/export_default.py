@@ -38,11 +38,8 @@ def export(
     and training never sees it, so the folder's trained tensors serve any weight).
     """
     model = LgffemModel.from_pretrained(model_dir).eval()
-    if global_weight is not None and global_weight != model.config.global_weight:
-        config = type(model.config)(**{**model.config.to_dict(), "global_weight": global_weight})
-        state = model.state_dict()
-        model = LgffemModel(config).eval()
-        model.load_state_dict(state)
+    if global_weight is not None:
+        model = models.with_global_weight(model, global_weight)
     package = backbone_state_dict(model.backbone, model.config, EFFICIENTNET_LITE)
     current = model.backbone.state_dict()
     changed = [k for k, v in package.items() if not torch.equal(current[k], v)]

@@ -57,19 +57,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------
 
 
-def _local_gem(x: torch.Tensor, p: torch.Tensor, eps: float, window: int) -> torch.Tensor:
-    """GeM over the ``window`` x ``window`` neighbourhood of every cell (stride 1; at the edges, the cells there)."""
-    if window <= 1:
-        return x.clamp(min=eps)
-    powered = x.clamp(min=eps).pow(p)
-    left = (window - 1) // 2
-    padded = F.pad(powered, (left, window - 1 - left, left, window - 1 - left))
-    ones = F.pad(torch.ones_like(powered[:, :1]), (left, window - 1 - left, left, window - 1 - left))
-    total = F.avg_pool2d(padded, window, stride=1)
-    count = F.avg_pool2d(ones, window, stride=1)  # share of real (not padded) cells in the window
-    return (total / count).pow(1.0 / p)
-
-
 def _local_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     """The mean over the ``window`` x ``window`` neighbourhood of every cell (stride 1; edges: the cells there)."""
     if window <= 1:
@@ -77,8 +64,15 @@ def _local_mean(x: torch.Tensor, window: int) -> torch.Tensor:
     left = (window - 1) // 2
     pad = (left, window - 1 - left, left, window - 1 - left)
     total = F.avg_pool2d(F.pad(x, pad), window, stride=1)
-    count = F.avg_pool2d(F.pad(torch.ones_like(x[:, :1]), pad), window, stride=1)
+    count = F.avg_pool2d(F.pad(torch.ones_like(x[:, :1]), pad), window, stride=1)  # share of real cells
     return total / count
+
+
+def _local_gem(x: torch.Tensor, p: torch.Tensor, eps: float, window: int) -> torch.Tensor:
+    """GeM over the ``window`` x ``window`` neighbourhood of every cell (stride 1; at the edges, the cells there)."""
+    if window <= 1:
+        return x.clamp(min=eps)
+    return _local_mean(x.clamp(min=eps).pow(p), window).pow(1.0 / p)
 
 
 @torch.inference_mode()

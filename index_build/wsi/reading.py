@@ -449,10 +449,10 @@ def upgraded_slides(slides: Any) -> dict[str, dict]:
     used at its top level for the tiles' µm/px (now ``tile_mpp``)."""
     out = {}
     for name, entry in dict(slides).items():
-        entry = dict(entry) if isinstance(entry, dict) else {}
-        if "level0_mpp" not in entry and "mpp" in entry:
-            entry["level0_mpp"] = entry.pop("mpp")
-        out[name] = entry
+        if isinstance(entry, dict) and "level0_mpp" not in entry and "mpp" in entry:
+            entry = {**entry, "level0_mpp": entry["mpp"]}
+            del entry["mpp"]
+        out[name] = entry  # anything else exactly as stored (the renaming hides nothing)
     return out
 
 
